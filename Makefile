@@ -1,0 +1,32 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo serve clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check voice_trio tests scripts
+	$(BIN)/ruff format --check voice_trio tests scripts
+
+test: lint
+	$(BIN)/pytest
+
+demo: install
+	$(BIN)/voice-trio demo
+
+serve: install
+	$(BIN)/voice-trio serve
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,30 @@
+"""Serve a simulator's ASGI app with Hypercorn's trio worker on a loopback port."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+
+async def serve_asgi(
+    app: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` until cancelled; ``task_status.started`` gets the base URL (http://h:p)."""
+    config = Config()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.graceful_timeout = 0.5
+    config.keep_alive_timeout = 30
+    config.websocket_ping_interval = None
+    never = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=never.wait))
+        task_status.started(binds[0])
