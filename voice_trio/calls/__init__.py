@@ -1,0 +1,1 @@
+"""The domain: one call's life — session, turn-taking, conversation, registry."""

@@ -1,0 +1,166 @@
+"""The call center: what every call on this instance shares, and how webhooks act on calls.
+
+One ``CallCenter`` per server. It owns the shared HTTP client, the Telnyx control client,
+the registry of running calls and the metrics. Webhook reactions run as background tasks
+in the server's nursery so the webhook itself is answered at once, and each reaction
+catches its own errors: a failing command for one call never disturbs another.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import trio
+
+from voice_trio.calls.registry import CallRegistry, SeenEvents
+from voice_trio.config import Settings
+from voice_trio.observability import Metrics, call_id_var
+from voice_trio.providers.telnyx_control import (
+    DialResult,
+    TelnyxControl,
+    TelnyxError,
+    decode_client_state,
+    encode_client_state,
+)
+from voice_trio.providers.telnyx_webhooks import WebhookEvent
+
+log = logging.getLogger("voice_trio.calls")
+
+
+@dataclass(frozen=True, slots=True)
+class CallRequest:
+    """An outbound call as the API asked for it."""
+
+    telefono: str
+    nombre: str
+    contexto: str = ""
+    saludo: str = ""
+
+    def client_state(self) -> str:
+        state: dict[str, Any] = {"nombre": self.nombre}
+        if self.contexto:
+            state["contexto"] = self.contexto
+        if self.saludo:
+            state["saludo"] = self.saludo
+        return encode_client_state(state)
+
+
+class CallCenter:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.registry = CallRegistry()
+        self.seen_events = SeenEvents()
+        self.started_monotonic = time.monotonic()
+        self.going_away = trio.Event()
+        self.http: httpx.AsyncClient | None = None
+        self.telnyx: TelnyxControl | None = None
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self.started_monotonic
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Open shared clients; background work goes into ``nursery`` (the server's)."""
+        self._nursery = nursery
+        self.http = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+            timeout=httpx.Timeout(10.0, connect=3.0),
+        )
+        self.telnyx = TelnyxControl(
+            self.http,
+            api_key=self.settings.telnyx_api_key,
+            base_url=self.settings.telnyx_api_base,
+            on_command=lambda action, outcome: self.metrics.telnyx_commands.labels(
+                action, outcome
+            ).inc(),
+        )
+
+    async def shut_down(self, grace: float) -> None:
+        """Refuse new calls, end the running ones, and wait (bounded) until they are gone."""
+        self.going_away.set()
+        self.registry.end_all("shutdown")
+        with trio.move_on_after(grace):
+            await self.registry.wait_until_empty()
+
+    async def stop(self) -> None:
+        self.going_away.set()
+        self.registry.end_all("shutdown")
+        if self.http is not None:
+            with trio.CancelScope(shield=True):
+                await self.http.aclose()
+
+    def spawn(self, fn: Any, *args: Any) -> None:
+        """Run ``fn(*args)`` in the background; its errors are logged, never propagated."""
+        if self._nursery is None:
+            raise RuntimeError("call center is not running")
+        self._nursery.start_soon(self._guarded, fn, args)
+
+    async def _guarded(self, fn: Any, args: tuple[Any, ...]) -> None:
+        try:
+            await fn(*args)
+        except TelnyxError as exc:
+            log.warning("⚠️ Telnyx command failed: %s", exc)
+        except Exception:
+            log.exception("background task failed")
+
+    async def place_call(self, request: CallRequest) -> DialResult:
+        assert self.telnyx is not None
+        result = await self.telnyx.dial(
+            connection_id=self.settings.telnyx_connection_id,
+            to=request.telefono,
+            from_=self.settings.telnyx_phone_number,
+            webhook_url=self.settings.webhook_url,
+            client_state=request.client_state(),
+        )
+        token = call_id_var.set(result.call_control_id)
+        try:
+            log.info("📞 Outbound call to %s placed (%s)", request.telefono, request.nombre)
+        finally:
+            call_id_var.reset(token)
+        return result
+
+    async def handle_event(self, event: WebhookEvent) -> None:
+        """React to one (verified, first-seen) Telnyx webhook event."""
+        ccid = event.call_control_id
+        token = call_id_var.set(ccid or "-")
+        try:
+            await self._react(event, ccid)
+        finally:
+            call_id_var.reset(token)
+
+    async def _react(self, event: WebhookEvent, ccid: str) -> None:
+        assert self.telnyx is not None
+        kind = event.event_type
+        if kind == "call.initiated":
+            if event.payload.get("direction") == "incoming":
+                if self.going_away.is_set():
+                    log.info("📵 Inbound call refused: server is shutting down")
+                    await self.telnyx.command(ccid, "reject", {"cause": "USER_BUSY"})
+                    return
+                log.info("📞 Inbound call from %s, answering", event.payload.get("from"))
+                await self.telnyx.answer(ccid, client_state=event.client_state or None)
+        elif kind == "call.answered":
+            if self.settings.use_media_streams:
+                log.info("Streaming Start requested → %s", self.settings.stream_url)
+                await self.telnyx.streaming_start(
+                    ccid,
+                    stream_url=self.settings.stream_url,
+                    client_state=event.client_state,
+                )
+        elif kind == "call.hangup":
+            cause = event.payload.get("hangup_cause", "")
+            if self.registry.end(ccid, "hangup"):
+                log.info("📴 Call hung up (%s)", cause)
+            else:
+                log.debug("call.hangup for a call not running here (%s)", cause)
+        else:
+            log.debug("Webhook %s: nothing to do", kind)
+
+    def client_context(self, client_state: str | None) -> dict[str, Any]:
+        return decode_client_state(client_state)

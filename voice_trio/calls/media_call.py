@@ -1,0 +1,92 @@
+"""One media-stream call from socket accept to teardown.
+
+The Telnyx socket speaks first (``connected``, then ``start``). Once ``start`` names the
+call, the call is registered, runs inside its own cancel scope, and is unregistered in
+``finally`` — whatever ended it: ``stop``, the socket closing, a ``call.hangup`` webhook,
+the conversation ending itself, or server shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import trio
+
+from voice_trio.calls.center import CallCenter
+from voice_trio.calls.registry import ActiveCall
+from voice_trio.observability import call_id_var
+from voice_trio.providers.telnyx_media import FrameError, Start, Stop, parse_frame
+
+log = logging.getLogger("voice_trio.calls")
+
+START_TIMEOUT_SECONDS = 10.0
+
+
+class MediaSocket(Protocol):
+    """What a call needs of the Telnyx media WebSocket (``web`` provides it)."""
+
+    async def receive(self) -> str | bytes | None: ...
+    async def send_text(self, text: str) -> None: ...
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+async def wait_for_start(center: CallCenter, socket: MediaSocket) -> Start | None:
+    """Read frames until ``start``; None if the socket closes or stays silent too long."""
+    with trio.move_on_after(START_TIMEOUT_SECONDS):
+        while True:
+            raw = await socket.receive()
+            if raw is None:
+                return None
+            try:
+                frame = parse_frame(raw)
+            except FrameError as exc:
+                center.metrics.frames_dropped.labels("malformed").inc()
+                log.warning("Dropped a malformed frame before start: %s", exc)
+                continue
+            if isinstance(frame, Start):
+                return frame
+            if isinstance(frame, Stop):
+                return None
+    center.metrics.stream_rejected.labels("no_start").inc()
+    await socket.close(1008, "no start event")
+    return None
+
+
+async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
+    start = await wait_for_start(center, socket)
+    if start is None:
+        return
+    call = ActiveCall(start.call_control_id, mode="media")
+    try:
+        center.registry.add(call)
+    except KeyError:
+        center.metrics.stream_rejected.labels("duplicate_call").inc()
+        await socket.close(1008, "call already streaming")
+        return
+    token = call_id_var.set(start.call_control_id)
+    try:
+        log.info("Media stream started (codec %s, stream %s)", start.encoding, start.stream_id)
+        with call.cancel_scope:
+            await _pump(center, socket, call)
+    finally:
+        center.registry.remove(call)
+        center.metrics.calls.labels("media", call.end_reason or "unknown").inc()
+        log.info("📴 Call ended (%s)", call.end_reason or "unknown")
+        call_id_var.reset(token)
+
+
+async def _pump(center: CallCenter, socket: MediaSocket, call: ActiveCall) -> None:
+    while True:
+        raw = await socket.receive()
+        if raw is None:
+            call.end("stream_closed")
+            return
+        try:
+            frame = parse_frame(raw)
+        except FrameError:
+            center.metrics.frames_dropped.labels("malformed").inc()
+            continue
+        if isinstance(frame, Stop):
+            call.end("stream_stopped")
+            return

@@ -1,0 +1,88 @@
+"""``voice-trio``: serve | check-config | demo | sim.  Thin: parse arguments, call the package."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from voice_trio import __version__
+from voice_trio.config import ConfigError, Settings
+from voice_trio.observability import setup_logging
+
+SIMULATORS = {
+    "telnyx": ("voice_trio.sim.telnyx", "Telnyx Call Control REST, signed webhooks, carrier"),
+    "deepgram": ("voice_trio.sim.deepgram", "Deepgram live STT WebSocket and Aura TTS"),
+    "anthropic": ("voice_trio.sim.anthropic", "Anthropic Messages API with SSE streaming"),
+}
+
+
+def build_parser(with_simulators: bool = True) -> argparse.ArgumentParser:
+    """The CLI; simulator options are only built (their modules imported) when needed."""
+    parser = argparse.ArgumentParser(prog="voice-trio", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"voice-trio {__version__}")
+    parser.add_argument("--env-file", default=".env", help="settings file (default: .env)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the server (Hypercorn, trio worker)")
+    commands.add_parser("check-config", help="print the effective settings, secrets masked")
+    demo = commands.add_parser("demo", help="a whole call against the simulators, offline")
+    demo.add_argument("--wav", help="write the call audio (caller, bot) to this WAV file")
+    sim = commands.add_parser("sim", help="run a simulator on 127.0.0.1")
+    sims = sim.add_subparsers(dest="simulator", required=True)
+    for name, (module, help_text) in SIMULATORS.items():
+        sub = sims.add_parser(name, help=help_text)
+        sub.set_defaults(sim_module=module)
+        if with_simulators:
+            _sim_module(module).add_arguments(sub)
+    return parser
+
+
+def _sim_module(name: str):  # type: ignore[no-untyped-def]
+    return importlib.import_module(name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(with_simulators="sim" in argv).parse_args(argv)
+    if args.command == "sim":
+        setup_logging("INFO")
+        trio.run(_sim_module(args.sim_module).run_from_args, args)
+        return 0
+    try:
+        settings = Settings.load(args.env_file)
+    except ConfigError as exc:
+        print(f"Configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        return check_config(settings)
+    setup_logging(settings.log_level, settings.log_format, settings.secrets())
+    if args.command == "serve":
+        from voice_trio.server import serve
+
+        trio.run(serve, settings)
+        return 0
+    if args.command == "demo":
+        from voice_trio.demo import run_demo
+
+        return trio.run(run_demo, settings, args.wav)
+    return 2
+
+
+def check_config(settings: Settings) -> int:
+    rows = settings.describe()
+    width = max(len(name) for name, _, _ in rows)
+    for name, value, doc in rows:
+        print(f"{name:<{width}}  {value or '(unset)':<28}  {doc}")
+    print()
+    print(f"mode: {settings.mode}   stream URL: {settings.stream_url or '(unset)'}")
+    for mode, missing in settings.missing().items():
+        status = "ready" if not missing else "missing " + ", ".join(missing)
+        print(f"{mode}: {status}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""Settings: read once from the environment and ``.env``, validated, then passed down.
+
+No other module reads ``os.environ``. A bad value stops start-up with a ``ConfigError``
+that names the variable and the expected form.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from dotenv import dotenv_values
+
+E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the server cannot use."""
+
+    def __init__(self, name: str, expected: str, value: str | None = None) -> None:
+        shown = "" if value is None else f" (got {value!r})"
+        super().__init__(f"{name}: expected {expected}{shown}")
+        self.name = name
+
+
+def _str(name: str, raw: str) -> str:
+    return raw.strip()
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(name, "true or false", raw)
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(name, f"an integer from {lo} to {hi}", raw) from None
+        if not lo <= value <= hi:
+            raise ConfigError(name, f"an integer from {lo} to {hi}", raw)
+        return value
+
+    return parse
+
+
+def _float_range(lo: float, hi: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ConfigError(name, f"a number from {lo} to {hi}", raw) from None
+        if not lo <= value <= hi:
+            raise ConfigError(name, f"a number from {lo} to {hi}", raw)
+        return value
+
+    return parse
+
+
+def _choice(*options: str, upper: bool = False) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().upper() if upper else raw.strip().lower()
+        if value not in options:
+            raise ConfigError(name, "one of " + ", ".join(options), raw)
+        return value
+
+    return parse
+
+
+def _url(*schemes: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().rstrip("/")
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not parts.netloc:
+            raise ConfigError(
+                name, "a URL starting with " + " or ".join(f"{s}://" for s in schemes), raw
+            )
+        return value
+
+    return parse
+
+
+def _e164(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not E164.match(value):
+        raise ConfigError(name, "an E.164 phone number such as +573001234567", raw)
+    return value
+
+
+def _timezone(name: str, raw: str) -> str:
+    value = raw.strip()
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(name, "an IANA time zone such as America/Bogota", raw) from None
+    return value
+
+
+def _ed25519_key(name: str, raw: str) -> str:
+    value = raw.strip()
+    try:
+        key = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(name, "base64 of a raw 32-byte Ed25519 public key", raw) from None
+    if len(key) != 32:
+        raise ConfigError(name, "base64 of a raw 32-byte Ed25519 public key", raw)
+    return value
+
+
+def _path(name: str, raw: str) -> str:
+    value = raw.strip()
+    if value and not Path(value).is_file():
+        raise ConfigError(name, "the path of a readable text file", raw)
+    return value
+
+
+def _setting(
+    env: str,
+    default: Any,
+    parse: Callable[[str, str], Any],
+    *,
+    secret: bool = False,
+    doc: str = "",
+    aliases: tuple[str, ...] = (),
+) -> Any:
+    return field(
+        default=default,
+        metadata={"env": env, "parse": parse, "secret": secret, "doc": doc, "aliases": aliases},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    telnyx_api_key: str = _setting(
+        "TELNYX_API_KEY", "", _str, secret=True, doc="Telnyx API v2 key (Bearer)"
+    )
+    telnyx_connection_id: str = _setting(
+        "TELNYX_CONNECTION_ID", "", _str, doc="Call Control Application id used to dial"
+    )
+    telnyx_phone_number: str = _setting(
+        "TELNYX_PHONE_NUMBER", "", _e164, doc="our number in E.164, the caller id of outbound calls"
+    )
+    telnyx_public_key: str = _setting(
+        "TELNYX_PUBLIC_KEY",
+        "",
+        _ed25519_key,
+        doc="base64 Ed25519 public key that signs Telnyx webhooks",
+    )
+    telnyx_api_base: str = _setting(
+        "TELNYX_API_BASE",
+        "https://api.telnyx.com/v2",
+        _url("https", "http"),
+        doc="Telnyx REST base URL",
+    )
+    deepgram_api_key: str = _setting(
+        "DEEPGRAM_API_KEY", "", _str, secret=True, doc="Deepgram key for live STT and Aura TTS"
+    )
+    deepgram_api_base: str = _setting(
+        "DEEPGRAM_API_BASE",
+        "https://api.deepgram.com",
+        _url("https", "http"),
+        doc="Deepgram base URL",
+    )
+    deepgram_stt_model: str = _setting(
+        "DEEPGRAM_STT_MODEL", "nova-3", _str, doc="Deepgram live STT model"
+    )
+    deepgram_tts_model: str = _setting(
+        "DEEPGRAM_TTS_MODEL",
+        "aura-2-celeste-es",
+        _str,
+        doc="Deepgram Aura voice (celeste = Colombian Spanish)",
+    )
+    stt_endpointing_ms: int = _setting(
+        "STT_ENDPOINTING_MS",
+        300,
+        _int_range(10, 5000),
+        doc="Deepgram endpointing: silence that ends a turn",
+    )
+    stt_utterance_end_ms: int = _setting(
+        "STT_UTTERANCE_END_MS",
+        1000,
+        _int_range(1000, 5000),
+        doc="Deepgram utterance_end_ms (backup turn end)",
+    )
+    anthropic_api_key: str = _setting(
+        "ANTHROPIC_API_KEY",
+        "",
+        _str,
+        secret=True,
+        aliases=("CLAUDE_API_KEY",),
+        doc="Anthropic key (CLAUDE_API_KEY also accepted)",
+    )
+    anthropic_base_url: str = _setting(
+        "ANTHROPIC_BASE_URL",
+        "https://api.anthropic.com",
+        _url("https", "http"),
+        doc="Anthropic base URL",
+    )
+    claude_model: str = _setting("CLAUDE_MODEL", "claude-haiku-4-5", _str, doc="Claude model id")
+    port: int = _setting("PORT", 3000, _int_range(0, 65535), doc="HTTP port")
+    host: str = _setting("HOST", "0.0.0.0", _str, doc="bind address")
+    webhook_base_url: str = _setting(
+        "WEBHOOK_BASE_URL", "", _url("https", "http"), doc="public base URL Telnyx reaches us on"
+    )
+    ws_stream_url: str = _setting(
+        "WS_STREAM_URL",
+        "",
+        _url("wss", "ws"),
+        doc="public wss:// URL of /stream/media (default: derived)",
+    )
+    use_media_streams: bool = _setting(
+        "USE_MEDIA_STREAMS",
+        True,
+        _bool,
+        doc="true: media streams; false: Telnyx speak+transcription",
+    )
+    api_token: str = _setting(
+        "API_TOKEN",
+        "",
+        _str,
+        secret=True,
+        doc="bearer token for /api/*; empty: loopback clients only",
+    )
+    log_format: str = _setting(
+        "LOG_FORMAT", "human", _choice("human", "json"), doc="human or json (one object per line)"
+    )
+    log_level: str = _setting(
+        "LOG_LEVEL", "INFO", _choice(*LOG_LEVELS, upper=True), doc="DEBUG, INFO, WARNING or ERROR"
+    )
+    agent_language: str = _setting(
+        "AGENT_LANGUAGE", "es", _str, doc="language of the agent and of STT (es, es-419, en, ...)"
+    )
+    timezone: str = _setting(
+        "TIMEZONE", "America/Bogota", _timezone, doc="time zone for greetings and timestamps"
+    )
+    max_response_length: int = _setting(
+        "MAX_RESPONSE_LENGTH",
+        300,
+        _int_range(40, 4000),
+        doc="max characters the bot speaks per reply",
+    )
+    conversation_history_limit: int = _setting(
+        "CONVERSATION_HISTORY_LIMIT",
+        20,
+        _int_range(2, 500),
+        doc="messages of history sent to Claude",
+    )
+    transcription_min_confidence: float = _setting(
+        "TRANSCRIPTION_MIN_CONFIDENCE",
+        0.5,
+        _float_range(0.0, 1.0),
+        doc="finals below this are ignored",
+    )
+    silence_timeout_ms: int = _setting(
+        "SILENCE_TIMEOUT_MS",
+        10000,
+        _int_range(1000, 600000),
+        doc="caller silence before a reprompt (then goodbye)",
+    )
+    max_call_seconds: int = _setting(
+        "MAX_CALL_SECONDS", 900, _int_range(10, 14400), doc="hard limit on one call's length"
+    )
+    persona_prompt_file: str = _setting(
+        "PERSONA_PROMPT_FILE", "", _path, doc="system prompt file (default: Spanish receptionist)"
+    )
+    telnyx_speak_voice: str = _setting(
+        "TELNYX_SPEAK_VOICE",
+        "Azure.es-CO-SalomeNeural",
+        _str,
+        doc="Telnyx speak voice for the fallback mode",
+    )
+
+    @classmethod
+    def load(cls, env_file: str | Path | None = ".env") -> Settings:
+        """Settings of this process: its environment over ``env_file``."""
+        return cls.from_env(os.environ, env_file)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], env_file: str | Path | None = ".env") -> Settings:
+        """Build from ``environ`` over ``env_file`` (a real variable wins over ``.env``)."""
+        source: dict[str, str] = {}
+        if env_file is not None and Path(env_file).is_file():
+            source.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        source.update(environ)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            meta = f.metadata
+            raw = source.get(meta["env"])
+            for alias in meta["aliases"]:
+                if raw in (None, "") and source.get(alias):
+                    raw = source[alias]
+            if raw is None or raw.strip() == "":
+                continue
+            values[f.name] = meta["parse"](meta["env"], raw)
+        return cls(**values)
+
+    @property
+    def stream_url(self) -> str:
+        """Where Telnyx should open the media WebSocket."""
+        if self.ws_stream_url:
+            return self.ws_stream_url
+        if self.webhook_base_url:
+            base = self.webhook_base_url
+            scheme = "wss" if base.startswith("https://") else "ws"
+            return f"{scheme}://{base.split('://', 1)[1]}/stream/media"
+        return ""
+
+    @property
+    def webhook_url(self) -> str:
+        return f"{self.webhook_base_url}/webhook/telnyx" if self.webhook_base_url else ""
+
+    @property
+    def mode(self) -> str:
+        return "media" if self.use_media_streams else "fallback"
+
+    def missing(self) -> dict[str, list[str]]:
+        """What each mode still lacks, by variable name."""
+        telnyx = [
+            n
+            for n, v in (
+                ("TELNYX_API_KEY", self.telnyx_api_key),
+                ("TELNYX_CONNECTION_ID", self.telnyx_connection_id),
+                ("TELNYX_PHONE_NUMBER", self.telnyx_phone_number),
+                ("WEBHOOK_BASE_URL", self.webhook_base_url),
+            )
+            if not v
+        ]
+        claude = [] if self.anthropic_api_key else ["ANTHROPIC_API_KEY"]
+        media = list(telnyx) + claude
+        if not self.deepgram_api_key:
+            media.append("DEEPGRAM_API_KEY")
+        if not self.stream_url and "WEBHOOK_BASE_URL" not in media:
+            media.append("WS_STREAM_URL")
+        security = [] if self.telnyx_public_key else ["TELNYX_PUBLIC_KEY"]
+        return {"media": media, "fallback": telnyx + claude, "webhook signatures": security}
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(variable, effective value with secrets masked, meaning) for every setting."""
+        rows = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            shown = str(value).lower() if isinstance(value, bool) else str(value)
+            if f.metadata["secret"] and value:
+                shown = mask(value)
+            rows.append((f.metadata["env"], shown, f.metadata["doc"]))
+        return rows
+
+    @classmethod
+    def documented(cls) -> list[tuple[str, str, str]]:
+        """(variable, default, meaning) for ``.env.example`` and the README."""
+        return [
+            (
+                f.metadata["env"],
+                str(f.default).lower() if isinstance(f.default, bool) else str(f.default),
+                f.metadata["doc"],
+            )
+            for f in fields(cls)
+        ]
+
+    def secrets(self) -> list[str]:
+        """Secret values that must never reach a log line or an error body."""
+        return [
+            getattr(self, f.name)
+            for f in fields(self)
+            if f.metadata["secret"] and getattr(self, f.name)
+        ]
+
+
+def mask(secret: str) -> str:
+    return "****" if len(secret) <= 8 else f"{secret[:3]}…{secret[-2:]}"

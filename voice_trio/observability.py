@@ -1,0 +1,148 @@
+"""Logging (human or JSON, always with ms timestamps and the call id) and Prometheus metrics.
+
+The call id travels in a context variable: a call's nursery sets it once, and every task
+started inside inherits it, so log lines need no explicit id argument.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterable
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+call_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("call_id", default="-")
+
+log = logging.getLogger("voice_trio")
+
+
+class HumanFormatter(logging.Formatter):
+    """``[HH:MM:SS.mmm] LEVEL [call-id] message`` (the message carries its emoji marker)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        line = (
+            f"[{stamp}.{int(record.msecs):03d}] {record.levelname:<5} "
+            f"[{getattr(record, 'call_id', '-')}] {record.getMessage()}"
+        )
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "call_id": getattr(record, "call_id", "-"),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("event", "stage_ms"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+class ContextFilter(logging.Filter):
+    """Stamps the call id and removes secret values from every record."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if len(s) >= 4]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "call_id"):
+            record.call_id = call_id_var.get()
+        if self.secrets:
+            message = record.getMessage()
+            for secret in self.secrets:
+                message = message.replace(secret, "****")
+            record.msg, record.args = message, None
+        return True
+
+
+def setup_logging(level: str = "INFO", fmt: str = "human", secrets: Iterable[str] = ()) -> None:
+    """Configure the ``voice_trio`` logger tree (idempotent: replaces earlier handlers)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else HumanFormatter())
+    handler.addFilter(ContextFilter(secrets))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of their own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.calls = Counter("voice_calls", "Calls handled", ["mode", "end_reason"], registry=r)
+        self.active_calls = Gauge("voice_active_calls", "Calls in progress", registry=r)
+        self.webhooks = Counter(
+            "voice_webhooks", "Telnyx webhooks received", ["event_type", "outcome"], registry=r
+        )
+        self.telnyx_commands = Counter(
+            "voice_telnyx_commands",
+            "Telnyx Call Control commands",
+            ["action", "outcome"],
+            registry=r,
+        )
+        self.api_requests = Counter(
+            "voice_api_requests", "API requests", ["route", "status"], registry=r
+        )
+        self.frames_dropped = Counter(
+            "voice_frames_dropped", "Socket frames dropped", ["reason"], registry=r
+        )
+        self.stream_rejected = Counter(
+            "voice_stream_rejected", "Media streams refused", ["reason"], registry=r
+        )
+        self.turn_stage = Histogram(
+            "voice_turn_stage_seconds",
+            "Per-turn stage durations (DESIGN.md §5)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.server_overhead = Histogram(
+            "voice_server_overhead_seconds",
+            "(t1-t0)+(t3-t2)+(t5-t4) per bot turn",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "voice_event_loop_lag_seconds",
+            "Trio scheduling lag of a periodic probe",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.frames_late = Counter(
+            "voice_outbound_frames_late", "Outbound audio written after its play time", registry=r
+        )
+        self.barge_ins = Counter("voice_barge_ins", "Bot turns cut by the caller", registry=r)
+
+
+async def watch_loop_lag(metrics: Metrics, interval: float = 0.05) -> None:
+    """Sleep ``interval`` repeatedly and record how late each wake-up is."""
+    deadline = trio.current_time() + interval
+    while True:
+        await trio.sleep_until(deadline)
+        now = trio.current_time()
+        metrics.loop_lag.observe(max(0.0, now - deadline))
+        deadline = now + interval

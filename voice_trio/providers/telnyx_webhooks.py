@@ -1,0 +1,94 @@
+"""Telnyx webhook verification and parsing (protocols/telnyx.md §2).
+
+Verification follows Telnyx's own libraries, in their order: both headers present, the
+timestamp within 300 s either way, the signature base64 of 64 bytes, then Ed25519 over
+``f"{timestamp}|{raw_body}"`` with the raw bytes exactly as received.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+TOLERANCE_SECONDS = 300
+SIGNATURE_HEADER = "telnyx-signature-ed25519"
+TIMESTAMP_HEADER = "telnyx-timestamp"
+
+
+class WebhookRejected(ValueError):
+    """The request is not a genuine, fresh Telnyx webhook."""
+
+
+class WebhookInvalid(ValueError):
+    """The body is not a Telnyx v2 event envelope."""
+
+
+class WebhookVerifier:
+    def __init__(self, public_key_b64: str, tolerance: int = TOLERANCE_SECONDS) -> None:
+        self._key = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_key_b64))
+        self._tolerance = tolerance
+
+    def verify(self, body: bytes, signature: str | None, timestamp: str | None, now: float) -> None:
+        if not signature or not timestamp:
+            raise WebhookRejected("missing signature headers")
+        try:
+            ts = int(timestamp)
+        except ValueError:
+            raise WebhookRejected("timestamp is not a number") from None
+        if abs(now - ts) > self._tolerance:
+            raise WebhookRejected("timestamp outside the 300 s window")
+        try:
+            raw_sig = base64.b64decode(signature, validate=True)
+        except (binascii.Error, ValueError):
+            raise WebhookRejected("signature is not base64") from None
+        if len(raw_sig) != 64:
+            raise WebhookRejected("signature is not 64 bytes")
+        try:
+            self._key.verify(raw_sig, timestamp.encode() + b"|" + body)
+        except InvalidSignature:
+            raise WebhookRejected("signature does not match") from None
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    id: str
+    event_type: str
+    occurred_at: str
+    payload: dict[str, Any]
+
+    @property
+    def call_control_id(self) -> str:
+        return str(self.payload.get("call_control_id") or "")
+
+    @property
+    def client_state(self) -> str | None:
+        value = self.payload.get("client_state")
+        return value if isinstance(value, str) else None
+
+
+def parse_webhook(body: bytes) -> WebhookEvent:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise WebhookInvalid("body is not JSON") from None
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, dict):
+        raise WebhookInvalid("missing 'data' object (Telnyx v2 envelope)")
+    event_type = data.get("event_type")
+    event_id = data.get("id")
+    payload = data.get("payload")
+    if not isinstance(event_type, str) or not event_type:
+        raise WebhookInvalid("missing data.event_type")
+    if not isinstance(event_id, str) or not event_id:
+        raise WebhookInvalid("missing data.id")
+    if payload is None:
+        payload = {}
+    if not isinstance(payload, dict):
+        raise WebhookInvalid("data.payload is not an object")
+    return WebhookEvent(event_id, event_type, str(data.get("occurred_at") or ""), payload)

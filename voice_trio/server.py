@@ -1,0 +1,66 @@
+"""Run the server: Hypercorn's trio worker, signal-aware shutdown."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from functools import partial
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+
+from voice_trio.asgi import VoiceApp, build_app
+from voice_trio.config import Settings
+
+log = logging.getLogger("voice_trio")
+
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.accesslog = None
+    config.graceful_timeout = SHUTDOWN_GRACE_SECONDS
+    config.websocket_ping_interval = None
+    # Telnyx frames are small JSON; nothing legitimate comes near this.
+    config.websocket_max_message_size = 256 * 1024
+    return config
+
+
+async def wait_for_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("Received %s, shutting down", signal.Signals(signum).name)
+            return
+
+
+async def serve(
+    settings: Settings,
+    *,
+    app: VoiceApp | None = None,
+    shutdown_trigger: object = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``shutdown_trigger`` (default: SIGINT/SIGTERM) returns, then end the
+    calls still running (each closes its socket politely) before Hypercorn stops."""
+    app = app or build_app(settings)
+    trigger = shutdown_trigger or wait_for_signal
+
+    async def shutdown() -> None:
+        await trigger()  # type: ignore[operator]
+        await app.center.shut_down(SHUTDOWN_GRACE_SECONDS)
+
+    config = hypercorn_config(settings)
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(
+            partial(hypercorn_serve, app, config, shutdown_trigger=shutdown)
+        )
+        address = binds[0].split("://", 1)[-1]
+        log.info("Server listening on %s (mode: %s)", address, settings.mode)
+        if not settings.telnyx_public_key:
+            log.warning("⚠️ TELNYX_PUBLIC_KEY is not set: webhook signatures are NOT verified")
+        if not settings.api_token:
+            log.warning("⚠️ API_TOKEN is not set: /api/* accepts loopback clients only")
+        task_status.started(binds[0])

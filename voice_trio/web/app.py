@@ -1,0 +1,134 @@
+"""The Quart-Trio app: HTTP routes. ``create_app`` builds a fresh app per server (Quart
+registers ``while_serving`` generators once per app object, so apps are never reused)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from quart import Response, jsonify, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from voice_trio import __version__
+from voice_trio.calls.center import CallCenter
+from voice_trio.observability import watch_loop_lag
+from voice_trio.web.api import register_api
+from voice_trio.web.webhooks import register_webhooks
+
+log = logging.getLogger("voice_trio.web")
+
+MAX_BODY_BYTES = 256 * 1024
+ENDPOINTS = [
+    "GET /health",
+    "GET /api/health",
+    "GET /api/sessions/stats",
+    "GET /metrics",
+    "POST /api/call/initiate",
+    "POST /api/call/batch",
+    "POST /webhook/telnyx",
+    "WS /stream/media",
+]
+
+
+def create_app(center: CallCenter) -> QuartTrio:
+    app = QuartTrio("voice_trio")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = 2
+    settings = center.settings
+
+    @app.before_serving
+    async def startup() -> None:
+        await center.start(app.nursery)
+        app.nursery.start_soon(watch_loop_lag, center.metrics)
+
+    @app.after_serving
+    async def shutdown() -> None:
+        await center.stop()
+
+    @app.before_request
+    async def guard_api() -> Any:
+        path = request.path
+        if not path.startswith("/api/") or path == "/api/health":
+            return None
+        if settings.api_token:
+            if request.headers.get("Authorization", "") != f"Bearer {settings.api_token}":
+                return _error(
+                    401, "unauthorized", "a valid 'Authorization: Bearer' token is required"
+                )
+        elif not _is_loopback(request.remote_addr):
+            return _error(
+                403, "forbidden", "API_TOKEN is not set: only loopback clients may call /api"
+            )
+        return None
+
+    @app.get("/")
+    async def index() -> Any:
+        return {
+            "service": "voice-trio",
+            "version": __version__,
+            "mode": settings.mode,
+            "endpoints": ENDPOINTS,
+        }
+
+    @app.get("/health")
+    @app.get("/api/health")
+    async def health() -> Any:
+        return {
+            "status": "ok",
+            "version": __version__,
+            "uptime_seconds": round(center.uptime, 3),
+            "active_calls": len(center.registry),
+            "mode": settings.mode,
+        }
+
+    @app.get("/api/sessions/stats")
+    async def stats() -> Any:
+        return {
+            "active_sessions": len(center.registry),
+            "total_calls": center.registry.total_calls,
+            "uptime_seconds": round(center.uptime, 3),
+        }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        center.metrics.active_calls.set(len(center.registry))
+        return Response(
+            generate_latest(center.metrics.registry), content_type=CONTENT_TYPE_PLAIN_0_0_4
+        )
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Any:
+        reason = {
+            413: "request body too large",
+            404: "no such route",
+            405: "method not allowed",
+        }.get(exc.code or 500, exc.description or "error")
+        name = (exc.name or "error").lower().replace(" ", "_")
+        return _error(exc.code or 500, name, reason)
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Any:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _error(500, "internal_error", "the server failed to handle this request")
+
+    register_api(app, center)
+    register_webhooks(app, center)
+    return app
+
+
+def _error(status: int, error: str, reason: str, **extra: Any) -> Any:
+    response = jsonify({"error": error, "reason": reason, **extra})
+    response.status_code = status
+    return response
+
+
+def _is_loopback(address: str | None) -> bool:
+    if not address:
+        return False
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,68 @@
+"""``POST /webhook/telnyx``: verify, parse, de-duplicate, acknowledge, hand over."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from quart import jsonify, request
+from quart_trio import QuartTrio
+
+from voice_trio.calls.center import CallCenter
+from voice_trio.observability import call_id_var
+from voice_trio.providers.telnyx_webhooks import (
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    WebhookInvalid,
+    WebhookRejected,
+    WebhookVerifier,
+    parse_webhook,
+)
+
+log = logging.getLogger("voice_trio.web")
+
+
+def register_webhooks(app: QuartTrio, center: CallCenter) -> None:
+    key = center.settings.telnyx_public_key
+    verifier = WebhookVerifier(key) if key else None
+    metrics = center.metrics
+
+    @app.post("/webhook/telnyx")
+    async def telnyx_webhook() -> Any:
+        body = await request.get_data(cache=False)
+        if verifier is not None:
+            try:
+                verifier.verify(
+                    body,
+                    request.headers.get(SIGNATURE_HEADER),
+                    request.headers.get(TIMESTAMP_HEADER),
+                    time.time(),
+                )
+            except WebhookRejected as exc:
+                metrics.webhooks.labels("unknown", "rejected").inc()
+                log.warning("📨 Webhook rejected: %s", exc)
+                return _json(401, error="invalid_signature", reason=str(exc))
+        try:
+            event = parse_webhook(body)
+        except WebhookInvalid as exc:
+            metrics.webhooks.labels("unknown", "invalid").inc()
+            return _json(400, error="invalid_webhook", reason=str(exc))
+        token = call_id_var.set(event.call_control_id or "-")
+        try:
+            if not center.seen_events.first_time(event.id):
+                metrics.webhooks.labels(event.event_type, "duplicate").inc()
+                log.debug("📨 Duplicate webhook %s ignored", event.id)
+                return _json(200, status="duplicate")
+            metrics.webhooks.labels(event.event_type, "accepted").inc()
+            log.info("📨 Webhook recibido: %s", event.event_type)
+        finally:
+            call_id_var.reset(token)
+        center.spawn(center.handle_event, event)
+        return _json(200, status="received")
+
+
+def _json(code: int, /, **body: Any) -> Any:
+    response = jsonify(body)
+    response.status_code = code
+    return response
