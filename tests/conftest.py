@@ -81,6 +81,10 @@ def make_settings(**overrides: Any) -> Settings:
         "DEEPGRAM_API_KEY": "dg-test-secret",
         "HOST": "127.0.0.1",
         "PORT": "0",
+        # Every provider on loopback: tests never send traffic anywhere else.
+        "TELNYX_API_BASE": "http://127.0.0.1:9/v2",
+        "DEEPGRAM_API_BASE": "http://127.0.0.1:9",
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:9",
     }
     env.update({k: str(v) for k, v in overrides.items()})
     return Settings.from_env(env, env_file=None)

@@ -322,6 +322,12 @@ class Settings:
         return ""
 
     @property
+    def deepgram_ws_base(self) -> str:
+        """Deepgram's base URL for WebSockets (live STT)."""
+        scheme, rest = self.deepgram_api_base.split("://", 1)
+        return ("wss" if scheme == "https" else "ws") + "://" + rest
+
+    @property
     def webhook_url(self) -> str:
         return f"{self.webhook_base_url}/webhook/telnyx" if self.webhook_base_url else ""
 

@@ -16,9 +16,14 @@ from typing import Any
 import httpx
 import trio
 
+from voice_trio.calls.persona import load_persona
+from voice_trio.calls.phrases import PhraseCache, phrases_for
 from voice_trio.calls.registry import CallRegistry, SeenEvents
 from voice_trio.config import Settings
 from voice_trio.observability import Metrics, call_id_var
+from voice_trio.providers.claude import ClaudeClient
+from voice_trio.providers.deepgram_stt import SttOptions
+from voice_trio.providers.deepgram_tts import DeepgramTTS
 from voice_trio.providers.telnyx_control import (
     DialResult,
     TelnyxControl,
@@ -57,9 +62,21 @@ class CallCenter:
         self.seen_events = SeenEvents()
         self.started_monotonic = time.monotonic()
         self.going_away = trio.Event()
+        self.phrases_text = phrases_for(settings.agent_language)
+        self.persona = load_persona(settings.persona_prompt_file)
+        self.stt_options = SttOptions(
+            model=settings.deepgram_stt_model,
+            language=settings.agent_language,
+            endpointing_ms=settings.stt_endpointing_ms,
+            utterance_end_ms=settings.stt_utterance_end_ms,
+        )
         self.http: httpx.AsyncClient | None = None
-        self.telnyx: TelnyxControl | None = None
         self._nursery: trio.Nursery | None = None
+        # Set by start(); a CallCenter that has not started serves no call.
+        self.telnyx: TelnyxControl = None  # type: ignore[assignment]
+        self.tts: DeepgramTTS = None  # type: ignore[assignment]
+        self.claude: ClaudeClient = None  # type: ignore[assignment]
+        self.phrase_cache: PhraseCache = None  # type: ignore[assignment]
 
     @property
     def uptime(self) -> float:
@@ -80,6 +97,26 @@ class CallCenter:
                 action, outcome
             ).inc(),
         )
+        self.tts = DeepgramTTS(
+            self.http,
+            self.settings.deepgram_api_base,
+            self.settings.deepgram_api_key,
+            self.settings.deepgram_tts_model,
+        )
+        self.claude = ClaudeClient(
+            api_key=self.settings.anthropic_api_key or "unset",
+            base_url=self.settings.anthropic_base_url,
+            model=self.settings.claude_model,
+            max_tokens=max(64, self.settings.max_response_length // 2 + 64),
+            timeout=10.0,
+        )
+        self.phrase_cache = PhraseCache(self._synthesize)
+        if self.settings.deepgram_api_key:
+            self.spawn(self.phrase_cache.warm, self.phrases_text.fixed())
+
+    async def _synthesize(self, text: str) -> bytes:
+        async with self.tts.synthesize(text) as audio:
+            return b"".join([chunk async for chunk in audio])
 
     async def shut_down(self, grace: float) -> None:
         """Refuse new calls, end the running ones, and wait (bounded) until they are gone."""
@@ -91,8 +128,10 @@ class CallCenter:
     async def stop(self) -> None:
         self.going_away.set()
         self.registry.end_all("shutdown")
-        if self.http is not None:
-            with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True):
+            if self.claude is not None:
+                await self.claude.aclose()
+            if self.http is not None:
                 await self.http.aclose()
 
     def spawn(self, fn: Any, *args: Any) -> None:

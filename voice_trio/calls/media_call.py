@@ -15,7 +15,9 @@ import trio
 
 from voice_trio.calls.center import CallCenter
 from voice_trio.calls.registry import ActiveCall
+from voice_trio.calls.session import CallSession
 from voice_trio.observability import call_id_var
+from voice_trio.providers.deepgram_stt import SttError
 from voice_trio.providers.telnyx_media import FrameError, Start, Stop, parse_frame
 
 log = logging.getLogger("voice_trio.calls")
@@ -68,7 +70,14 @@ async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
     try:
         log.info("Media stream started (codec %s, stream %s)", start.encoding, start.stream_id)
         with call.cancel_scope:
-            await _pump(center, socket, call)
+            await CallSession(center, socket, start, call).run()
+    except SttError as exc:
+        log.error("🔌 Deepgram unavailable, ending the call: %s", exc)
+        await _hang_up(center, call, "stt_unavailable")
+    except Exception:
+        # The boundary of one call: its failure is logged and recorded, never propagated.
+        log.exception("Call failed")
+        await _hang_up(center, call, "error")
     finally:
         center.registry.remove(call)
         center.metrics.calls.labels("media", call.end_reason or "unknown").inc()
@@ -76,17 +85,12 @@ async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
         call_id_var.reset(token)
 
 
-async def _pump(center: CallCenter, socket: MediaSocket, call: ActiveCall) -> None:
-    while True:
-        raw = await socket.receive()
-        if raw is None:
-            call.end("stream_closed")
-            return
+async def _hang_up(center: CallCenter, call: ActiveCall, reason: str) -> None:
+    if call.end_reason is not None:
+        return
+    call.end_reason = reason
+    with trio.CancelScope(shield=True), trio.move_on_after(5):
         try:
-            frame = parse_frame(raw)
-        except FrameError:
-            center.metrics.frames_dropped.labels("malformed").inc()
-            continue
-        if isinstance(frame, Stop):
-            call.end("stream_stopped")
-            return
+            await center.telnyx.hangup(call.call_control_id)
+        except Exception as exc:
+            log.warning("Hang-up failed: %s", exc)

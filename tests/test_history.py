@@ -1,0 +1,101 @@
+"""Conversation history in Messages API shape."""
+
+from __future__ import annotations
+
+from voice_trio.calls.history import DEFAULT_OPENING, Conversation, Turn
+
+
+def roles(messages: list[dict[str, str]]) -> list[str]:
+    return [m["role"] for m in messages]
+
+
+def test_user_first_alternates() -> None:
+    c = Conversation()
+    c.add_user("Hola")
+    c.add_assistant("Buenas, ¿en qué le ayudo?")
+    c.add_user(" Quiero una cita. ")
+    assert c.window(10) == [
+        {"role": "user", "content": "Hola"},
+        {"role": "assistant", "content": "Buenas, ¿en qué le ayudo?"},
+        {"role": "user", "content": "Quiero una cita."},
+    ]
+
+
+def test_bot_greeting_first_gets_a_synthetic_user_turn() -> None:
+    c = Conversation()
+    c.add_assistant("Buenos días, le llamo de la clínica.")
+    c.add_user("Sí, dígame.")
+    assert c.window(10) == [
+        {"role": "user", "content": DEFAULT_OPENING},
+        {"role": "assistant", "content": "Buenos días, le llamo de la clínica."},
+        {"role": "user", "content": "Sí, dígame."},
+    ]
+    assert c.turns == (
+        Turn("assistant", "Buenos días, le llamo de la clínica."),
+        Turn("user", "Sí, dígame."),
+    )
+
+
+def test_custom_opening() -> None:
+    c = Conversation(opening="(call connected)")
+    c.add_assistant("Hello")
+    assert c.window(5)[0] == {"role": "user", "content": "(call connected)"}
+
+
+def test_same_role_messages_merge_but_turns_stay_separate() -> None:
+    c = Conversation()
+    c.add_user("Hola")
+    c.add_user("¿me oye?")
+    c.add_assistant("Sí.")
+    c.add_assistant("¿Sigue ahí?")
+    assert c.window(10) == [
+        {"role": "user", "content": "Hola ¿me oye?"},
+        {"role": "assistant", "content": "Sí. ¿Sigue ahí?"},
+    ]
+    assert len(c.turns) == 4
+
+
+def test_interrupted_reply_keeps_what_was_heard_with_a_marker() -> None:
+    c = Conversation()
+    c.add_user("¿Qué horarios tienen?")
+    c.add_assistant("Abrimos de lunes a", interrupted=True)
+    c.add_user("Perdone, el sábado")
+    assert c.window(10)[1] == {"role": "assistant", "content": "Abrimos de lunes a —"}
+    assert c.turns[1] == Turn("assistant", "Abrimos de lunes a", interrupted=True)
+
+
+def test_blank_text_is_ignored() -> None:
+    c = Conversation()
+    c.add_user("Hola")
+    c.add_assistant("", interrupted=True)  # cut off before any audio was heard
+    c.add_user("  ")
+    c.add_user("¿hay alguien?")
+    assert c.window(10) == [{"role": "user", "content": "Hola ¿hay alguien?"}]
+    assert c.turns == (Turn("user", "Hola"), Turn("user", "¿hay alguien?"))
+
+
+def test_window_starts_with_user_and_respects_limit() -> None:
+    c = Conversation()
+    for i in range(5):
+        c.add_user(f"u{i}")
+        c.add_assistant(f"a{i}")
+    c.add_user("u5")
+    assert [m["content"] for m in c.window(3)] == ["u4", "a4", "u5"]
+    window = c.window(4)  # would start on a4's predecessor a3: dropped
+    assert [m["content"] for m in window] == ["u4", "a4", "u5"]
+    assert roles(window)[0] == "user"
+    assert c.window(1) == [{"role": "user", "content": "u5"}]
+    assert c.window(0) == []
+    assert len(c.window(100)) == 11
+
+
+def test_window_returns_copies() -> None:
+    c = Conversation()
+    c.add_user("Hola")
+    c.window(5)[0]["content"] = "changed"
+    assert c.window(5)[0]["content"] == "Hola"
+
+
+def test_window_of_empty_conversation() -> None:
+    assert Conversation().window(10) == []
+    assert Conversation().turns == ()

@@ -1,0 +1,415 @@
+"""``CallSession``: one media-streams call, STT → Claude → TTS, inside one nursery.
+
+Tasks of the call's nursery (DESIGN.md §3):
+
+- ``read_carrier``: Telnyx frames → (reorder, transcode) → Deepgram; marks; stop/close.
+- ``listen``: Deepgram events → ``TurnDetector`` → user turns; caller speech barges in.
+- ``converse``: greeting, then one ``BotTurn`` per user turn; silence reprompt/goodbye.
+- ``watch_duration``: the maximum call length.
+
+A bot turn runs in its own cancel scope: Claude's stream, the TTS stream and the pacing of
+its audio stop together when the caller barges in. The call's scope is the registry's
+``ActiveCall.cancel_scope``: hang-up, socket close and shutdown cancel it from outside.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from voice_trio.audio import ALAW_TO_MULAW
+from voice_trio.calls.center import CallCenter
+from voice_trio.calls.history import Conversation
+from voice_trio.calls.persona import END_CALL_TOOL, system_blocks
+from voice_trio.calls.phrases import local_now
+from voice_trio.calls.playback import Playback
+from voice_trio.calls.registry import ActiveCall
+from voice_trio.calls.sentences import SentenceChunker
+from voice_trio.calls.turns import CallerSpeaking, TurnDetector, UserTurn
+from voice_trio.providers.claude import LlmError
+from voice_trio.providers.deepgram_stt import (
+    SpeechStarted,
+    SttStream,
+    Transcript,
+    UtteranceEnd,
+    open_stt,
+)
+from voice_trio.providers.deepgram_tts import TtsError
+from voice_trio.providers.telnyx_control import decode_client_state
+from voice_trio.providers.telnyx_media import (
+    Dtmf,
+    FrameError,
+    FrameReorderer,
+    Mark,
+    Media,
+    Start,
+    Stop,
+    StreamError,
+    parse_frame,
+)
+
+log = logging.getLogger("voice_trio.calls")
+
+SENTENCE_QUEUE = 8  # sentences waiting for TTS; the LLM is far ahead of speech anyway
+AUDIO_QUEUE = 32  # TTS chunks waiting for pacing; full = TTS waits (back-pressure)
+
+
+@dataclass
+class TurnRecord:
+    """One bot turn: what was said, what was heard, and its latency ledger (DESIGN.md §5)."""
+
+    user_text: str
+    kind: str = "reply"  # reply | greeting | reprompt | goodbye | apology
+    bot_text: str = ""
+    heard_text: str = ""
+    interrupted: bool = False
+    t0: float | None = None  # turn end detected
+    t1: float | None = None  # LLM request sent
+    t2: float | None = None  # first LLM token
+    t3: float | None = None  # first sentence sent to TTS
+    t4: float | None = None  # first TTS audio
+    t5: float | None = None  # first audio frame written to Telnyx
+    tool_calls: list[str] = field(default_factory=list)
+
+    def overhead(self) -> float | None:
+        stamps = (self.t0, self.t1, self.t2, self.t3, self.t4, self.t5)
+        if any(t is None for t in stamps):
+            return None
+        t0, t1, t2, t3, t4, t5 = stamps  # type: ignore[misc]
+        return (t1 - t0) + (t3 - t2) + (t5 - t4)
+
+    def stages_ms(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        pairs = (
+            ("t0-t1", self.t0, self.t1),
+            ("t1-t2", self.t1, self.t2),
+            ("t2-t3", self.t2, self.t3),
+            ("t3-t4", self.t3, self.t4),
+            ("t4-t5", self.t4, self.t5),
+            ("t0-t5", self.t0, self.t5),
+        )
+        for name, a, b in pairs:
+            if a is not None and b is not None:
+                out[name] = round((b - a) * 1000, 1)
+        return out
+
+
+class CallSession:
+    def __init__(self, center: CallCenter, socket: Any, start: Start, call: ActiveCall) -> None:
+        self.center = center
+        self.settings = center.settings
+        self.socket = socket
+        self.start = start
+        self.call = call
+        context = decode_client_state(start.client_state)
+        self.nombre = str(context.get("nombre") or "")
+        self.contexto = str(context.get("contexto") or "")
+        self.saludo = str(context.get("saludo") or "")
+        self.conversation = Conversation()
+        self.turns = TurnDetector(min_confidence=self.settings.transcription_min_confidence)
+        self.playback = Playback(socket, center.metrics)
+        self.records: list[TurnRecord] = []
+        self._user_send, self._user_recv = trio.open_memory_channel[tuple[str, float]](16)
+        self._bot_scope: trio.CancelScope | None = None
+        self._barged_at: float | None = None
+        self._silence_deadline = trio.current_time() + self.settings.silence_timeout_ms / 1000
+        self._time_up = trio.Event()
+        self._wait_scope = trio.CancelScope()
+        self._end_requested = False
+        self.stt: SttStream | None = None
+
+    async def run(self) -> None:
+        s = self.settings
+        async with open_stt(s.deepgram_ws_base, s.deepgram_api_key, self.center.stt_options) as stt:
+            self.stt = stt
+            log.info("🔌 Conectado a Deepgram WebSocket (%s)", stt.request_id or "-")
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.read_carrier, stt)
+                    nursery.start_soon(self.listen, stt)
+                    nursery.start_soon(self.converse)
+                    nursery.start_soon(self.watch_duration)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stt.close_stream(timeout=0.3)
+
+    async def read_carrier(self, stt: SttStream) -> None:
+        """Telnyx frames in. The socket closing is the end of the call (its ``stop`` frame
+        may never arrive)."""
+        reorder = FrameReorderer()
+        alaw = self.start.encoding == "PCMA"
+        metrics = self.center.metrics
+        while True:
+            raw = await self.socket.receive()
+            if raw is None:
+                self.call.end("caller_hangup")
+                return
+            try:
+                frame = parse_frame(raw)
+            except FrameError as exc:
+                metrics.frames_dropped.labels("malformed").inc()
+                log.debug("Dropped frame: %s", exc)
+                continue
+            if isinstance(frame, Media):
+                if frame.track != "inbound":
+                    continue
+                for ready in reorder.push(frame):
+                    audio = ready.payload.translate(ALAW_TO_MULAW) if alaw else ready.payload
+                    await stt.send_audio(audio)
+            elif isinstance(frame, Mark):
+                self.playback.on_mark(frame.name)
+            elif isinstance(frame, Stop):
+                self.call.end("caller_hangup")
+                return
+            elif isinstance(frame, Dtmf):
+                log.info("🎤 DTMF %s", frame.digit)
+            elif isinstance(frame, StreamError):
+                log.warning("Telnyx stream error %s %s: %s", frame.code, frame.title, frame.detail)
+
+    async def listen(self, stt: SttStream) -> None:
+        async for event in stt.events():
+            if isinstance(event, Transcript):
+                signal = self.turns.on_transcript(
+                    event.text, event.confidence, event.is_final, event.speech_final
+                )
+            elif isinstance(event, SpeechStarted):
+                signal = self.turns.on_speech_started()
+            elif isinstance(event, UtteranceEnd):
+                signal = self.turns.on_utterance_end()
+            else:
+                continue
+            if signal is None:
+                continue
+            now = trio.current_time()
+            self._silence_deadline = now + self.settings.silence_timeout_ms / 1000
+            if isinstance(signal, CallerSpeaking):
+                await self.barge_in(now)
+            elif isinstance(signal, UserTurn):
+                await self.barge_in(now)
+                log.info("🎤 Caller: %s", signal.text)
+                self._user_send.send_nowait((signal.text, now))
+
+    async def barge_in(self, now: float) -> None:
+        """Caller speech while the bot is speaking (or about to): cut the bot's turn."""
+        scope = self._bot_scope
+        if scope is None or scope.cancel_called:
+            return
+        self._barged_at = now
+        scope.cancel()
+        await self.playback.interrupt()
+        self.center.metrics.barge_ins.inc()
+        log.info("✋ Barge-in: bot interrupted")
+
+    async def converse(self) -> None:
+        phrases = self.center.phrases_text
+        greeting = phrases.greeting(
+            nombre=self.nombre, saludo=self.saludo, now=local_now(self.settings.timezone)
+        )
+        await self.say(greeting, kind="greeting")
+        reprompted = False
+        while True:
+            turn = await self.next_user_turn()
+            if self._time_up.is_set():
+                await self.finish("max_duration", phrases.goodbye)
+                return
+            if turn is None:
+                if reprompted:
+                    await self.finish("silence_timeout", phrases.timeout_goodbye)
+                    return
+                reprompted = True
+                await self.say(phrases.reprompt, kind="reprompt")
+                continue
+            reprompted = False
+            await self.reply(*turn)
+            if self._end_requested:
+                await self.finish("agent_ended", None)
+                return
+
+    async def next_user_turn(self) -> tuple[str, float] | None:
+        """The next user turn (turns queued meanwhile are joined); None after
+        ``SILENCE_TIMEOUT_MS`` of caller silence once the bot has finished speaking."""
+        self._silence_deadline = max(
+            self._silence_deadline,
+            self.playback.speaking_until + self.settings.silence_timeout_ms / 1000,
+        )
+        while not self._time_up.is_set():
+            with trio.move_on_at(self._silence_deadline) as self._wait_scope:
+                text, t0 = await self._user_recv.receive()
+                while True:
+                    try:
+                        more, t0 = self._user_recv.receive_nowait()
+                    except trio.WouldBlock:
+                        return text, t0
+                    text = f"{text} {more}"
+            if self._time_up.is_set():
+                return None
+            if trio.current_time() >= self._silence_deadline and not self.turns.in_utterance:
+                return None
+        return None
+
+    async def say(self, text: str, *, kind: str) -> TurnRecord:
+        """Speak fixed text (cached audio where possible) as a bot turn."""
+        record = TurnRecord(user_text="", kind=kind, bot_text=text)
+        chunker = SentenceChunker()
+        sentences = chunker.push(text) + chunker.flush()
+
+        async def produce(audio_send: trio.MemorySendChannel[Any]) -> None:
+            async with audio_send:
+                for sentence in sentences:
+                    await self.synthesize_into(sentence, audio_send, record)
+
+        await self.bot_turn(record, produce)
+        return record
+
+    async def reply(self, user_text: str, t0: float) -> None:
+        self.conversation.add_user(user_text)
+        record = TurnRecord(user_text=user_text, t0=t0)
+
+        async def produce(audio_send: trio.MemorySendChannel[Any]) -> None:
+            sentence_send, sentence_recv = trio.open_memory_channel[str](SENTENCE_QUEUE)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.think, sentence_send, record)
+                async with audio_send, sentence_recv:
+                    async for sentence in sentence_recv:
+                        await self.synthesize_into(sentence, audio_send, record)
+
+        await self.bot_turn(record, produce)
+
+    async def think(self, sentence_send: trio.MemorySendChannel[str], record: TurnRecord) -> None:
+        """Claude's streamed reply, cut into sentences (at most MAX_RESPONSE_LENGTH)."""
+        s = self.settings
+        system = system_blocks(
+            self.center.persona,
+            nombre=self.nombre,
+            contexto=self.contexto,
+            now=local_now(s.timezone),
+            max_chars=s.max_response_length,
+        )
+        messages = self.conversation.window(s.conversation_history_limit)
+        chunker = SentenceChunker()
+        spoken = 0
+        async with sentence_send:
+            record.t1 = trio.current_time()
+            log.info("⚡ LLM request (%d messages)", len(messages))
+            try:
+                async with self.center.claude.stream_reply(system, messages, [END_CALL_TOOL]) as r:
+                    async for delta in r:
+                        if record.t2 is None:
+                            record.t2 = trio.current_time()
+                            log.info("⚡ First token in %.0f ms", (record.t2 - record.t1) * 1000)
+                        for sentence in chunker.push(delta.text):
+                            if spoken + len(sentence) > s.max_response_length and spoken:
+                                return
+                            spoken += len(sentence)
+                            await sentence_send.send(sentence)
+                    for call in r.tool_calls:
+                        record.tool_calls.append(call.name)
+                        if call.name == "end_call":
+                            self._end_requested = True
+            except LlmError as exc:
+                log.warning("⚡ Claude failed: %s", exc)
+                if not spoken:
+                    await sentence_send.send(self.center.phrases_text.apology)
+                return
+            for sentence in chunker.flush():
+                if spoken + len(sentence) > s.max_response_length and spoken:
+                    return
+                spoken += len(sentence)
+                await sentence_send.send(sentence)
+
+    async def synthesize_into(
+        self, sentence: str, audio_send: trio.MemorySendChannel[Any], record: TurnRecord
+    ) -> None:
+        """One sentence's audio into the turn's audio queue: cached, else streamed TTS."""
+        if record.t3 is None:
+            record.t3 = trio.current_time()
+        await audio_send.send(("sentence", sentence))
+        cached = self.center.phrase_cache.get(sentence)
+        if cached is not None:
+            record.t4 = record.t4 or trio.current_time()
+            await audio_send.send(("audio", cached))
+        else:
+            try:
+                async with self.center.tts.synthesize(sentence) as audio:
+                    async for chunk in audio:
+                        if record.t4 is None:
+                            record.t4 = trio.current_time()
+                        await audio_send.send(("audio", chunk))
+            except TtsError as exc:
+                log.warning("🔊 TTS failed for a sentence: %s", exc)
+        await audio_send.send(("end", sentence))
+
+    async def bot_turn(self, record: TurnRecord, produce: Any) -> None:
+        """Run ``produce`` (which fills an audio queue) and pace its audio out, inside the
+        turn's own cancel scope; then record what the caller heard."""
+        first_sentence = len(self.playback.sentences)
+        self._barged_at = None
+        with trio.CancelScope() as scope:
+            self._bot_scope = scope
+            audio_send, audio_recv = trio.open_memory_channel[Any](AUDIO_QUEUE)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(produce, audio_send)
+                await self.pace(audio_recv, record)
+            await self.playback.wait_played()
+        self._bot_scope = None
+        at = self._barged_at if self._barged_at is not None else trio.current_time()
+        heard, cut = self.playback.heard_since(first_sentence, at)
+        record.heard_text = heard
+        record.interrupted = scope.cancelled_caught and cut
+        self.conversation.add_assistant(heard, interrupted=record.interrupted)
+        self.records.append(record)
+        self.report(record)
+
+    async def pace(self, audio_recv: trio.MemoryReceiveChannel[Any], record: TurnRecord) -> None:
+        sentence = None
+        async with audio_recv:
+            async for kind, value in audio_recv:
+                if kind == "sentence":
+                    sentence = self.playback.begin_sentence(value)
+                    log.info("💬 Bot: %s", value)
+                elif kind == "audio" and sentence is not None:
+                    sent = await self.playback.feed(sentence, value)
+                    if sent is not None and record.t5 is None:
+                        record.t5 = sent
+                elif kind == "end" and sentence is not None:
+                    sent = await self.playback.end_sentence(sentence)
+                    if sent is not None and record.t5 is None:
+                        record.t5 = sent
+
+    def report(self, record: TurnRecord) -> None:
+        metrics = self.center.metrics
+        stages = record.stages_ms()
+        for name, ms in stages.items():
+            metrics.turn_stage.labels(name).observe(ms / 1000)
+        overhead = record.overhead()
+        if overhead is not None:
+            metrics.server_overhead.observe(overhead)
+        note = " (interrumpido)" if record.interrupted else ""
+        timing = " ".join(f"{k}={v:.0f}ms" for k, v in stages.items())
+        extra = f" overhead={overhead * 1000:.1f}ms" if overhead is not None else ""
+        log.info("🔊 Bot turn %s done%s: %s%s", record.kind, note, timing or "-", extra)
+
+    async def finish(self, reason: str, goodbye: str | None) -> None:
+        """Say goodbye (if any), hang up once, and end the call."""
+        if goodbye:
+            await self.say(goodbye, kind="goodbye")
+        if self.call.end_reason is None:
+            self.call.end_reason = reason
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await self.center.telnyx.hangup(self.call.call_control_id)
+            except Exception as exc:
+                log.warning("Hang-up failed: %s", exc)
+        self.call.end(reason)
+
+    async def watch_duration(self) -> None:
+        await trio.sleep(self.settings.max_call_seconds)
+        log.info("⏱️ Maximum call length reached")
+        self._time_up.set()
+        self._wait_scope.cancel()
+        if self._bot_scope is not None:
+            self._bot_scope.cancel()
+            await self.playback.interrupt()

@@ -1,0 +1,684 @@
+"""Anthropic Messages API simulator: ``POST /v1/messages``, JSON or SSE, with faults.
+
+What is simulated (``shared/docs/protocols/anthropic.md``):
+
+- Auth by ``x-api-key`` or ``Authorization: Bearer`` (``x-api-key`` wins if both are sent);
+  ``anthropic-version`` must be ``2023-06-01`` or ``2026-10-21``; under ``2026-10-21``
+  ``temperature``/``top_p``/``top_k`` are rejected. Bodies are validated (``model``,
+  positive int ``max_tokens``, non-empty ``messages`` of text/tool_use/tool_result blocks).
+  Errors are ``{"type":"error","error":{...},"request_id":"req_..."}``; every response
+  carries a ``request-id`` header.
+- ``"stream": true`` answers with the canonical SSE flow (message_start, content_block_start,
+  ping, text deltas of ``words_per_delta`` words, content_block_stop, an optional tool_use
+  block with ``input_json_delta`` pieces, message_delta, message_stop); otherwise the whole
+  Message as JSON, sent once it would have finished streaming.
+- Tokens are counted as words. ``max_tokens`` truncates the reply (and drops any tool call)
+  with ``stop_reason: "max_tokens"``; ``stop_sequences`` are honoured. ``cache_control``
+  breakpoints on tools, system or message blocks create a prompt-cache entry (keyed by a
+  hash of the model and the prefix) reported as ``cache_creation_input_tokens`` the first
+  time and ``cache_read_input_tokens`` afterwards; there is no minimum length and no TTL.
+
+The reply rule lives in :func:`default_reply` (replace it with ``sim.reply_fn``): the last
+user message is quoted back in Spanish; a farewell with an ``end_call`` tool on offer, or a
+request for a person with a ``transfer_call`` tool on offer, ends in that tool call; a turn
+made only of ``tool_result`` blocks is acknowledged as a continuation. The system prompt
+is ignored, so replies depend only on the conversation and the tools.
+
+Knobs on :class:`AnthropicSim`: ``api_key`` (``None`` accepts any key), ``ttft`` (seconds
+before the first delta, default 0.4), ``tokens_per_second`` (default 80, must be > 0;
+``math.inf`` for no pacing), ``words_per_delta``, ``thinking`` (text of a leading thinking
+block, skipped when the request sends ``thinking: {"type": "disabled"}``), ``reply_fn``.
+Faults queue up with :meth:`AnthropicSim.inject` and apply to the next requests that pass
+auth and validation, one fault per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import unicodedata
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import trio
+
+from voice_trio.sim._serve import serve_asgi
+
+API_VERSIONS = frozenset({"2023-06-01", "2026-10-21"})
+HISTORY = 200
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+_ERROR_MESSAGES = {429: "Rate limit exceeded", 500: "Internal server error", 529: "Overloaded"}
+_RECORDED_HEADERS = (
+    "anthropic-version",
+    "anthropic-beta",
+    "content-type",
+    "accept",
+    "user-agent",
+    "x-stainless-async",
+    "x-stainless-retry-count",
+)
+_BLOCK_TYPES = frozenset(
+    {"text", "tool_use", "tool_result", "thinking", "redacted_thinking", "image", "document"}
+)
+_FAREWELL = re.compile(r"\b(adios|chao|hasta luego|eso es todo|goodbye)\b")
+_TRANSFER = re.compile(r"\btransferir|\bhablar con una persona\b")
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the simulated model says: text, then optionally one tool call ``(name, input)``."""
+
+    text: str
+    tool_call: tuple[str, dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class Fault:
+    """How one request goes wrong. Build with the class methods; fields combine freely."""
+
+    status: int | None = None  # answer with this HTTP error instead of a message
+    delay: float = 0.0  # extra seconds before the response headers
+    cut_after: int | None = None  # drop the connection after this many deltas
+    error_after: int | None = None  # send `event: error` (overloaded) after this many deltas
+    retry_after: float | None = None  # `retry-after` header (seconds) on an HTTP error
+    should_retry: bool | None = None  # `x-should-retry` header on an HTTP error
+
+    @classmethod
+    def rate_limited(cls, retry_after: float = 1.0) -> Fault:
+        return cls(status=429, retry_after=retry_after)
+
+    @classmethod
+    def server_error(cls) -> Fault:
+        return cls(status=500)
+
+    @classmethod
+    def overloaded(cls, retry_after: float | None = None) -> Fault:
+        return cls(status=529, retry_after=retry_after)
+
+    @classmethod
+    def slow_start(cls, delay: float) -> Fault:
+        return cls(delay=delay)
+
+    @classmethod
+    def cut(cls, after_deltas: int) -> Fault:
+        """Close the connection mid-stream (mid-body for non-streaming requests)."""
+        return cls(cut_after=after_deltas)
+
+    @classmethod
+    def stream_error(cls, after_deltas: int) -> Fault:
+        """A 200 stream that ends in an overloaded ``error`` event (HTTP 529 if not streaming)."""
+        return cls(error_after=after_deltas)
+
+
+@dataclass
+class RecordedRequest:
+    """One request as received; ``status`` is 0 until the response starts."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    auth: str | None  # "x-api-key", "bearer" or None; key values are not kept
+    body: Any
+    request_id: str
+    status: int = 0
+    fault: Fault | None = None
+
+
+def default_reply(request: Mapping[str, Any]) -> Reply:
+    """Answer the last user turn deterministically, in Spanish (see the module docstring)."""
+    text, continuation = _last_user_text(request.get("messages") or [])
+    tools = {t.get("name") for t in request.get("tools") or [] if isinstance(t, dict)}
+    plain = _fold(text)
+    if _FAREWELL.search(plain) and "end_call" in tools:
+        return Reply(
+            "Gracias por llamar. ¡Que tenga un buen día!",
+            ("end_call", {"reason": "caller_said_goodbye"}),
+        )
+    if _TRANSFER.search(plain) and "transfer_call" in tools:
+        return Reply(
+            "Con gusto, le comunico con una persona.",
+            ("transfer_call", {"reason": "caller_asked_for_a_person"}),
+        )
+    if text:
+        return Reply(f'Entendido, usted dijo: "{text}". ¿En qué más le puedo ayudar?')
+    if continuation:
+        return Reply("Listo, ya quedó hecho. ¿En qué más le puedo ayudar?")
+    return Reply("Disculpe, no le escuché bien. ¿Me lo puede repetir?")
+
+
+def _last_user_text(messages: list[Any]) -> tuple[str, bool]:
+    for message in reversed(messages):
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            return " ".join(content.split()), False
+        texts = [b.get("text", "") for b in content if b.get("type") == "text"]
+        has_result = any(b.get("type") == "tool_result" for b in content)
+        return " ".join(" ".join(texts).split()), has_result
+    return "", False
+
+
+def _fold(text: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", text.lower())
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+def split_deltas(text: str, words_per_delta: int) -> list[str]:
+    """Split ``text`` into pieces of ``words_per_delta`` words; the pieces join back to it."""
+    words = re.findall(r"\s*\S+", text)
+    if not words:
+        return [text] if text else []
+    words[-1] += text[len("".join(words)) :]
+    n = max(1, words_per_delta)
+    return ["".join(words[i : i + n]) for i in range(0, len(words), n)]
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def validate(body: Any, version: str) -> str | None:
+    """The ``invalid_request_error`` message for a bad request body, or None if it is fine."""
+    if not isinstance(body, dict):
+        return "request body must be a JSON object"
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        return "model: field required (a non-empty string)"
+    max_tokens = body.get("max_tokens")
+    if type(max_tokens) is not int or max_tokens < 1:
+        return "max_tokens: field required (an integer >= 1)"
+    if version == "2026-10-21":
+        for name in ("temperature", "top_p", "top_k"):
+            if name in body:
+                return f"{name}: is not supported in API version 2026-10-21"
+    if "stream" in body and not isinstance(body["stream"], bool):
+        return "stream: must be a boolean"
+    system = body.get("system")
+    if system is not None and not isinstance(system, str):
+        if not isinstance(system, list) or not all(_is_text_block(b) for b in system):
+            return "system: must be a string or a list of text blocks"
+    tools = body.get("tools")
+    if tools is not None and not (
+        isinstance(tools, list) and all(isinstance(t, dict) and "name" in t for t in tools)
+    ):
+        return "tools: must be a list of objects with a name"
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "messages: field required (a non-empty list)"
+    for i, message in enumerate(messages):
+        problem = _message_problem(message)
+        if problem:
+            return f"messages.{i}: {problem}"
+    return None
+
+
+def _is_text_block(block: Any) -> bool:
+    return isinstance(block, dict) and block.get("type") == "text" and _is_str(block.get("text"))
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _message_problem(message: Any) -> str | None:
+    if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+        return "role: must be 'user' or 'assistant'"
+    content = message.get("content")
+    if isinstance(content, str):
+        return None
+    if not isinstance(content, list):
+        return "content: must be a string or a list of content blocks"
+    for j, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind not in _BLOCK_TYPES:
+            return f"content.{j}: unknown content block type {kind!r}"
+        if kind == "text" and not _is_text_block(block):
+            return f"content.{j}.text: field required"
+        if kind == "tool_use" and not (
+            _is_str(block.get("id"))
+            and _is_str(block.get("name"))
+            and isinstance(block.get("input"), dict)
+        ):
+            return f"content.{j}: tool_use needs id, name and an input object"
+        if kind == "tool_result" and not _is_str(block.get("tool_use_id")):
+            return f"content.{j}.tool_use_id: field required"
+    return None
+
+
+def _prompt_segments(body: Mapping[str, Any]) -> Iterator[tuple[Any, int, bool]]:
+    """The prompt in cache order (tools, system, messages): ``(segment, tokens, breakpoint)``."""
+    for tool in body.get("tools") or []:
+        tokens = _words(json.dumps(_strip_cache(tool), ensure_ascii=False))
+        yield _strip_cache(tool), tokens, "cache_control" in tool
+    system = body.get("system")
+    if isinstance(system, str):
+        yield system, _words(system), False
+    elif system:
+        for block in system:
+            yield _strip_cache(block), _words(block["text"]), "cache_control" in block
+    for message in body["messages"]:
+        content = message["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        for block in blocks:
+            tokens = _block_tokens(block)
+            yield [message["role"], _strip_cache(block)], tokens, "cache_control" in block
+
+
+def _block_tokens(block: Mapping[str, Any]) -> int:
+    kind = block.get("type")
+    if kind == "text":
+        return _words(block["text"])
+    if kind == "tool_use":
+        return 1 + _words(json.dumps(block["input"], ensure_ascii=False))
+    if kind == "tool_result":
+        content = block.get("content") or ""
+        if isinstance(content, list):
+            return sum(_block_tokens(b) for b in content if isinstance(b, dict))
+        return _words(str(content))
+    return _words(json.dumps(_strip_cache(block), ensure_ascii=False))
+
+
+def _strip_cache(block: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in block.items() if k != "cache_control"}
+
+
+@dataclass
+class _Output:
+    """The planned reply after max_tokens and stop_sequences are applied."""
+
+    thinking: str
+    text: str
+    tool: tuple[str, str, dict[str, Any]] | None  # (id, name, input)
+    stop_reason: str
+    stop_sequence: str | None
+    output_tokens: int
+
+
+@dataclass
+class AnthropicSim:
+    """Knobs and state of one simulated Messages API; the object is the ASGI app."""
+
+    api_key: str | None = None
+    ttft: float = 0.4
+    tokens_per_second: float = 80.0
+    words_per_delta: int = 3
+    thinking: str | None = None
+    reply_fn: Callable[[dict[str, Any]], Reply] = default_reply
+    history: int = HISTORY
+    requests: deque[RecordedRequest] = field(init=False)
+    request_count: int = field(init=False, default=0)
+    status_counts: Counter[int] = field(init=False, default_factory=Counter)
+    prompt_cache: dict[str, int] = field(init=False, default_factory=dict)
+    _faults: deque[Fault] = field(init=False, default_factory=deque)
+    _ids: Counter[str] = field(init=False, default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self.requests = deque(maxlen=self.history)
+
+    def inject(self, fault: Fault, times: int = 1) -> None:
+        """Apply ``fault`` to each of the next ``times`` requests that pass validation."""
+        self._faults.extend([fault] * times)
+
+    @property
+    def pending_faults(self) -> int:
+        return len(self._faults)
+
+    def _new_id(self, prefix: str) -> str:
+        self._ids[prefix] += 1
+        return f"{prefix}_sim{self._ids[prefix]:018d}"
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            return
+        raw = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            await self._respond(scope, bytes(raw), send)
+            nursery.cancel_scope.cancel()
+
+    async def _respond(self, scope: dict[str, Any], raw: bytes, send: Send) -> None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        api_key, auth = headers.get("x-api-key"), "x-api-key"
+        if api_key is None and headers.get("authorization", "").startswith("Bearer "):
+            api_key, auth = headers["authorization"].removeprefix("Bearer "), "bearer"
+        record = RecordedRequest(
+            method=scope["method"],
+            path=scope["path"],
+            headers={k: headers[k] for k in _RECORDED_HEADERS if k in headers},
+            auth=auth if api_key else None,
+            body=body,
+            request_id=self._new_id("req"),
+        )
+        self.requests.append(record)
+        self.request_count += 1
+        error = partial(self._send_error, send, record)
+        if scope["path"] != "/v1/messages":
+            return await error(404, f"Not found: {scope['path']}")
+        if scope["method"] != "POST":
+            return await error(405, f"Method {scope['method']} not allowed")
+        if not api_key or (self.api_key is not None and api_key != self.api_key):
+            return await error(401, "invalid x-api-key")
+        version = headers.get("anthropic-version", "")
+        if version not in API_VERSIONS:
+            return await error(400, f"anthropic-version: unsupported or missing ({version!r})")
+        if raw and body is None:
+            return await error(400, "request body is not valid JSON")
+        if problem := validate(body, version):
+            return await error(400, problem)
+
+        fault = self._faults.popleft() if self._faults else None
+        record.fault = fault
+        if fault and fault.delay:
+            await trio.sleep(fault.delay)
+        if fault and fault.status:
+            return await error(fault.status, fault=fault)
+        streaming = body.get("stream", False)
+        if fault and fault.error_after is not None and not streaming:
+            return await error(529, fault=fault)
+        usage = self._input_usage(body)
+        output = self._plan(body)
+        if streaming:
+            await self._stream(send, record, body, usage, output, fault)
+        else:
+            await self._send_message(send, record, body, usage, output, fault)
+
+    def _input_usage(self, body: Mapping[str, Any]) -> dict[str, int]:
+        digest = hashlib.sha256(body["model"].encode())
+        total, breakpoints = 0, []
+        for segment, tokens, marked in _prompt_segments(body):
+            digest.update(json.dumps(segment, sort_keys=True, ensure_ascii=False).encode())
+            total += tokens
+            if marked:
+                breakpoints.append((digest.copy().hexdigest(), total))
+        read = next((upto for key, upto in reversed(breakpoints) if key in self.prompt_cache), 0)
+        created = breakpoints[-1][1] - read if breakpoints else 0
+        for key, upto in breakpoints:
+            self.prompt_cache.setdefault(key, upto)
+        return {
+            "input_tokens": max(1, total - read - created),
+            "cache_creation_input_tokens": created,
+            "cache_read_input_tokens": read,
+        }
+
+    def _plan(self, body: dict[str, Any]) -> _Output:
+        reply = self.reply_fn(body)
+        budget = body["max_tokens"]
+        thinking = self.thinking or ""
+        if (body.get("thinking") or {}).get("type") == "disabled":
+            thinking = ""
+        stop_reason, stop_sequence = "end_turn", None
+        text, tool = reply.text, reply.tool_call
+        for sequence in body.get("stop_sequences") or []:
+            at = text.find(sequence)
+            if sequence and at >= 0 and (stop_sequence is None or at < text.find(stop_sequence)):
+                stop_reason, stop_sequence = "stop_sequence", sequence
+        if stop_sequence is not None:
+            text, tool = text[: text.find(stop_sequence)], None
+        pieces = []
+        for part in (thinking, text):
+            kept = re.findall(r"\s*\S+", part)[:budget]
+            budget -= len(kept)
+            if len(kept) < _words(part):
+                stop_reason, tool = "max_tokens", None
+                part = "".join(kept)
+            pieces.append(part)
+        tool_tokens = _words(json.dumps(tool[1], ensure_ascii=False)) if tool else 0
+        if tool and tool_tokens > budget:
+            stop_reason, tool = "max_tokens", None
+        elif tool:
+            stop_reason = "tool_use"
+        tool_block = (self._new_id("toolu"), tool[0], tool[1]) if tool else None
+        used = body["max_tokens"] - budget + (tool_tokens if tool else 0)
+        return _Output(pieces[0], pieces[1], tool_block, stop_reason, stop_sequence, max(1, used))
+
+    def _content(self, output: _Output) -> list[dict[str, Any]]:
+        blocks: list[dict[str, Any]] = []
+        if output.thinking:
+            signature = hashlib.sha256(output.thinking.encode()).hexdigest()
+            blocks.append({"type": "thinking", "thinking": output.thinking, "signature": signature})
+        if output.text or not output.tool:
+            blocks.append({"type": "text", "text": output.text})
+        if output.tool:
+            tool_id, name, tool_input = output.tool
+            blocks.append({"type": "tool_use", "id": tool_id, "name": name, "input": tool_input})
+        return blocks
+
+    def _message(
+        self, body: Mapping[str, Any], usage: dict[str, int], output: _Output | None
+    ) -> dict[str, Any]:
+        return {
+            "id": self._new_id("msg"),
+            "type": "message",
+            "role": "assistant",
+            "content": self._content(output) if output else [],
+            "model": body["model"],
+            "stop_reason": output.stop_reason if output else None,
+            "stop_sequence": output.stop_sequence if output else None,
+            "usage": {**usage, "output_tokens": output.output_tokens if output else 1},
+        }
+
+    async def _send_message(
+        self,
+        send: Send,
+        record: RecordedRequest,
+        body: Mapping[str, Any],
+        usage: dict[str, int],
+        output: _Output,
+        fault: Fault | None,
+    ) -> None:
+        await trio.sleep(self.ttft + output.output_tokens / self.tokens_per_second)
+        payload = _dumps(self._message(body, usage, output))
+        await self._start(send, record, 200, "application/json", len(payload))
+        if fault and fault.cut_after is not None:
+            half = payload[: len(payload) // 2]
+            await send({"type": "http.response.body", "body": half, "more_body": True})
+            return  # the server drops the connection short of content-length
+        await send({"type": "http.response.body", "body": payload})
+
+    def _events(
+        self, body: Mapping[str, Any], usage: dict[str, int], output: _Output
+    ) -> Iterator[tuple[dict[str, Any], float | None]]:
+        """The SSE events in order, each with its token cost if it is a delta."""
+        yield {"type": "message_start", "message": self._message(body, usage, None)}, None
+        for index, block in enumerate(self._content(output)):
+            if block["type"] == "text":
+                start = {"type": "text", "text": ""}
+            elif block["type"] == "thinking":
+                start = {"type": "thinking", "thinking": "", "signature": ""}
+            else:
+                start = {**block, "input": {}}
+            yield {"type": "content_block_start", "index": index, "content_block": start}, None
+            if index == 0:
+                yield {"type": "ping"}, None
+            for delta, cost in self._deltas(block):
+                yield {"type": "content_block_delta", "index": index, "delta": delta}, cost
+            yield {"type": "content_block_stop", "index": index}, None
+        delta = {"stop_reason": output.stop_reason, "stop_sequence": output.stop_sequence}
+        usage_out = {"output_tokens": output.output_tokens}
+        yield {"type": "message_delta", "delta": delta, "usage": usage_out}, None
+        yield {"type": "message_stop"}, None
+
+    def _deltas(self, block: dict[str, Any]) -> Iterator[tuple[dict[str, Any], float]]:
+        if block["type"] == "thinking":
+            for piece in split_deltas(block["thinking"], self.words_per_delta):
+                yield {"type": "thinking_delta", "thinking": piece}, _words(piece)
+            yield {"type": "signature_delta", "signature": block["signature"]}, 0
+        elif block["type"] == "text":
+            for piece in split_deltas(block["text"], self.words_per_delta):
+                yield {"type": "text_delta", "text": piece}, _words(piece)
+        else:
+            raw = json.dumps(block["input"], ensure_ascii=False)
+            pieces = [raw[i : i + 12] for i in range(0, len(raw), 12)]
+            for piece in pieces:
+                yield {"type": "input_json_delta", "partial_json": piece}, _words(raw) / len(pieces)
+
+    async def _stream(
+        self,
+        send: Send,
+        record: RecordedRequest,
+        body: Mapping[str, Any],
+        usage: dict[str, int],
+        output: _Output,
+        fault: Fault | None,
+    ) -> None:
+        await self._start(send, record, 200, "text/event-stream")
+        trip = None  # the fault fires before delta number `trip`, or at message_delta
+        if fault:
+            trip = fault.cut_after if fault.cut_after is not None else fault.error_after
+        first_at: float | None = None
+        deltas, tokens = 0, 0.0
+        for event, cost in self._events(body, usage, output):
+            if trip is not None and (
+                (cost is not None and deltas == trip) or event["type"] == "message_delta"
+            ):
+                if fault and fault.cut_after is not None:
+                    return  # no final chunk: the server drops the connection
+                error = {"type": "overloaded_error", "message": "Overloaded"}
+                await send(_sse({"type": "error", "error": error}))
+                break
+            if cost is not None:
+                if first_at is None:
+                    await trio.sleep(self.ttft)
+                    first_at = trio.current_time()
+                else:
+                    await trio.sleep_until(first_at + tokens / self.tokens_per_second)
+                tokens += cost
+                deltas += 1
+            await send(_sse(event))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _start(
+        self,
+        send: Send,
+        record: RecordedRequest,
+        status: int,
+        content_type: str,
+        length: int | None = None,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        record.status = status
+        self.status_counts[status] += 1
+        headers = [
+            (b"content-type", content_type.encode()),
+            (b"request-id", record.request_id.encode()),
+            *extra,
+        ]
+        if length is None:
+            headers.append((b"cache-control", b"no-cache"))
+        else:
+            headers.append((b"content-length", str(length).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def _send_error(
+        self,
+        send: Send,
+        record: RecordedRequest,
+        status: int,
+        message: str | None = None,
+        *,
+        fault: Fault | None = None,
+    ) -> None:
+        error_type = _ERROR_TYPES.get(status, "api_error")
+        message = message or _ERROR_MESSAGES.get(status, error_type)
+        payload = _dumps(
+            {
+                "type": "error",
+                "error": {"type": error_type, "message": message},
+                "request_id": record.request_id,
+            }
+        )
+        extra = []
+        if fault and fault.retry_after is not None:
+            extra.append((b"retry-after", f"{fault.retry_after:g}".encode()))
+        if fault and fault.should_retry is not None:
+            extra.append((b"x-should-retry", str(fault.should_retry).lower().encode()))
+        await self._start(send, record, status, "application/json", len(payload), tuple(extra))
+        await send({"type": "http.response.body", "body": payload})
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+def _dumps(payload: Any) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _sse(event: dict[str, Any]) -> dict[str, Any]:
+    data = b"event: " + event["type"].encode() + b"\ndata: " + _dumps(event) + b"\n\n"
+    return {"type": "http.response.body", "body": data, "more_body": True}
+
+
+async def serve(
+    sim: AnthropicSim,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``sim`` until cancelled; ``task_status.started`` gets the base URL."""
+    await serve_asgi(sim, host=host, port=port, task_status=task_status)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--api-key", default=None, help="accept only this key (default: any)")
+    parser.add_argument("--ttft-ms", type=float, default=400.0, help="time to first token")
+    parser.add_argument("--tokens-per-second", type=float, default=80.0)
+    parser.add_argument("--words-per-delta", type=int, default=3)
+    parser.add_argument("--thinking", default=None, help="text of a leading thinking block")
+
+
+async def run_from_args(args: argparse.Namespace) -> None:
+    sim = AnthropicSim(
+        api_key=args.api_key,
+        ttft=args.ttft_ms / 1000,
+        tokens_per_second=args.tokens_per_second if args.tokens_per_second > 0 else math.inf,
+        words_per_delta=args.words_per_delta,
+        thinking=args.thinking,
+    )
+    async with trio.open_nursery() as nursery:
+        base_url = await nursery.start(partial(serve, sim, host=args.host, port=args.port))
+        print(f"Anthropic simulator listening on {base_url}", flush=True)
