@@ -18,6 +18,8 @@ __all__ = ["SentenceChunker", "clip_reply"]
 _END = re.compile(r"[.?!…;:]+[\"'”’»)\]]*(?=\s|\Z|[¿¡])|\n")
 _CLOSERS = "\"'”’»)]"
 _SPACE = re.compile(r"\s")
+# Terminators or closers standing alone at the start of a piece (before a space or the end).
+_LEFTOVER = re.compile(r"^[.?!…;:\"'”’»)\]]+(?=\s|$)")
 
 # Words that end with a period without ending the sentence (compared in lower case).
 _ABBREVIATIONS = frozenset(
@@ -44,13 +46,19 @@ def _is_abbreviation(text: str, dot: int) -> bool:
 def _sentence_ends(text: str, final: bool) -> Iterator[int]:
     """Positions just after each sentence end in ``text``.
 
-    Without ``final`` a terminator at the very end is undecided (the next delta may turn
-    "3." into "3.5") and is not reported.
+    Without ``final`` a terminator at the very end after a digit is undecided (the next
+    delta may turn "3." into "3.5" or "10:" into "10:30") and is not reported; after a word
+    it ends the sentence at once, so TTS starts without waiting for the next delta.
     """
     size = len(text)
     for m in _END.finditer(text):
         end = m.end()
-        if end == size and not final and m.group() != "\n":
+        if (
+            end == size
+            and not final
+            and m.group() != "\n"
+            and text[m.start() - 1 : m.start()].isdigit()
+        ):
             return
         if m.group().rstrip(_CLOSERS) == "." and _is_abbreviation(text, m.start()):
             continue
@@ -103,7 +111,7 @@ class SentenceChunker:
     def flush(self) -> list[str]:
         """End of the reply: return what is left (split at any sentence ends it contains)."""
         out = self._drain(final=True)
-        rest = self._buf.strip()
+        rest = _LEFTOVER.sub("", self._buf.strip()).lstrip()
         self._buf = ""
         if rest:
             out.append(rest)
@@ -118,7 +126,9 @@ class SentenceChunker:
                 cut = _clause_cut(buf, self.max_clause)
             if cut is None:
                 break
-            piece = buf[:cut].strip()
+            # A sentence never starts with a terminator or a closer: those are the tail of
+            # the previous one ("..", "!", a closing quote) that arrived after it was cut.
+            piece = _LEFTOVER.sub("", buf[:cut].strip()).lstrip()
             buf = buf[cut:].lstrip()
             if piece:
                 out.append(piece)

