@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 from functools import partial
 
 import trio
@@ -18,9 +19,21 @@ log = logging.getLogger("voice_trio")
 SHUTDOWN_GRACE_SECONDS = 5.0
 
 
-def hypercorn_config(settings: Settings) -> Config:
+def reserve_listener(host: str, port: int = 0) -> socket.socket:
+    """A bound TCP socket: its port is known before the settings that mention it are made
+    (tests and the demo serve on an ephemeral port that must appear in WEBHOOK_BASE_URL)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def hypercorn_config(settings: Settings, listener: socket.socket | None = None) -> Config:
     config = Config()
-    config.bind = [f"{settings.host}:{settings.port}"]
+    if listener is not None:
+        config.bind = [f"fd://{listener.detach()}"]
+    else:
+        config.bind = [f"{settings.host}:{settings.port}"]
     config.accesslog = None
     config.graceful_timeout = SHUTDOWN_GRACE_SECONDS
     config.websocket_ping_interval = None
@@ -41,6 +54,7 @@ async def serve(
     *,
     app: VoiceApp | None = None,
     shutdown_trigger: object = None,
+    listener: socket.socket | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown_trigger`` (default: SIGINT/SIGTERM) returns, then end the
@@ -52,12 +66,12 @@ async def serve(
         await trigger()  # type: ignore[operator]
         await app.center.shut_down(SHUTDOWN_GRACE_SECONDS)
 
-    config = hypercorn_config(settings)
+    config = hypercorn_config(settings, listener)
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
             partial(hypercorn_serve, app, config, shutdown_trigger=shutdown)
         )
-        address = binds[0].split("://", 1)[-1]
+        address = binds[0].split("://", 1)[-1].replace("[::]", "0.0.0.0")
         log.info("Server listening on %s (mode: %s)", address, settings.mode)
         if not settings.telnyx_public_key:
             log.warning("⚠️ TELNYX_PUBLIC_KEY is not set: webhook signatures are NOT verified")

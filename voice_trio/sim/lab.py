@@ -1,0 +1,122 @@
+"""All the simulators together: Telnyx (with its carrier), Deepgram and Anthropic.
+
+``open_lab`` starts them on loopback in the caller's nursery and returns their addresses
+plus ``server_env()``, the settings that point a voice-trio server at them. Used by
+``voice-trio demo``, the end-to-end tests, ``voice-trio sim all`` and the load and soak
+scripts (which run the lab in one process and the server in another).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+
+from voice_trio.sim import anthropic, deepgram, telnyx
+from voice_trio.sim.caller import BargeIn, Say, ScriptedCaller, Step, WaitForBot
+
+TELNYX_KEY = "KEYsim0123456789"
+DEEPGRAM_KEY = "dg-test-key"
+ANTHROPIC_KEY = "sk-ant-sim-key"
+CONNECTION_ID = "1684641123236054244"
+OUR_NUMBER = "+5716000000"
+
+# A Spanish-speaking patient: three questions, one of them said over the bot, a goodbye.
+DEMO_SCRIPT: list[Step] = [
+    WaitForBot(min_ms_silence=500),
+    Say("Hola, buenos días. Quisiera pedir una cita con medicina general.", 300),
+    WaitForBot(min_ms_silence=500),
+    Say("¿Tienen disponibilidad el jueves en la mañana?", 300),
+    BargeIn(after_bot_ms=900, text="Perdón, mejor el viernes."),
+    WaitForBot(min_ms_silence=500),
+    Say("Perfecto, muchas gracias. Adiós.", 300),
+    WaitForBot(min_ms_silence=500, timeout_ms=15_000),
+]
+
+
+@dataclass
+class Lab:
+    telnyx: telnyx.TelnyxSim
+    deepgram: deepgram.DeepgramSim
+    anthropic: anthropic.AnthropicSim
+    telnyx_url: str
+    deepgram_url: str
+    anthropic_url: str
+
+    def server_env(self) -> dict[str, str]:
+        """Settings (as environment variables) for a server that uses this lab."""
+        return {
+            "TELNYX_API_KEY": TELNYX_KEY,
+            "TELNYX_CONNECTION_ID": CONNECTION_ID,
+            "TELNYX_PHONE_NUMBER": OUR_NUMBER,
+            "TELNYX_PUBLIC_KEY": self.telnyx.public_key_b64,
+            "TELNYX_API_BASE": self.telnyx_url + "/v2",
+            "DEEPGRAM_API_KEY": DEEPGRAM_KEY,
+            "DEEPGRAM_API_BASE": self.deepgram_url,
+            "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
+            "ANTHROPIC_BASE_URL": self.anthropic_url,
+        }
+
+
+async def open_lab(
+    nursery: trio.Nursery,
+    *,
+    ms_per_char: int = 65,
+    llm_ttft: float = 0.4,
+    tts_ttfb_ms: float = 150.0,
+    webhook_url: str | None = None,
+    host: str = "127.0.0.1",
+    ports: tuple[int, int, int] = (0, 0, 0),
+) -> Lab:
+    tel = telnyx.TelnyxSim(
+        api_key=TELNYX_KEY, default_webhook_url=webhook_url, speak_ms_per_char=ms_per_char
+    )
+    dg = deepgram.DeepgramSim(
+        api_key=DEEPGRAM_KEY, ms_per_char=ms_per_char, tts_ttfb_ms=tts_ttfb_ms
+    )
+    an = anthropic.AnthropicSim(api_key=ANTHROPIC_KEY, ttft=llm_ttft)
+    tel_url = await nursery.start(partial(telnyx.serve, tel, host=host, port=ports[0]))
+    dg_url = await nursery.start(partial(deepgram.serve, dg, host=host, port=ports[1]))
+    an_url = await nursery.start(partial(anthropic.serve, an, host=host, port=ports[2]))
+    return Lab(tel, dg, an, tel_url, dg_url, an_url)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--telnyx-port", type=int, default=4010)
+    parser.add_argument("--deepgram-port", type=int, default=4020)
+    parser.add_argument("--anthropic-port", type=int, default=4030)
+    parser.add_argument(
+        "--webhook-url",
+        default="http://127.0.0.1:3000/webhook/telnyx",
+        help="where inbound-call webhooks go",
+    )
+    parser.add_argument("--ms-per-char", type=int, default=65)
+
+
+async def run_from_args(args: argparse.Namespace) -> None:
+    """Serve every simulator; dialled numbers are answered by the demo's scripted patient."""
+    async with trio.open_nursery() as nursery:
+        lab = await open_lab(
+            nursery,
+            ms_per_char=args.ms_per_char,
+            webhook_url=args.webhook_url,
+            host=args.host,
+            ports=(args.telnyx_port, args.deepgram_port, args.anthropic_port),
+        )
+
+        def patient(number: str) -> ScriptedCaller:
+            caller = ScriptedCaller(DEMO_SCRIPT, ms_per_char=args.ms_per_char, name=number)
+            nursery.start_soon(caller.run)
+            return caller
+
+        lab.telnyx.callee_factory = patient
+        print(f"Telnyx simulator listening on {lab.telnyx_url}")
+        print(f"Deepgram simulator listening on {lab.deepgram_url}")
+        print(f"Anthropic simulator listening on {lab.anthropic_url}")
+        print("\n# Settings for `voice-trio serve` (e.g. put them in .env):")
+        for name, value in lab.server_env().items():
+            print(f"{name}={value}")
+        print("WEBHOOK_BASE_URL=http://127.0.0.1:3000", flush=True)

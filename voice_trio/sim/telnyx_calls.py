@@ -1,0 +1,510 @@
+"""One simulated Telnyx call leg: state machine, line, media streams, announcements.
+
+The flows are described in :mod:`voice_trio.sim.telnyx`. A :class:`SimCall` is driven by REST
+commands (synchronous state changes that start tasks in the call's nursery) and by the party
+on the line; :meth:`SimCall.run` is that nursery: the call's webhook queue outlives its media
+tasks, so ``streaming.stopped`` and ``call.hangup`` are delivered after everything else.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from voice_trio.sim.carrier import (
+    PLAYABLE_CODECS,
+    AudioPort,
+    Line,
+    MediaStream,
+    StreamConnectError,
+    StreamParams,
+)
+from voice_trio.sim.speech import SpeechDecoder
+from voice_trio.sim.telnyx_webhooks import CallWebhooks, event, is_loopback_url, utc_now
+
+if TYPE_CHECKING:
+    from voice_trio.sim.telnyx import TelnyxSim
+
+COMMAND_ID_WINDOW_S = 60.0
+
+
+class Transcriber:
+    """Telnyx transcription emulation: decodes simulated speech into ``call.transcription``."""
+
+    def __init__(
+        self,
+        emit: Callable[[dict[str, Any]], None],
+        *,
+        track: str,
+        final_silence_ms: int,
+        interim_every_ms: int | None,
+    ) -> None:
+        self._emit = emit
+        self._track = track
+        self._decoder = SpeechDecoder()
+        self._chars: list[str] = []
+        self._final_bytes = final_silence_ms * 8
+        self._interim_bytes = interim_every_ms * 8 if interim_every_ms else 0
+        self._interim_at = 0
+        self._fresh = False
+
+    def feed(self, audio: bytes) -> None:
+        decoder = self._decoder
+        symbols = decoder.feed(audio)
+        if symbols:
+            self._chars.extend(s.char for s in symbols)
+            self._fresh = True
+        if not self._chars:
+            return
+        if decoder.offset - decoder.voiced_until >= self._final_bytes:
+            self._send(True)
+            self._chars.clear()
+            self._fresh = False
+        elif (
+            self._interim_bytes
+            and self._fresh
+            and decoder.offset - self._interim_at >= self._interim_bytes
+        ):
+            self._interim_at = decoder.offset
+            self._fresh = False
+            self._send(False)
+
+    def _send(self, final: bool) -> None:
+        text = "".join(self._chars).strip()
+        if text:
+            self._emit(
+                {
+                    "transcript": text,
+                    "is_final": final,
+                    "confidence": 0.95 if final else 0.8,
+                    "transcription_track": self._track,
+                }
+            )
+
+
+@dataclass
+class Callee:
+    """Who picks up when the server dials a number (``party=None``: nobody answers)."""
+
+    party: AudioPort | None
+    behaviour: str = "answer"  # answer | busy | no_answer
+    ring_ms: float | None = None
+    machine: bool = False  # what answering machine detection reports
+
+
+class SimCall:
+    """One call leg: its state, its webhooks queue, its line; ``run`` is the call's nursery."""
+
+    def __init__(
+        self,
+        sim: TelnyxSim,
+        *,
+        direction: str,
+        from_: str,
+        to: str,
+        connection_id: str,
+        webhook_url: str | None,
+        client_state: str | None,
+        party: AudioPort | None,
+        options: dict[str, Any],
+    ) -> None:
+        self.sim = sim
+        self.call_control_id = "v3:" + secrets.token_urlsafe(33)
+        self.call_leg_id = str(uuid.uuid4())
+        self.call_session_id = str(uuid.uuid4())
+        self.direction = direction
+        self.from_ = from_
+        self.to = to
+        self.connection_id = connection_id
+        self.webhook_url = webhook_url
+        self.client_state = client_state
+        self.options = options
+        self.state = "parked" if direction == "incoming" else "bridging"
+        self.start_time = utc_now()
+        self.end_time: str | None = None
+        self.line = Line(
+            party or AudioPort(), on_dtmf=self._on_dtmf, on_hang_up=self._party_hung_up
+        )
+        self.webhooks = CallWebhooks(sim.webhooks)
+        self.events: list[str] = []
+        self.streams: list[MediaStream] = []
+        self.spoken: list[str] = []
+        self.transcripts: list[dict[str, Any]] = []
+        self.dtmf_sent: list[str] = []
+        self.transferred_to: str | None = None
+        self.hangup_cause: str | None = None
+        self.hangup_source: str | None = None
+        self.sip_hangup_cause: str | None = None
+        self.ended = trio.Event()
+        self._ended_by = "network"
+        self._end_requested = trio.Event()
+        self._media: trio.Nursery | None = None
+        self._clock_started = False
+        self._commands: dict[str, float] = {}
+        self._announcements: deque[tuple[str, bytes, dict[str, Any]]] = deque()
+        self._announcing: tuple[str, dict[str, Any]] | None = None
+        self._announcer_running = False
+        self._playback_stopped = False
+        self._transcriber_taps: list[tuple[list[Callable[[bytes], None]], Callable]] = []
+        if party is not None:
+            party.attach(self.line)
+
+    def record(self, *, full: bool = False) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "call_control_id": self.call_control_id,
+            "call_leg_id": self.call_leg_id,
+            "call_session_id": self.call_session_id,
+            "is_alive": full and self.state != "hangup",
+            "record_type": "call",
+        }
+        if full:
+            data.update(
+                client_state=self.client_state, start_time=self.start_time, end_time=self.end_time
+            )
+        return data
+
+    def emit(self, event_type: str, fields: dict[str, Any] | None = None) -> None:
+        payload = {
+            "call_control_id": self.call_control_id,
+            "call_leg_id": self.call_leg_id,
+            "call_session_id": self.call_session_id,
+            "connection_id": self.connection_id,
+            "client_state": self.client_state,
+        }
+        if fields:
+            payload.update(fields)
+        self.events.append(event_type)
+        self.webhooks.emit(self.webhook_url, event(event_type, payload))
+
+    def seen_command(self, command_id: str) -> bool:
+        at = self._commands.get(command_id)
+        return at is not None and time.monotonic() - at < COMMAND_ID_WINDOW_S
+
+    def remember_command(self, command_id: Any) -> None:
+        if isinstance(command_id, str):
+            self._commands[command_id] = time.monotonic()
+
+    async def run(self, callee: Callee | None = None) -> None:
+        async with trio.open_nursery() as outer:
+            outer.start_soon(self.webhooks.run)
+            try:
+                async with trio.open_nursery() as media:
+                    self._media = media
+                    if self.direction == "incoming":
+                        media.start_soon(self._incoming)
+                    else:
+                        media.start_soon(self._outgoing, callee or Callee(AudioPort()))
+                    await self._end_requested.wait()
+                    with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+                        await self._wind_down()
+                    media.cancel_scope.cancel()
+            finally:
+                self._media = None
+                self._finish()
+
+    async def _incoming(self) -> None:
+        with trio.move_on_after(self.sim.answer_timeout_s):
+            await self.line.answered.wait()
+        if not self.line.answered.is_set():
+            self.end("originator_cancel", "caller", "487", by="caller")  # the caller gave up
+            return
+        await self._limit_duration()
+
+    async def _outgoing(self, callee: Callee) -> None:
+        opts = self.options
+        if opts.get("stream_url") and opts.get("stream_establish_before_call_originate"):
+            self.start_stream(opts)
+        ring = (callee.ring_ms if callee.ring_ms is not None else self.sim.ring_ms) / 1000
+        if callee.behaviour == "busy":
+            await trio.sleep(ring)
+            self.end("user_busy", "callee", "486", by="caller")
+            return
+        if callee.party is None or callee.behaviour == "no_answer":
+            await trio.sleep(self.sim.no_answer_timeout_s or opts.get("timeout_secs") or 30)
+            self.end("timeout", "unknown", "408")
+            return
+        await trio.sleep(ring)
+        self.line.party = callee.party
+        callee.party.attach(self.line)
+        self.answer(opts, machine=callee.machine)
+        await self._limit_duration()
+
+    async def _limit_duration(self) -> None:
+        await trio.sleep(self.options.get("time_limit_secs") or 14400)
+        self.end("time_limit", "unknown", "unspecified")
+
+    def answer(self, opts: dict[str, Any], *, machine: bool = False) -> None:
+        self.state = "answered"
+        self.emit(
+            "call.answered",
+            {
+                "from": self.from_,
+                "to": self.to,
+                "state": "answered",
+                "start_time": self.start_time,
+                "custom_headers": [],
+                "sip_headers": [],
+                "tags": [],
+            },
+        )
+        self.line.answered.set()
+        self.line.party.on_event("answered", "", trio.current_time())
+        self._ensure_clock()
+        if opts.get("stream_url") and not self.streams:
+            self.start_stream(opts)
+        if opts.get("transcription"):
+            self.start_transcription(opts.get("transcription_config") or {})
+        amd = opts.get("answering_machine_detection")
+        if amd and amd != "disabled" and self._media is not None:
+            self._media.start_soon(self._detect_machine, amd, machine)
+
+    async def _detect_machine(self, mode: str, machine: bool) -> None:
+        await trio.sleep(self.sim.amd_ms / 1000)
+        fields = {"from": self.from_, "to": self.to}
+        if mode == "premium":
+            result = "machine" if machine else "human_residence"
+            self.emit("call.machine.premium.detection.ended", {**fields, "result": result})
+        else:
+            self.emit(
+                "call.machine.detection.ended",
+                {**fields, "result": "machine" if machine else "human"},
+            )
+
+    def _ensure_clock(self) -> None:
+        if not self._clock_started and self._media is not None:
+            self._clock_started = True
+            self._media.start_soon(self.line.run)
+
+    def end(self, cause: str, source: str, sip: str, *, by: str = "network") -> None:
+        if self.hangup_cause is not None:
+            return
+        self.hangup_cause, self.hangup_source, self.sip_hangup_cause = cause, source, sip
+        self._ended_by = by
+        self._end_requested.set()
+
+    def hang_up_by_server(self) -> None:
+        if self.state == "bridging":
+            self.end("originator_cancel", "caller", "487", by="bot")
+        else:
+            self.end(
+                "normal_clearing",
+                "callee" if self.direction == "incoming" else "caller",
+                "200",
+                by="bot",
+            )
+
+    def _party_hung_up(self) -> None:
+        if self.state == "parked":
+            self.end("originator_cancel", "caller", "487", by="caller")
+        else:
+            self.end(
+                "normal_clearing",
+                "caller" if self.direction == "incoming" else "callee",
+                "200",
+                by="caller",
+            )
+
+    async def _wind_down(self) -> None:
+        stream = self.line.stream
+        if stream is not None:
+            await stream.stop()
+        if self._announcing is not None:
+            prefix, fields = self._announcing
+            self._announcing = None
+            self.emit(f"{prefix}.ended", {**fields, "status": "call_hangup"})
+
+    def _finish(self) -> None:
+        if self.hangup_cause is None:
+            self.hangup_cause, self.hangup_source, self.sip_hangup_cause = (
+                "unspecified",
+                "unknown",
+                "unspecified",
+            )
+        self.state = "hangup"
+        self.end_time = utc_now()
+        self.line.end(self._ended_by)
+        packets = str(self.line.ticks)
+        self.emit(
+            "call.hangup",
+            {
+                "from": self.from_,
+                "to": self.to,
+                "state": "hangup",
+                "hangup_cause": self.hangup_cause,
+                "hangup_source": self.hangup_source,
+                "sip_hangup_cause": self.sip_hangup_cause,
+                "start_time": self.start_time,
+                "call_quality_stats": {
+                    "inbound": {
+                        "mos": "4.50",
+                        "jitter_max_variance": "0.00",
+                        "jitter_packet_count": "0",
+                        "packet_count": packets,
+                        "skip_packet_count": "0",
+                    },
+                    "outbound": {
+                        "packet_count": str(self.line.played_frames),
+                        "skip_packet_count": "0",
+                    },
+                },
+            },
+        )
+        self.webhooks.close()
+        self.ended.set()
+        self.sim._call_ended(self)
+
+    def start_stream(self, opts: dict[str, Any]) -> None:
+        if self._media is not None:
+            self._media.start_soon(self._run_stream, opts, self._media)
+
+    async def _run_stream(self, opts: dict[str, Any], nursery: trio.Nursery) -> None:
+        sim = self.sim
+        url = opts["stream_url"]
+        track = opts.get("stream_track") or "inbound_track"
+        codec = opts.get("stream_codec") or "default"
+        codec = sim.call_codec if codec == "default" else codec
+        bidi_codec = opts.get("stream_bidirectional_codec") or "PCMU"
+        rate = opts.get("stream_bidirectional_sampling_rate") or 8000
+        params = StreamParams(
+            url=url,
+            stream_id=str(uuid.uuid4()),
+            call_control_id=self.call_control_id,
+            call_session_id=self.call_session_id,
+            from_=self.from_,
+            to=self.to,
+            user_id=sim.user_id,
+            client_state=self.client_state,
+            custom_parameters={p["name"]: p["value"] for p in opts.get("custom_parameters") or []},
+            auth_token=opts.get("stream_auth_token"),
+            codec=codec,
+            track=track,
+            bidirectional_mode=opts.get("stream_bidirectional_mode") or "mp3",
+            bidirectional_codec=bidi_codec,
+        )
+        if codec not in PLAYABLE_CODECS or bidi_codec not in PLAYABLE_CODECS or rate != 8000:
+            self._stream_failed(params, "the simulator streams only PCMU or PCMA at 8000 Hz")
+            return
+        if not sim.allow_remote and not is_loopback_url(url):
+            self._stream_failed(params, "refused: stream_url is not a loopback URL (allow_remote)")
+            return
+        stream = MediaStream(
+            params,
+            on_event=self._on_stream_event,
+            on_closed=self._on_stream_closed,
+            out_of_order_share=sim.out_of_order_share,
+            rng=sim.rng,
+            record_audio_bytes=int(sim.record_audio_s * 8000),
+            connect_timeout=sim.stream_connect_timeout_s,
+        )
+        self.streams.append(stream)
+        try:
+            await nursery.start(stream.run)
+        except StreamConnectError as exc:
+            self._stream_failed(params, str(exc))
+            return
+        self.line.stream = stream
+        self._ensure_clock()
+        self.emit("streaming.started", {"stream_url": url})
+        self.line.party.on_event("stream_started", params.stream_id, trio.current_time())
+
+    def _stream_failed(self, params: StreamParams, reason: str) -> None:
+        self.emit(
+            "streaming.failed",
+            {
+                "failure_reason": reason,
+                "stream_id": params.stream_id,
+                "stream_type": "websocket",
+                "stream_params": {"stream_url": params.url, "track": params.track},
+            },
+        )
+
+    def _on_stream_event(self, kind: str, detail: str) -> None:
+        self.line.party.on_event(kind, detail, trio.current_time())
+
+    def _on_stream_closed(self, stream: MediaStream) -> None:
+        if self.line.stream is stream:
+            self.line.stream = None
+        self.emit("streaming.stopped", {"stream_url": stream.params.url})
+        self.line.party.on_event("stream_stopped", stream.close_reason or "", trio.current_time())
+
+    def stop_stream(self) -> None:
+        stream = self.line.stream
+        if stream is not None and self._media is not None:
+            self._media.start_soon(stream.stop)
+
+    def announce(self, kind: str, audio: bytes, fields: dict[str, Any]) -> None:
+        self._announcements.append((kind, audio, fields))
+        if not self._announcer_running and self._media is not None:
+            self._announcer_running = True
+            self._media.start_soon(self._announce_all)
+
+    async def _announce_all(self) -> None:
+        try:
+            while self._announcements:
+                kind, audio, fields = self._announcements.popleft()
+                prefix = "call.speak" if kind == "speak" else "call.playback"
+                self._announcing = (prefix, fields)
+                self._playback_stopped = False
+                self.emit(f"{prefix}.started", fields)
+                await self.line.announce(audio).wait()
+                if self._announcing is None:  # the call ended meanwhile
+                    return
+                self._announcing = None
+                status = "stopped" if self._playback_stopped else "completed"
+                self.emit(f"{prefix}.ended", {**fields, "status": status})
+        finally:
+            self._announcer_running = False
+
+    def stop_playback(self) -> None:
+        if self._announcing is not None and self._announcing[0] == "call.playback":
+            self._playback_stopped = True
+            self.line.cancel_announcements()
+
+    def start_transcription(self, config: dict[str, Any], tracks: str = "inbound") -> None:
+        self.stop_transcription()
+        interim = bool(config.get("interim_results"))
+        for track, taps in (
+            ("inbound", self.line.caller_taps),
+            ("outbound", self.line.played_taps),
+        ):
+            if tracks in (track, "both"):
+                transcriber = Transcriber(
+                    partial(self._transcribed, track),
+                    track=track,
+                    final_silence_ms=self.sim.transcription_silence_ms,
+                    interim_every_ms=self.sim.transcription_interim_ms if interim else None,
+                )
+                taps.append(transcriber.feed)
+                self._transcriber_taps.append((taps, transcriber.feed))
+
+    def stop_transcription(self) -> None:
+        for taps, tap in self._transcriber_taps:
+            if tap in taps:
+                taps.remove(tap)
+        self._transcriber_taps.clear()
+
+    def _transcribed(self, track: str, data: dict[str, Any]) -> None:
+        self.transcripts.append(data)
+        self.emit("call.transcription", {"transcription_data": data})
+
+    def _on_dtmf(self, digit: str) -> None:
+        self.emit("call.dtmf.received", {"digit": digit, "from": self.from_, "to": self.to})
+
+    def transfer(self, to: str) -> None:
+        self.transferred_to = to
+        self.stop_stream()
+        self.line.party.on_event("transferred", to, trio.current_time())
+        if self._media is not None:
+            self._media.start_soon(self._bridge, to)
+
+    async def _bridge(self, to: str) -> None:
+        await trio.sleep(self.sim.ring_ms / 1000)
+        self.emit("call.bridged", {"from": self.from_, "to": to, "state": "bridged"})
