@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,13 +15,14 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from hypercorn.config import Config
-from hypercorn.trio import serve
 from telnyx_peer import TelnyxPeer
 
 from voice_trio.asgi import VoiceApp, build_app
 from voice_trio.config import Settings
+from voice_trio.server import reserve_listener
+from voice_trio.server import serve as serve_voice
 from voice_trio.sim._serve import serve_asgi
+from voice_trio.sim.lab import Lab, open_lab
 
 
 class Signer:
@@ -102,18 +104,54 @@ class LiveServer:
         return "ws" + self.base[len("http") :]
 
 
-async def start_server(nursery: trio.Nursery, settings: Settings) -> LiveServer:
+async def start_server(nursery: trio.Nursery, settings: Settings | dict[str, Any]) -> LiveServer:
+    """Serve the app on an ephemeral loopback port. Given a dict of overrides, the settings
+    are made here so that WEBHOOK_BASE_URL can name the server's own port."""
+    listener = reserve_listener("127.0.0.1")
+    port = listener.getsockname()[1]
+    if isinstance(settings, dict):
+        overrides = {"WEBHOOK_BASE_URL": f"http://127.0.0.1:{port}", **settings}
+        settings = make_settings(**overrides)
     app = build_app(settings)
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.graceful_timeout = 1
     stop = trio.Event()
 
     async def trigger() -> None:
         await stop.wait()
-        await app.center.shut_down(2.0)
 
-    binds = await nursery.start(partial(serve, app, config, shutdown_trigger=trigger))
-    client = httpx.AsyncClient(base_url=binds[0], timeout=10)
-    return LiveServer(app, binds[0], client, stop)
+    base = await nursery.start(
+        partial(serve_voice, settings, app=app, listener=listener, shutdown_trigger=trigger)
+    )
+    client = httpx.AsyncClient(base_url=base, timeout=10)
+    return LiveServer(app, base, client, stop)
+
+
+FAST_SPEECH_MS = 25  # ms per character of simulated speech in end-to-end tests
+
+
+@pytest.fixture
+async def lab(nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> Lab:
+    """Every simulator, with short but realistic-shaped provider delays. Idle keep-alive
+    connections close quickly, so leak checks see the pools settle within a second."""
+    monkeypatch.setattr("voice_trio.sim._serve.KEEP_ALIVE_SECONDS", 0.5)
+    return await open_lab(nursery, ms_per_char=FAST_SPEECH_MS, llm_ttft=0.05, tts_ttfb_ms=20)
+
+
+async def start_lab_server(nursery: trio.Nursery, lab: Lab, **overrides: Any) -> LiveServer:
+    server = await start_server(nursery, {**lab.server_env(), **overrides})
+    lab.telnyx.default_webhook_url = server.app.center.settings.webhook_url
+    return server
+
+
+def task_names() -> list[str]:
+    """Names of every live Trio task in this run (the whole task tree)."""
+
+    def walk(task: trio.lowlevel.Task) -> list[str]:
+        return [task.name] + [
+            x for n in task.child_nurseries for t in n.child_tasks for x in walk(t)
+        ]
+
+    return sorted(walk(trio.lowlevel.current_root_task()))
+
+
+def count_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))

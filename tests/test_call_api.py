@@ -1,8 +1,9 @@
 import uuid
 
 import trio
-
+import trio.lowlevel
 from conftest import make_settings, start_server
+
 from voice_trio.providers.telnyx_control import decode_client_state
 
 
@@ -11,8 +12,12 @@ async def test_initiate_sends_exactly_the_documented_dial(nursery, telnyx_peer) 
     server = await start_server(nursery, make_settings(TELNYX_API_BASE=base + "/v2"))
     r = await server.client.post(
         "/api/call/initiate",
-        json={"telefono": "+573001234567", "nombre": "Ana", "contexto": "cita de control",
-              "saludo": "Hola Ana"},
+        json={
+            "telefono": "+573001234567",
+            "nombre": "Ana",
+            "contexto": "cita de control",
+            "saludo": "Hola Ana",
+        },
     )
     assert r.status_code == 201, r.text
     body = r.json()
@@ -52,7 +57,9 @@ async def test_initiate_validation(nursery, telnyx_peer) -> None:
         assert r.status_code == 422, payload
         assert r.json()["error"] == "validation_failed" and r.json()["field"] == field
         assert r.json()["reason"]
-    r = await c.post("/api/call/initiate", content=b"{not json", headers={"content-type": "application/json"})
+    r = await c.post(
+        "/api/call/initiate", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 422 and r.json()["field"] == "body"
     assert peer.commands("dial") == []
     server.stop.set()
@@ -62,11 +69,16 @@ async def test_telnyx_errors_are_surfaced(nursery, telnyx_peer) -> None:
     peer, base = telnyx_peer
     server = await start_server(nursery, make_settings(TELNYX_API_BASE=base + "/v2"))
     peer.fail_next(422, "10015", "Invalid 'to' number", "The 'to' number is not dialable")
-    r = await server.client.post("/api/call/initiate", json={"telefono": "+573001234567", "nombre": "A"})
+    r = await server.client.post(
+        "/api/call/initiate", json={"telefono": "+573001234567", "nombre": "A"}
+    )
     assert r.status_code == 502
     assert r.json() == {
-        "error": "telnyx_error", "reason": "Invalid 'to' number", "telnyx_status": 422,
-        "code": "10015", "detail": "The 'to' number is not dialable",
+        "error": "telnyx_error",
+        "reason": "Invalid 'to' number",
+        "telnyx_status": 422,
+        "code": "10015",
+        "detail": "The 'to' number is not dialable",
     }
     server.stop.set()
 
@@ -76,7 +88,9 @@ async def test_429_and_5xx_are_retried_with_the_same_command_id(nursery, telnyx_
     server = await start_server(nursery, make_settings(TELNYX_API_BASE=base + "/v2"))
     peer.fail_next(429, "10011", "Too many requests", headers={"retry-after": "0"})
     peer.fail_next(503, "90000", "Service unavailable")
-    r = await server.client.post("/api/call/initiate", json={"telefono": "+573001234567", "nombre": "A"})
+    r = await server.client.post(
+        "/api/call/initiate", json={"telefono": "+573001234567", "nombre": "A"}
+    )
     assert r.status_code == 201
     dials = peer.commands("dial")
     assert len(dials) == 3
@@ -86,7 +100,9 @@ async def test_429_and_5xx_are_retried_with_the_same_command_id(nursery, telnyx_
 
 async def test_not_configured_is_503(nursery) -> None:
     server = await start_server(nursery, make_settings(TELNYX_API_KEY="", TELNYX_CONNECTION_ID=""))
-    r = await server.client.post("/api/call/initiate", json={"telefono": "+573001234567", "nombre": "A"})
+    r = await server.client.post(
+        "/api/call/initiate", json={"telefono": "+573001234567", "nombre": "A"}
+    )
     assert r.status_code == 503
     assert r.json()["missing"] == ["TELNYX_API_KEY", "TELNYX_CONNECTION_ID"]
     server.stop.set()
@@ -107,8 +123,12 @@ async def test_batch_reports_one_result_per_item(nursery, telnyx_peer) -> None:
     body = r.json()
     results = body["results"]
     assert [x["index"] for x in results] == [0, 1, 2, 3]
-    assert results[1] == {"index": 1, "status": "invalid", "field": "telefono",
-                          "reason": "must be an E.164 phone number such as +573001234567"}
+    assert results[1] == {
+        "index": 1,
+        "status": "invalid",
+        "field": "telefono",
+        "reason": "must be an E.164 phone number such as +573001234567",
+    }
     statuses = sorted(x["status"] for x in results)
     assert statuses == ["failed", "initiated", "initiated", "invalid"]
     assert body["initiated"] == 2 and body["failed"] == 2
@@ -126,6 +146,8 @@ async def test_batch_dials_with_bounded_concurrency(nursery, telnyx_peer) -> Non
     calls = [{"telefono": f"+5730012345{i:02d}", "nombre": f"N{i}"} for i in range(20)]
     r = await server.client.post("/api/call/batch", json={"calls": calls})
     assert r.json()["initiated"] == 20
-    assert sorted(d.body["to"] for d in peer.commands("dial")) == sorted(c["telefono"] for c in calls)
-    await trio.sleep(0)
+    assert sorted(d.body["to"] for d in peer.commands("dial")) == sorted(
+        c["telefono"] for c in calls
+    )
+    await trio.lowlevel.checkpoint()
     server.stop.set()

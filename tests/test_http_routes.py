@@ -1,6 +1,6 @@
 import trio
-
 from conftest import make_settings, start_server
+
 from voice_trio import __version__
 
 

@@ -24,7 +24,10 @@ def served(tmp_path):
     env.update({"HOST": "127.0.0.1", "PORT": "0", "LOG_FORMAT": "human"})
     proc = subprocess.Popen(
         [sys.executable, "-m", "voice_trio.cli", "serve"],
-        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     lines: list[str] = []
     deadline = time.monotonic() + 20

@@ -25,6 +25,7 @@ from trio_websocket import (
 from voice_trio.audio import mulaw_to_alaw, mulaw_to_linear
 from voice_trio.sim.deepgram import DeepgramSim, serve
 from voice_trio.sim.deepgram_stt import ListenOptions, SttTranscriber
+from voice_trio.sim.deepgram_tts import TRAILING_SILENCE_MS
 from voice_trio.sim.speech import decode_speech, encode_speech, silence
 
 KEY = "dg-test-key"
@@ -379,7 +380,7 @@ async def test_tts_rest_streams_mulaw_that_decodes_to_the_text(dg: tuple[Deepgra
     assert headers["dg-char-count"] == str(len(text))
     assert headers["transfer-encoding"] == "chunked"
     audio = b"".join(chunks)
-    assert decode_speech(audio) == text and len(audio) == len(text) * 65 * 8
+    assert decode_speech(audio) == text and len(audio) == (len(text) * 65 + TRAILING_SILENCE_MS) * 8
     assert 0.19 <= first_byte < 0.6
     assert total >= 0.2 + (len(audio) / 8000 / 8.0) * 0.8
     assert (sim.tts_requests, sim.tts_characters) == (1, len(text))
@@ -397,13 +398,13 @@ async def test_tts_rest_formats(dg: tuple[DeepgramSim, str]):
         base, {"text": "Hola."}, params={**SPEAK, "encoding": "alaw", "container": "none"}
     )
     assert alaw.headers["content-type"] == "audio/alaw;rate=8000"
-    assert alaw.content == mulaw_to_alaw(encode_speech("Hola."))
+    assert alaw.content == mulaw_to_alaw(encode_speech("Hola.") + silence(TRAILING_SILENCE_MS))
 
     wide = await speak(
         base, {"text": "Hola."}, params={**SPEAK, "sample_rate": "16000", "container": "none"}
     )
     assert wide.headers["content-type"] == "audio/mulaw;rate=16000"
-    assert len(wide.content) == 2 * len(encode_speech("Hola."))
+    assert len(wide.content) == 2 * len(encode_speech("Hola.") + silence(TRAILING_SILENCE_MS))
 
     plain = await speak(
         base,

@@ -6,7 +6,7 @@ import uuid
 
 import trio
 import trio_websocket
-from conftest import make_settings, start_server, webhook_body
+from conftest import make_settings, start_lab_server, start_server, webhook_body
 
 START = {
     "event": "start",
@@ -159,16 +159,14 @@ async def test_fallback_mode_does_not_start_streaming(nursery, telnyx_peer) -> N
     server.stop.set()
 
 
-async def test_hangup_webhook_ends_the_call_running_here(nursery, telnyx_peer, signer) -> None:
-    _peer, base = telnyx_peer
-    server = await _server(nursery, base, signer)
+async def test_hangup_webhook_ends_the_call_running_here(nursery, lab, signer) -> None:
+    server = await start_lab_server(nursery, lab, TELNYX_PUBLIC_KEY=signer.public_b64)
     async with trio_websocket.open_websocket_url(server.ws_base + "/stream/media") as ws:
         await ws.send_message(json.dumps({"event": "connected", "version": "1.0.0"}))
         await ws.send_message(json.dumps(START))
-        with trio.fail_after(5):
-            # polls the public route, as an operator would
-            while (await server.client.get("/health")).json()["active_calls"] != 1:  # noqa: ASYNC110
-                await trio.sleep(0.01)
+        greeting = await ws.get_message()  # the greeting's first audio: the call is up
+        assert json.loads(greeting)["event"] == "media"
+        assert (await server.client.get("/health")).json()["active_calls"] == 1
         body = webhook_body("call.hangup", "v3:call-1", hangup_cause="normal_clearing")
         await server.client.post("/webhook/telnyx", content=body, headers=signer.headers(body))
         with trio.fail_after(5):
@@ -180,4 +178,6 @@ async def test_hangup_webhook_ends_the_call_running_here(nursery, telnyx_peer, s
     assert (await server.client.get("/health")).json()["active_calls"] == 0
     stats = (await server.client.get("/api/sessions/stats")).json()
     assert stats["total_calls"] == 1 and stats["active_sessions"] == 0
+    # The caller's side hung up: the server sends no hangup of its own.
+    assert not [r for r in lab.telnyx.requests if r.path.endswith("/hangup")]
     server.stop.set()

@@ -274,7 +274,7 @@ class Settings:
         doc="caller silence before a reprompt (then goodbye)",
     )
     max_call_seconds: int = _setting(
-        "MAX_CALL_SECONDS", 900, _int_range(10, 14400), doc="hard limit on one call's length"
+        "MAX_CALL_SECONDS", 900, _int_range(1, 14400), doc="hard limit on one call's length"
     )
     persona_prompt_file: str = _setting(
         "PERSONA_PROMPT_FILE", "", _path, doc="system prompt file (default: Spanish receptionist)"

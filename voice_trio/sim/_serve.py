@@ -9,6 +9,9 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+# Idle keep-alive connections are closed after this long (Hypercorn's own default).
+KEEP_ALIVE_SECONDS = 5.0
+
 
 async def serve_asgi(
     app: Any,
@@ -22,7 +25,7 @@ async def serve_asgi(
     config.bind = [f"{host}:{port}"]
     config.accesslog = None
     config.graceful_timeout = 0.5
-    config.keep_alive_timeout = 30
+    config.keep_alive_timeout = KEEP_ALIVE_SECONDS
     config.websocket_ping_interval = None
     never = trio.Event()
     async with trio.open_nursery() as nursery:

@@ -38,6 +38,9 @@ SECONDS_PER_BYTE = 1 / (BYTES_PER_MS * 1000)
 BOT_SPEAKING_S = 0.06  # voiced bot audio this recent means the bot is talking right now
 
 
+PAUSE_BYTES = 60 * BYTES_PER_MS  # silence between symbols heard as a word gap
+
+
 @dataclass(frozen=True, slots=True)
 class Say:
     text: str
@@ -155,6 +158,7 @@ class ScriptedCaller(AudioPort):
         self._utterance_done = trio.Event()
         self._last_speech_end: float | None = None  # waiting for a reply since
         self._decoder = SpeechDecoder()
+        self._last_symbol_end = 0
         self._voiced_until = 0
         self._last_voiced_at = -math.inf
         self._turn: BotTurn | None = None
@@ -202,7 +206,17 @@ class ScriptedCaller(AudioPort):
             if self._turn is None:
                 self._open_turn(now)
         if symbols and self._turn is not None:
-            self._turn.text += "".join(s.char for s in symbols)
+            text = self._turn.text
+            for symbol in symbols:
+                # A pause between sentences is a word gap even without a space symbol.
+                gap = symbol.start - self._last_symbol_end
+                if gap >= PAUSE_BYTES and text and not text.endswith(" ") and symbol.char != " ":
+                    text += " "
+                text += symbol.char
+                self._last_symbol_end = symbol.end
+            self._turn.text = text
+        elif symbols:
+            self._last_symbol_end = symbols[-1].end
 
     def on_event(self, kind: str, detail: str, now: float) -> None:
         self.results.events.append(CallerEvent(now, kind, detail))

@@ -21,7 +21,7 @@ import trio
 
 from voice_trio.audio import mulaw_to_alaw
 from voice_trio.sim.deepgram_stt import DeepgramError, bad_parameter, model_uuid, unknown_model
-from voice_trio.sim.speech import encode_speech
+from voice_trio.sim.speech import encode_speech, silence
 
 if TYPE_CHECKING:
     from voice_trio.sim.deepgram import DeepgramSim
@@ -86,7 +86,8 @@ class SpeakOptions:
 
     def render(self, text: str, ms_per_char: int) -> tuple[bytes, bytes]:
         """``(header, audio)`` for ``text``; the header is empty unless container is wav."""
-        audio = encode_speech(text, ms_per_char)
+        # Synthesised speech ends with a short pause, as real voices do.
+        audio = encode_speech(text, ms_per_char) + silence(TRAILING_SILENCE_MS)
         if self.sample_rate == 16000:  # each sample twice: right length, not decodable
             doubled = bytearray(2 * len(audio))
             doubled[0::2] = audio
@@ -232,6 +233,9 @@ async def serve_speak_rest(
         await stream_audio(sim, audio, options.sample_rate, emit, prefix=header)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         nursery.cancel_scope.cancel()
+
+
+TRAILING_SILENCE_MS = 120
 
 
 class SpeakSocket:
