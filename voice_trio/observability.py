@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 call_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("call_id", default="-")
 
@@ -136,6 +136,25 @@ class Metrics:
             "voice_outbound_frames_late", "Outbound audio written after its play time", registry=r
         )
         self.barge_ins = Counter("voice_barge_ins", "Bot turns cut by the caller", registry=r)
+        self.trio_tasks = Gauge("voice_trio_tasks", "Live Trio tasks in the server", registry=r)
+        # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...
+        ProcessCollector(registry=r)
+
+    def sample_runtime(self) -> None:
+        """Refresh the gauges that are read at scrape time (call from the event loop)."""
+        self.trio_tasks.set(count_tasks())
+
+
+def count_tasks() -> int:
+    """Live Trio tasks in the whole task tree of the current run."""
+    pending = [trio.lowlevel.current_root_task()]
+    total = 0
+    while pending:
+        task = pending.pop()
+        total += 1
+        for nursery in task.child_nurseries:
+            pending.extend(nursery.child_tasks)
+    return total
 
 
 async def watch_loop_lag(metrics: Metrics, interval: float = 0.05) -> None:

@@ -95,6 +95,7 @@ def create_app(center: CallCenter) -> QuartTrio:
     @app.get("/metrics")
     async def metrics() -> Response:
         center.metrics.active_calls.set(len(center.registry))
+        center.metrics.sample_runtime()
         return Response(
             generate_latest(center.metrics.registry), content_type=CONTENT_TYPE_PLAIN_0_0_4
         )
