@@ -94,6 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where inbound-call webhooks go",
     )
     parser.add_argument("--ms-per-char", type=int, default=65)
+    parser.add_argument(
+        "--write-env",
+        metavar="PATH",
+        help="also write the server settings to this file (e.g. .env)",
+    )
 
 
 async def run_from_args(args: argparse.Namespace) -> None:
@@ -116,7 +121,12 @@ async def run_from_args(args: argparse.Namespace) -> None:
         print(f"Telnyx simulator listening on {lab.telnyx_url}")
         print(f"Deepgram simulator listening on {lab.deepgram_url}")
         print(f"Anthropic simulator listening on {lab.anthropic_url}")
+        webhook_base = args.webhook_url.removesuffix("/webhook/telnyx")
+        env = lab.server_env() | {"WEBHOOK_BASE_URL": webhook_base}
+        lines = [f"{name}={value}" for name, value in env.items()]
         print("\n# Settings for `voice-trio serve` (e.g. put them in .env):")
-        for name, value in lab.server_env().items():
-            print(f"{name}={value}")
-        print("WEBHOOK_BASE_URL=http://127.0.0.1:3000", flush=True)
+        print("\n".join(lines), flush=True)
+        if args.write_env:
+            header = "# Written by `voice-trio sim all`: the server talks to the simulators.\n"
+            await trio.Path(args.write_env).write_text(header + "\n".join(lines) + "\n")
+            print(f"(written to {args.write_env})", flush=True)
