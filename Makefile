@@ -16,8 +16,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 lint: install
-	$(BIN)/ruff check voice_trio tests scripts
-	$(BIN)/ruff format --check voice_trio tests scripts
+	$(BIN)/ruff check voice_trio tests $(wildcard scripts)
+	$(BIN)/ruff format --check voice_trio tests $(wildcard scripts)
 
 test: lint
 	$(BIN)/pytest
