@@ -130,6 +130,13 @@ def _path(name: str, raw: str) -> str:
     return value
 
 
+def _database_url(name: str, raw: str) -> str:
+    value = raw.strip()
+    if urlsplit(value).scheme not in ("postgresql", "postgres"):
+        raise ConfigError(name, "a URL starting with postgresql:// (or empty for SQLite)")
+    return value
+
+
 def _setting(
     env: str,
     default: Any,
@@ -284,6 +291,31 @@ class Settings:
         "Azure.es-CO-SalomeNeural",
         _str,
         doc="Telnyx speak voice for the fallback mode",
+    )
+    stream_connect_timeout_ms: int = _setting(
+        "STREAM_CONNECT_TIMEOUT_MS",
+        5000,
+        _int_range(100, 60000),
+        doc="no media socket this long after streaming_start: fallback mode",
+    )
+    stream_lost_grace_ms: int = _setting(
+        "STREAM_LOST_GRACE_MS",
+        1500,
+        _int_range(0, 10000),
+        doc="media socket closed without stop: wait this for call.hangup, then fallback",
+    )
+    database_url: str = _setting(
+        "DATABASE_URL",
+        "",
+        _database_url,
+        secret=True,
+        doc="postgresql://user:pass@host/db shared by all instances; empty: SQLite",
+    )
+    sqlite_path: str = _setting(
+        "SQLITE_PATH",
+        "voice_trio.sqlite3",
+        _str,
+        doc="SQLite file of call records when DATABASE_URL is empty",
     )
 
     @classmethod

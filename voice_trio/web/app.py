@@ -16,6 +16,7 @@ from voice_trio import __version__
 from voice_trio.calls.center import CallCenter
 from voice_trio.observability import watch_loop_lag
 from voice_trio.web.api import register_api
+from voice_trio.web.calls_api import register_calls_api
 from voice_trio.web.webhooks import register_webhooks
 
 log = logging.getLogger("voice_trio.web")
@@ -116,6 +117,7 @@ def create_app(center: CallCenter) -> QuartTrio:
         return _error(500, "internal_error", "the server failed to handle this request")
 
     register_api(app, center)
+    register_calls_api(app, center)
     register_webhooks(app, center)
     return app
 
