@@ -87,6 +87,7 @@ def make_settings(**overrides: Any) -> Settings:
         "TELNYX_API_BASE": "http://127.0.0.1:9/v2",
         "DEEPGRAM_API_BASE": "http://127.0.0.1:9",
         "ANTHROPIC_BASE_URL": "http://127.0.0.1:9",
+        "SQLITE_PATH": ":memory:",
     }
     env.update({k: str(v) for k, v in overrides.items()})
     return Settings.from_env(env, env_file=None)
