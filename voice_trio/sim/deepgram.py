@@ -75,6 +75,7 @@ class SttStreamStats:
         "close_code",
         "close_reason",
         "closed",
+        "drop_after_s",
         "first_audio_at",
         "last_audio_at",
         "options",
@@ -89,6 +90,7 @@ class SttStreamStats:
         self.closed = False
         self.close_code: int | None = None  # None: the client went away first
         self.close_reason = ""
+        self.drop_after_s: float | None = None  # this stream only (``drop_next_stt_after_s``)
         self.first_audio_at: float | None = None  # trio clock
         self.last_audio_at: float | None = None
 
@@ -143,8 +145,8 @@ async def run_listen(sim: DeepgramSim, stats: SttStreamStats, send: Send, receiv
                 stats.first_audio_at = now
             stats.last_audio_at = now
             await emit(transcriber.feed(audio))
-            limit = sim.close_stt_after_s
-            if limit is not None and transcriber.seconds >= limit:
+            limits = [x for x in (sim.close_stt_after_s, stats.drop_after_s) if x is not None]
+            if limits and transcriber.seconds >= min(limits):
                 await close(1011, "NET-0000")
                 return
             continue
@@ -185,6 +187,7 @@ class DeepgramSim:
     # Faults. The `*_next` knobs apply once, before auth, then reset to None.
     reject_next_stt: int | None = None  # HTTP status for the next /v1/listen handshake
     close_stt_after_s: float | None = None  # close every stream 1011 at this stream time
+    drop_next_stt_after_s: float | None = None  # the same, for the next accepted stream only
     tts_fail_next: int | None = None  # HTTP status for the next /v1/speak (REST or socket)
     # Counters.
     stt_streams: list[SttStreamStats] = field(default_factory=list)  # accepted, in order
@@ -255,6 +258,7 @@ class DeepgramSim:
                 silence_result_s=self.silence_result_s,
             )
             stats = SttStreamStats(request_id, options, transcriber)
+            stats.drop_after_s, self.drop_next_stt_after_s = self.drop_next_stt_after_s, None
             self.stt_streams.append(stats)
             await send(accept)
             try:

@@ -1,0 +1,572 @@
+"""``SttLink``: a call's connection to Deepgram live STT that survives a dropped socket.
+
+It has the surface the session uses on ``SttStream`` (``send_audio``, ``finalize``,
+``close_stream``, ``events()``, ``request_id``, ``audio_seconds``) and underneath it holds one
+``open_stt`` connection at a time:
+
+- **Buffer.** Every chunk of caller audio goes into a ring of the audio since the last
+  final transcript (``is_final``), at most ``replay_seconds`` long; past that the oldest
+  audio is dropped (and a replay that lacks it says so in the log). A final proves Deepgram
+  has committed its span, so that span is released.
+- **Pump.** One task per connection sends the buffer to the socket from its cursor, never
+  faster than ``replay_rate`` times real time (Deepgram allows 1.25x, deepgram.md §A3).
+  ``send_audio`` only appends and wakes it, so live audio queues behind a replay in order
+  and the carrier loop never blocks on Deepgram.
+- **Reconnect.** When a connection closes abnormally (``SttClosed`` from its events or from
+  a send), the link opens a new one with the same options after a short backoff and
+  replays the buffer. Deepgram's timestamps restart at 0 on every connection (§A5), so each
+  connection maps its times onto the link's single timeline (the link position where its
+  audio began); the consumer of ``events()`` sees one stream and never a recovered drop.
+  After ``max_reconnects`` attempts in a row that did not yield a final transcript, or a
+  401/402/403 refusal at any point, ``events()`` raises ``SttLost``.
+- **Start.** The first connection is opened by ``open_stt_link`` itself: ``SttRejected`` or
+  ``SttUnavailable`` come out of it unchanged, before the block runs.
+
+Every task lives in the nursery of ``open_stt_link``; leaving the block ends them and
+closes the socket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import trio
+
+from voice_trio.providers.deepgram_stt import (
+    SpeechStarted,
+    SttClosed,
+    SttError,
+    SttEvent,
+    SttMetadata,
+    SttOptions,
+    SttRejected,
+    SttStream,
+    SttUnavailable,
+    Transcript,
+    UtteranceEnd,
+    open_stt,
+)
+
+__all__ = ["SttLink", "SttLost", "open_stt_link"]
+
+logger = logging.getLogger(__name__)
+
+# Refusals that no retry can fix: bad key, no credit, no access to the model.
+FATAL_STATUSES = frozenset({401, 402, 403})
+
+# Parsed events waiting for the consumer. When full, the connection's reader stops reading
+# its socket (TCP back-pressure reaches Deepgram); events are never dropped.
+_EVENT_QUEUE_SIZE = 64
+
+# The pump sends at most this much audio per WebSocket frame (Deepgram suggests 20-100 ms).
+_MAX_FRAME_S = 0.1
+
+# Unused sending allowance the pacer keeps, so a burst of late carrier frames goes out at
+# once; a fresh connection starts with none, so a replay is paced from its first byte.
+_PACING_SLACK_S = 0.25
+
+# Per connection, the points where its audio jumped on the link timeline (unsent audio was
+# dropped from a full buffer). Older points only matter for long-past timestamps.
+_MAX_TIME_BREAKS = 16
+
+_BYTES_PER_SAMPLE = {"mulaw": 1, "alaw": 1, "linear16": 2, "linear32": 4}
+
+OpenStream = Callable[..., AbstractAsyncContextManager[SttStream]]
+
+
+class SttLost(SttError):
+    """Deepgram is gone for this call: reconnecting failed or was refused for good.
+
+    ``reason`` says why; the last underlying error is the ``__cause__``.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"lost the Deepgram STT stream: {reason}")
+        self.reason = reason
+
+
+class _AudioRing:
+    """The audio since the last final, on the link timeline (absolute byte positions).
+
+    Bounded by ``capacity`` bytes: appending past it drops the oldest bytes.
+    """
+
+    def __init__(self, capacity: int, frame: int) -> None:
+        self.capacity = capacity
+        self.frame = frame  # bytes per sample frame: cuts never split one
+        self.start = 0  # link position of the first byte held
+        self._data = bytearray()
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self._data)
+
+    def append(self, chunk: bytes) -> None:
+        self._data += chunk
+        excess = len(self._data) - self.capacity
+        if excess > 0:
+            excess = -(-excess // self.frame) * self.frame
+            self.release(self.start + excess)
+
+    def release(self, until: int) -> None:
+        """Forget everything before link position ``until`` (rounded down to a frame)."""
+        cut = min(until - self.start, len(self._data))
+        cut -= cut % self.frame
+        if cut > 0:
+            del self._data[:cut]
+            self.start += cut
+
+    def read(self, pos: int, limit: int) -> bytes:
+        """Up to ``limit`` bytes from link position ``pos`` (which must be held)."""
+        offset = pos - self.start
+        return bytes(self._data[offset : offset + limit])
+
+
+class _Timeline:
+    """Maps one connection's stream times (seconds from its first byte) to link times."""
+
+    def __init__(self, link_start: int, bytes_per_second: int) -> None:
+        self._bps = bytes_per_second
+        # (connection byte, link byte) pairs, increasing in both.
+        self._breaks: deque[tuple[int, int]] = deque([(0, link_start)], maxlen=_MAX_TIME_BREAKS)
+
+    def jump(self, conn_pos: int, link_pos: int) -> None:
+        if self._breaks[-1][0] == conn_pos:
+            self._breaks.pop()
+        self._breaks.append((conn_pos, link_pos))
+
+    def to_link(self, seconds: float) -> float:
+        conn_pos = seconds * self._bps
+        base_conn, base_link = self._breaks[0]
+        for point in self._breaks:
+            if point[0] > conn_pos:
+                break
+            base_conn, base_link = point
+        return round((base_link + conn_pos - base_conn) / self._bps, 6)
+
+
+class _Pacer:
+    """Holds a connection's sends to at most ``rate`` times real time.
+
+    A chunk goes out once the audio sent *including it* fits in ``rate`` times the time
+    since the first send, so even the first-to-last-byte rate of a replay stays within
+    ``rate``. Allowance left unused carries over up to ``slack`` seconds, for bursts of late
+    carrier frames.
+    """
+
+    def __init__(self, rate: float, slack: float) -> None:
+        self._rate = rate
+        self._slack = slack
+        self._origin: float | None = None
+        self._sent = 0.0
+
+    async def ready(self, seconds: float) -> None:
+        """Wait until ``seconds`` of audio may be sent, and count them as sent."""
+        now = trio.current_time()
+        if self._origin is None:
+            self._origin = now
+        else:
+            due = self._origin + (self._sent + seconds) / self._rate
+            if due < now - self._slack:
+                self._origin += now - self._slack - due
+            elif due > now:
+                await trio.sleep_until(due)
+        self._sent += seconds
+
+
+@dataclasses.dataclass(eq=False)
+class _Connection:
+    stream: SttStream
+    timeline: _Timeline
+    cursor: int  # link position of the next byte to send
+    sent: int = 0  # bytes sent on this connection
+    healthy: bool = False  # a final arrived: Deepgram is transcribing what we send
+    finished: bool = False  # closed normally after our CloseStream
+    error: SttClosed | None = None
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+
+    def fail(self, error: SttClosed) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+    def finish(self) -> None:
+        if not self.done.is_set():
+            self.finished = True
+            self.done.set()
+
+
+class _EventIterator:
+    def __init__(self, link: SttLink) -> None:
+        self._link = link
+
+    def __aiter__(self) -> _EventIterator:
+        return self
+
+    async def __anext__(self) -> SttEvent:
+        try:
+            return await self._link._event_recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            if self._link.lost is not None:
+                raise self._link.lost from self._link.lost.__cause__
+            raise StopAsyncIteration from None
+
+
+class SttLink:
+    """A call's Deepgram STT connection that reconnects and replays; see the module doc.
+
+    Obtained from ``open_stt_link``. Sending may happen from any task; events are read by
+    a single consumer through ``events()``.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        opts: SttOptions,
+        *,
+        replay_seconds: float,
+        max_reconnects: int,
+        replay_rate: float,
+        backoff: tuple[float, float],
+        open_stream: OpenStream,
+        stream_kwargs: dict[str, Any],
+    ) -> None:
+        width = _BYTES_PER_SAMPLE.get(opts.encoding)
+        if width is None:
+            raise ValueError(
+                f"SttLink replays raw audio only (mulaw, alaw, linear16, linear32), "
+                f"not {opts.encoding!r}"
+            )
+        if not 0 < replay_rate <= 1.25:
+            raise ValueError("replay_rate must be in (0, 1.25] (Deepgram's limit)")
+        if replay_seconds <= 0 or max_reconnects < 0:
+            raise ValueError("replay_seconds must be positive and max_reconnects >= 0")
+        self._base_url = base_url
+        self._api_key = api_key
+        self._opts = opts
+        self._max_reconnects = max_reconnects
+        self._replay_rate = replay_rate
+        self._backoff = backoff
+        self._open_stream = open_stream
+        self._stream_kwargs = stream_kwargs
+        frame = width * opts.channels
+        self._bps = frame * opts.sample_rate
+        self._max_frame = max(frame, int(self._bps * _MAX_FRAME_S) // frame * frame)
+        self._ring = _AudioRing(max(frame, int(replay_seconds * self._bps)) // frame * frame, frame)
+        self._finalized_until = 0  # link position up to which a final covers the audio
+        self._lost = 0  # bytes counted in lost_audio_seconds
+        self._lost_until = 0  # link position up to which losses are counted
+        self._finalize_at: int | None = None  # a Finalize waits for the pump to reach this
+        self._wake = trio.Event()
+        self._closing = False
+        self._closing_requested = trio.Event()
+        self._finished = trio.Event()
+        self._event_send, self._event_recv = trio.open_memory_channel[SttEvent](_EVENT_QUEUE_SIZE)
+        self._conn: _Connection | None = None
+        self._sent_before = 0  # bytes sent on connections that are gone
+        self.request_id: str | None = None
+        self.request_ids: list[str | None] = []
+        self.reconnects = 0
+        self.metadata: SttMetadata | None = None
+        self.lost: SttLost | None = None
+
+    @property
+    def audio_seconds(self) -> float:
+        """Seconds of audio sent to Deepgram over every connection, replays included
+        (what Deepgram bills)."""
+        current = self._conn.sent if self._conn is not None else 0
+        return (self._sent_before + current) / self._bps
+
+    @property
+    def caller_audio_seconds(self) -> float:
+        """Seconds of caller audio handed to ``send_audio`` (the link's timeline)."""
+        return self._ring.end / self._bps
+
+    @property
+    def backlog_seconds(self) -> float:
+        """Audio handed to the link but not yet sent on the current connection."""
+        start = self._conn.cursor if self._conn is not None else self._ring.start
+        return (self._ring.end - start) / self._bps
+
+    @property
+    def lost_audio_seconds(self) -> float:
+        """Caller audio with no transcript because the replay buffer was full: the part of
+        an unfinished segment a replay could not include, or audio a slow socket never took."""
+        return self._lost / self._bps
+
+    def events(self) -> AsyncIterator[SttEvent]:
+        """Parsed events on the link's timeline, in order, for a single consumer.
+
+        Iteration ends after ``close_stream()`` has finished the stream (or when the block
+        exits). Dropped sockets that were recovered never show; ``SttLost`` is raised once
+        recovery has failed, after every event received before it.
+        """
+        return _EventIterator(self)
+
+    async def send_audio(self, chunk: bytes) -> None:
+        """Queue one chunk of caller audio; it never blocks on Deepgram.
+
+        Ignored after ``close_stream()`` or once the link is lost (the call may carry on
+        without transcription).
+        """
+        if chunk and not (self._closing or self._finished.is_set()):
+            self._ring.append(bytes(chunk))
+            self._wake.set()
+        await trio.lowlevel.checkpoint()
+
+    async def finalize(self) -> None:
+        """Ask Deepgram to flush what it has, once the audio queued so far has been sent."""
+        if not (self._closing or self._finished.is_set()):
+            self._finalize_at = self._ring.end
+            self._wake.set()
+        await trio.lowlevel.checkpoint()
+
+    async def close_stream(self, timeout: float = 5.0) -> SttMetadata | None:
+        """Send what is queued, then CloseStream; wait up to ``timeout`` s for the end.
+
+        No reconnect is attempted after this. Final Results and the Metadata summary still
+        reach ``events()``. Returns the last Metadata if it arrived.
+        """
+        if not self._closing:
+            self._closing = True
+            self._closing_requested.set()
+            self._wake.set()
+        with trio.move_on_after(timeout):
+            await self._finished.wait()
+        return self.metadata
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold one connection at a time until the link closes or is lost."""
+        started = False
+        try:
+            # A refusal here propagates unchanged: open_stt_link raises it to its caller.
+            async with self._open() as stream:
+                conn = self._attach(stream)
+                task_status.started()
+                started = True
+                await self._serve(conn)
+            await self._keep_connected(conn)
+        except Exception as exc:
+            if not started:
+                raise
+            # A bug here must not take the call down with it: the call loses STT only.
+            logger.exception("Deepgram STT link failed")
+            self._lose(f"internal error: {exc!r}", exc)
+        finally:
+            self._event_send.close()
+            self._finished.set()
+
+    async def _keep_connected(self, conn: _Connection) -> None:
+        """After ``conn`` ended: reconnect with backoff until one closes normally."""
+        attempts = 0  # reconnect attempts since the last connection that worked
+        error: BaseException | None = conn.error
+        worked, finished = conn.healthy, conn.finished
+        while not (finished or self._closing):
+            if worked:
+                attempts = 0
+            if attempts >= self._max_reconnects:
+                self._lose(f"{attempts} reconnect attempts in a row failed", error)
+                return
+            attempts += 1
+            self.reconnects += 1
+            delay = min(self._backoff[0] * 2 ** (attempts - 1), self._backoff[1])
+            logger.warning(
+                "Deepgram STT lost (%s); reconnect %d/%d in %.2f s",
+                error,
+                attempts,
+                self._max_reconnects,
+                delay,
+            )
+            with trio.move_on_after(delay):
+                await self._closing_requested.wait()
+            if self._closing:
+                return
+            worked = finished = False
+            try:
+                async with self._open() as stream:
+                    conn = self._attach(stream)
+                    await self._serve(conn)
+                error, worked, finished = conn.error, conn.healthy, conn.finished
+            except SttRejected as exc:
+                if exc.status in FATAL_STATUSES:
+                    self._lose(f"reconnect refused with HTTP {exc.status}", exc)
+                    return
+                error = exc
+            except SttUnavailable as exc:
+                error = exc
+
+    def _open(self) -> AbstractAsyncContextManager[SttStream]:
+        return self._open_stream(self._base_url, self._api_key, self._opts, **self._stream_kwargs)
+
+    def _attach(self, stream: SttStream) -> _Connection:
+        """Start a connection at the oldest buffered audio: that is where its replay begins."""
+        ring = self._ring
+        start = ring.start
+        gap_from = max(self._finalized_until, self._lost_until)
+        if self.request_ids and start > gap_from:
+            self._count_lost(gap_from, start)
+            logger.warning(
+                "STT replay buffer was full: %.2f s of the segment will not be replayed",
+                (start - gap_from) / self._bps,
+            )
+        if self.request_ids:
+            logger.info(
+                "Deepgram STT reconnected (%s): replaying %.2f s from %.2f s",
+                stream.request_id or "-",
+                (ring.end - start) / self._bps,
+                start / self._bps,
+            )
+        conn = _Connection(stream, _Timeline(start, self._bps), cursor=start)
+        self._conn = conn
+        self.request_id = stream.request_id
+        self.request_ids.append(stream.request_id)
+        return conn
+
+    def _count_lost(self, start: int, end: int) -> None:
+        start = max(start, self._lost_until)
+        if end > start:
+            self._lost += end - start
+            self._lost_until = end
+
+    def _lose(self, reason: str, cause: BaseException | None) -> None:
+        lost = SttLost(reason)
+        lost.__cause__ = cause
+        self.lost = lost
+        logger.error("%s (last error: %s)", lost, cause)
+
+    async def _serve(self, conn: _Connection) -> None:
+        """Run the connection's reader and pump until it fails or finishes."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read, conn)
+                nursery.start_soon(self._pump, conn)
+                await conn.done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._sent_before += conn.sent
+            self._conn = None
+
+    async def _read(self, conn: _Connection) -> None:
+        """Events from one connection, moved onto the link timeline, to the consumer."""
+        try:
+            async for event in conn.stream.events():
+                await self._event_send.send(self._on_event(conn, event))
+        except SttClosed as exc:
+            conn.fail(exc)
+            return
+        if self._closing:
+            conn.finish()
+        else:
+            conn.fail(SttClosed(1000, "closed by the server without CloseStream"))
+
+    def _on_event(self, conn: _Connection, event: SttEvent) -> SttEvent:
+        to_link = conn.timeline.to_link
+        if isinstance(event, Transcript):
+            if event.is_final:
+                end = round(to_link(event.start + event.duration) * self._bps)
+                self._finalized_until = max(self._finalized_until, end)
+                self._ring.release(min(end, conn.cursor))
+                conn.healthy = True
+            return dataclasses.replace(event, start=to_link(event.start))
+        if isinstance(event, SpeechStarted):
+            return SpeechStarted(timestamp=to_link(event.timestamp))
+        if isinstance(event, UtteranceEnd):
+            return UtteranceEnd(last_word_end=to_link(event.last_word_end))
+        self.metadata = event
+        return event
+
+    async def _pump(self, conn: _Connection) -> None:
+        """Send the buffer from the connection's cursor: replay first, then live audio."""
+        pacer = _Pacer(self._replay_rate, _PACING_SLACK_S)
+        stream = conn.stream
+        try:
+            while True:
+                ring = self._ring
+                if conn.cursor < ring.start:
+                    self._count_lost(conn.cursor, ring.start)
+                    logger.warning(
+                        "Deepgram STT fell behind: %.2f s of audio dropped unsent",
+                        (ring.start - conn.cursor) / self._bps,
+                    )
+                    conn.timeline.jump(conn.sent, ring.start)
+                    conn.cursor = ring.start
+                if self._finalize_at is not None and conn.cursor >= self._finalize_at:
+                    self._finalize_at = None
+                    await stream.finalize()
+                elif conn.cursor < ring.end:
+                    # A copy: if the cap drops these bytes while we wait, they still go out
+                    # in place, and the next round notices the jump.
+                    chunk = ring.read(conn.cursor, self._max_frame)
+                    await pacer.ready(len(chunk) / self._bps)
+                    await stream.send_audio(chunk)
+                    conn.cursor += len(chunk)
+                    conn.sent += len(chunk)
+                elif self._closing:
+                    await stream.close_stream(timeout=0)
+                    await trio.sleep_forever()
+                else:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+        except SttClosed as exc:
+            conn.fail(exc)
+
+
+@asynccontextmanager
+async def open_stt_link(
+    base_url: str,
+    api_key: str,
+    opts: SttOptions,
+    *,
+    replay_seconds: float = 10.0,
+    max_reconnects: int = 3,
+    replay_rate: float = 1.2,
+    backoff: tuple[float, float] = (0.1, 1.0),
+    open_stream: OpenStream = open_stt,
+    **stream_kwargs: Any,
+) -> AsyncIterator[SttLink]:
+    """Connect to Deepgram live STT and yield an ``SttLink`` that reconnects on drops.
+
+    ``replay_seconds`` caps the audio kept for replay; ``replay_rate`` (at most 1.25) is how
+    much faster than real time a replay is sent; reconnect ``n`` waits
+    ``min(backoff[0] * 2**(n-1), backoff[1])`` s. Other keyword arguments go to
+    ``open_stream`` (``open_stt``: ``keepalive_interval``, ``connect_timeout``, ...).
+
+    Raises what the first connection raises (``SttRejected``, ``SttUnavailable``)
+    unchanged. Leaving the block ends every task and closes the socket; call
+    ``close_stream()`` first to wait for the last results. An exception from the block
+    comes out unchanged, not wrapped in an exception group.
+    """
+    link = SttLink(
+        base_url,
+        api_key,
+        opts,
+        replay_seconds=replay_seconds,
+        max_reconnects=max_reconnects,
+        replay_rate=replay_rate,
+        backoff=backoff,
+        open_stream=open_stream,
+        stream_kwargs=stream_kwargs,
+    )
+    error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        try:
+            await nursery.start(link._run)
+        except BaseException as exc:
+            # Raised outside the nursery so the caller gets it bare, not in a group.
+            error = exc
+        if error is None:
+            try:
+                yield link
+            except BaseException as exc:
+                error = exc
+            finally:
+                nursery.cancel_scope.cancel()
+    link._event_recv.close()
+    if error is not None:
+        raise error
