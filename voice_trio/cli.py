@@ -17,6 +17,7 @@ SIMULATORS = {
     "telnyx": ("voice_trio.sim.telnyx", "Telnyx Call Control REST, signed webhooks, carrier"),
     "deepgram": ("voice_trio.sim.deepgram", "Deepgram live STT WebSocket and Aura TTS"),
     "anthropic": ("voice_trio.sim.anthropic", "Anthropic Messages API with SSE streaming"),
+    "elevenlabs": ("voice_trio.sim.elevenlabs", "ElevenLabs stream-input TTS WebSocket"),
     "all": (
         "voice_trio.sim.lab",
         "every simulator at once; dialled numbers get a scripted patient",

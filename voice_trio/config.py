@@ -130,6 +130,13 @@ def _path(name: str, raw: str) -> str:
     return value
 
 
+def _secret_key(name: str, raw: str) -> str:
+    value = raw.strip()
+    if len(value) < 16:
+        raise ConfigError(name, "a random string of at least 16 characters")
+    return value
+
+
 def _database_url(name: str, raw: str) -> str:
     value = raw.strip()
     if urlsplit(value).scheme not in ("postgresql", "postgres"):
@@ -316,6 +323,41 @@ class Settings:
         "voice_trio.sqlite3",
         _str,
         doc="SQLite file of call records when DATABASE_URL is empty",
+    )
+
+    tts_provider: str = _setting(
+        "TTS_PROVIDER",
+        "deepgram",
+        _choice("deepgram", "elevenlabs"),
+        doc="bot voice: deepgram (Aura) or elevenlabs",
+    )
+    elevenlabs_api_key: str = _setting(
+        "ELEVENLABS_API_KEY", "", _str, secret=True, doc="ElevenLabs key (TTS_PROVIDER=elevenlabs)"
+    )
+    elevenlabs_voice_id: str = _setting(
+        "ELEVENLABS_VOICE_ID", "", _str, doc="ElevenLabs voice id (the original system's voice)"
+    )
+    elevenlabs_model: str = _setting(
+        "ELEVENLABS_MODEL", "eleven_flash_v2_5", _str, doc="ElevenLabs model (Spanish-capable)"
+    )
+    elevenlabs_api_base: str = _setting(
+        "ELEVENLABS_API_BASE",
+        "https://api.elevenlabs.io",
+        _url("https", "http"),
+        doc="ElevenLabs base URL",
+    )
+    server_secret: str = _setting(
+        "SERVER_SECRET",
+        "",
+        _secret_key,
+        secret=True,
+        doc="signs media stream tokens; same on every instance (empty: random per process)",
+    )
+    drain_timeout_s: int = _setting(
+        "DRAIN_TIMEOUT",
+        30,
+        _int_range(0, 3600),
+        doc="on SIGTERM, seconds calls may finish before they are ended politely",
     )
 
     @classmethod
