@@ -14,12 +14,14 @@ from functools import partial
 
 import trio
 
-from voice_trio.sim import anthropic, deepgram, telnyx
+from voice_trio.sim import anthropic, deepgram, elevenlabs, telnyx
 from voice_trio.sim.caller import BargeIn, Say, ScriptedCaller, Step, WaitForBot
 
 TELNYX_KEY = "KEYsim0123456789"
 DEEPGRAM_KEY = "dg-test-key"
 ANTHROPIC_KEY = "sk-ant-sim-key"
+ELEVENLABS_KEY = "el-test-key"
+ELEVENLABS_VOICE = "sim-voice-sofia"
 CONNECTION_ID = "1684641123236054244"
 OUR_NUMBER = "+5716000000"
 
@@ -41,9 +43,11 @@ class Lab:
     telnyx: telnyx.TelnyxSim
     deepgram: deepgram.DeepgramSim
     anthropic: anthropic.AnthropicSim
+    elevenlabs: elevenlabs.ElevenLabsSim
     telnyx_url: str
     deepgram_url: str
     anthropic_url: str
+    elevenlabs_url: str
 
     def server_env(self) -> dict[str, str]:
         """Settings (as environment variables) for a server that uses this lab."""
@@ -57,6 +61,9 @@ class Lab:
             "DEEPGRAM_API_BASE": self.deepgram_url,
             "ANTHROPIC_API_KEY": ANTHROPIC_KEY,
             "ANTHROPIC_BASE_URL": self.anthropic_url,
+            "ELEVENLABS_API_KEY": ELEVENLABS_KEY,
+            "ELEVENLABS_VOICE_ID": ELEVENLABS_VOICE,
+            "ELEVENLABS_API_BASE": self.elevenlabs_url,
         }
 
 
@@ -77,10 +84,15 @@ async def open_lab(
         api_key=DEEPGRAM_KEY, ms_per_char=ms_per_char, tts_ttfb_ms=tts_ttfb_ms
     )
     an = anthropic.AnthropicSim(api_key=ANTHROPIC_KEY, ttft=llm_ttft)
+    el = elevenlabs.ElevenLabsSim(
+        api_key=ELEVENLABS_KEY, ms_per_char=ms_per_char, ttfb_ms=tts_ttfb_ms
+    )
     tel_url = await nursery.start(partial(telnyx.serve, tel, host=host, port=ports[0]))
     dg_url = await nursery.start(partial(deepgram.serve, dg, host=host, port=ports[1]))
     an_url = await nursery.start(partial(anthropic.serve, an, host=host, port=ports[2]))
-    return Lab(tel, dg, an, tel_url, dg_url, an_url)
+    el_port = ports[2] + 10 if ports[2] else 0
+    el_url = await nursery.start(partial(elevenlabs.serve, el, host=host, port=el_port))
+    return Lab(tel, dg, an, el, tel_url, dg_url, an_url, el_url)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +133,7 @@ async def run_from_args(args: argparse.Namespace) -> None:
         print(f"Telnyx simulator listening on {lab.telnyx_url}")
         print(f"Deepgram simulator listening on {lab.deepgram_url}")
         print(f"Anthropic simulator listening on {lab.anthropic_url}")
+        print(f"ElevenLabs simulator listening on {lab.elevenlabs_url}")
         webhook_base = args.webhook_url.removesuffix("/webhook/telnyx")
         env = lab.server_env() | {"WEBHOOK_BASE_URL": webhook_base}
         lines = [f"{name}={value}" for name, value in env.items()]
