@@ -4,6 +4,9 @@ One ``CallCenter`` per server. It owns the shared HTTP client, the Telnyx contro
 the registry of running calls and the metrics. Webhook reactions run as background tasks
 in the server's nursery so the webhook itself is answered at once, and each reaction
 catches its own errors: a failing command for one call never disturbs another.
+
+A call in fallback mode (``voice_trio.calls.degrade``) consumes its own webhooks, in order,
+from its inbox; ``call.hangup`` ends any call here through the registry.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import httpx
 import trio
 
+from voice_trio.calls.degrade import FallbackCalls
 from voice_trio.calls.persona import load_persona
 from voice_trio.calls.phrases import PhraseCache, phrases_for
 from voice_trio.calls.registry import CallRegistry, SeenEvents
@@ -25,6 +29,7 @@ from voice_trio.providers.claude import ClaudeClient
 from voice_trio.providers.deepgram_stt import SttOptions
 from voice_trio.providers.deepgram_tts import DeepgramTTS
 from voice_trio.providers.telnyx_control import (
+    CALL_ALREADY_ENDED,
     DialResult,
     TelnyxControl,
     TelnyxError,
@@ -60,6 +65,7 @@ class CallCenter:
         self.metrics = metrics or Metrics()
         self.registry = CallRegistry()
         self.seen_events = SeenEvents()
+        self.fallback = FallbackCalls(self)
         self.started_monotonic = time.monotonic()
         self.going_away = trio.Event()
         self.phrases_text = phrases_for(settings.agent_language)
@@ -176,7 +182,16 @@ class CallCenter:
     async def _react(self, event: WebhookEvent, ccid: str) -> None:
         assert self.telnyx is not None
         kind = event.event_type
-        if kind == "call.initiated":
+        if kind == "call.hangup":
+            cause = event.payload.get("hangup_cause", "")
+            self.fallback.hung_up(ccid)
+            if self.registry.end(ccid, "hangup"):
+                log.info("📴 Call hung up (%s)", cause)
+            else:
+                log.debug("call.hangup for a call not running here (%s)", cause)
+        elif self.fallback.deliver(event):
+            return  # a call in fallback mode handles its own events, one at a time
+        elif kind == "call.initiated":
             if event.payload.get("direction") == "incoming":
                 if self.going_away.is_set():
                     log.info("📵 Inbound call refused: server is shutting down")
@@ -186,20 +201,27 @@ class CallCenter:
                 await self.telnyx.answer(ccid, client_state=event.client_state or None)
         elif kind == "call.answered":
             if self.settings.use_media_streams:
-                log.info("Streaming Start requested → %s", self.settings.stream_url)
-                await self.telnyx.streaming_start(
-                    ccid,
-                    stream_url=self.settings.stream_url,
-                    client_state=event.client_state,
-                )
-        elif kind == "call.hangup":
-            cause = event.payload.get("hangup_cause", "")
-            if self.registry.end(ccid, "hangup"):
-                log.info("📴 Call hung up (%s)", cause)
+                await self._start_stream(ccid, event.client_state)
             else:
-                log.debug("call.hangup for a call not running here (%s)", cause)
+                self.fallback.answered(event)
+        elif kind == "streaming.failed":
+            self.fallback.stream_failed(event)
         else:
             log.debug("Webhook %s: nothing to do", kind)
+
+    async def _start_stream(self, ccid: str, client_state: str | None) -> None:
+        """``streaming_start``; the call degrades to fallback mode if no socket comes."""
+        self.fallback.expect_stream(ccid)
+        log.info("Streaming Start requested → %s", self.settings.stream_url)
+        try:
+            await self.telnyx.streaming_start(
+                ccid, stream_url=self.settings.stream_url, client_state=client_state
+            )
+        except TelnyxError as exc:
+            if exc.code == CALL_ALREADY_ENDED:
+                self.fallback.hung_up(ccid)
+            log.warning("⚠️ Streaming Start failed: %s", exc)
+        await self.fallback.await_stream(ccid, client_state)
 
     def client_context(self, client_state: str | None) -> dict[str, Any]:
         return decode_client_state(client_state)

@@ -3,7 +3,9 @@
 The Telnyx socket speaks first (``connected``, then ``start``). Once ``start`` names the
 call, the call is registered, runs inside its own cancel scope, and is unregistered in
 ``finally`` — whatever ended it: ``stop``, the socket closing, a ``call.hangup`` webhook,
-the conversation ending itself, or server shutdown.
+the conversation ending itself, or server shutdown. If the stream failed while the call is
+up (the socket closed without ``stop``, or ``streaming.failed``), the call is handed over
+to fallback mode with its conversation in the same step (``voice_trio.calls.degrade``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from typing import Protocol
 import trio
 
 from voice_trio.calls.center import CallCenter
+from voice_trio.calls.degrade import DEGRADE_REASONS
 from voice_trio.calls.registry import ActiveCall
-from voice_trio.calls.session import CallSession
+from voice_trio.calls.session import STREAM_LOST, CallSession
 from voice_trio.observability import call_id_var
 from voice_trio.providers.deepgram_stt import SttError
 from voice_trio.providers.telnyx_media import FrameError, Start, Stop, parse_frame
@@ -27,6 +30,8 @@ START_TIMEOUT_SECONDS = 10.0
 
 class MediaSocket(Protocol):
     """What a call needs of the Telnyx media WebSocket (``web`` provides it)."""
+
+    closed: bool  # the peer closed, or a send found it gone
 
     async def receive(self) -> str | bytes | None: ...
     async def send_text(self, text: str) -> None: ...
@@ -66,22 +71,36 @@ async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
         center.metrics.stream_rejected.labels("duplicate_call").inc()
         await socket.close(1008, "call already streaming")
         return
+    center.fallback.stream_started(start.call_control_id)
     token = call_id_var.set(start.call_control_id)
+    session: CallSession | None = None
     try:
         log.info("Media stream started (codec %s, stream %s)", start.encoding, start.stream_id)
         with call.cancel_scope:
-            await CallSession(center, socket, start, call).run()
+            session = CallSession(center, socket, start, call)
+            await session.run()
     except SttError as exc:
         log.error("🔌 Deepgram unavailable, ending the call: %s", exc)
         await _hang_up(center, call, "stt_unavailable")
-    except Exception:
-        # The boundary of one call: its failure is logged and recorded, never propagated.
-        log.exception("Call failed")
-        await _hang_up(center, call, "error")
+    except Exception as exc:
+        if socket.closed and call.end_reason is None:
+            # Sending found the socket gone before reading did: the same as a close.
+            log.info("🔌 Media socket gone while sending (%s)", type(exc).__name__)
+            call.end_reason = STREAM_LOST
+        else:
+            # The boundary of one call: its failure is logged and recorded, never propagated.
+            log.exception("Call failed")
+            await _hang_up(center, call, "error")
     finally:
         center.registry.remove(call)
-        center.metrics.calls.labels("media", call.end_reason or "unknown").inc()
-        log.info("📴 Call ended (%s)", call.end_reason or "unknown")
+        handed_over = (
+            session is not None
+            and call.end_reason in DEGRADE_REASONS
+            and center.fallback.take_over(call, start.client_state, session.handover())
+        )
+        if not handed_over:
+            center.metrics.calls.labels("media", call.end_reason or "unknown").inc()
+            log.info("📴 Call ended (%s)", call.end_reason or "unknown")
         call_id_var.reset(token)
 
 

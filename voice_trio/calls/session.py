@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from voice_trio.audio import ALAW_TO_MULAW
-from voice_trio.calls.center import CallCenter
 from voice_trio.calls.history import Conversation
-from voice_trio.calls.persona import END_CALL_TOOL, system_blocks
 from voice_trio.calls.phrases import local_now
 from voice_trio.calls.playback import Playback
 from voice_trio.calls.registry import ActiveCall
 from voice_trio.calls.sentences import SentenceChunker
+from voice_trio.calls.thinking import think_reply
 from voice_trio.calls.turns import CallerSpeaking, TurnDetector, UserTurn
-from voice_trio.providers.claude import LlmError
 from voice_trio.providers.deepgram_stt import (
     SpeechStarted,
     SttStream,
@@ -51,10 +49,17 @@ from voice_trio.providers.telnyx_media import (
     parse_frame,
 )
 
+if TYPE_CHECKING:
+    # Only a type here: center imports the fallback mode, which imports this module.
+    from voice_trio.calls.center import CallCenter
+
 log = logging.getLogger("voice_trio.calls")
 
 SENTENCE_QUEUE = 8  # sentences waiting for TTS; the LLM is far ahead of speech anyway
 AUDIO_QUEUE = 32  # TTS chunks waiting for pacing; full = TTS waits (back-pressure)
+# End reason: the media socket closed without a ``stop`` frame. Telnyx sends ``stop`` when
+# the call ends, so the call may well be up still: it goes on in fallback mode.
+STREAM_LOST = "stream_lost"
 
 
 @dataclass
@@ -144,15 +149,15 @@ class CallSession:
                     await stt.close_stream(timeout=0.3)
 
     async def read_carrier(self, stt: SttStream) -> None:
-        """Telnyx frames in. The socket closing is the end of the call (its ``stop`` frame
-        may never arrive)."""
+        """Telnyx frames in, until ``stop`` (the call is over) or the socket closing without
+        one (the stream is lost; whether the call is over is decided by the caller)."""
         reorder = FrameReorderer()
         alaw = self.start.encoding == "PCMA"
         metrics = self.center.metrics
         while True:
             raw = await self.socket.receive()
             if raw is None:
-                self.call.end("caller_hangup")
+                self.call.end(STREAM_LOST)
                 return
             try:
                 frame = parse_frame(raw)
@@ -175,6 +180,16 @@ class CallSession:
                 log.info("🎤 DTMF %s", frame.digit)
             elif isinstance(frame, StreamError):
                 log.warning("Telnyx stream error %s %s: %s", frame.code, frame.title, frame.detail)
+
+    def handover(self) -> Conversation:
+        """The conversation so far, with caller turns not answered yet, for the fallback mode
+        to carry on with once the media stream has failed."""
+        while True:
+            try:
+                text, _ = self._user_recv.receive_nowait()
+            except (trio.WouldBlock, trio.ClosedResourceError):
+                return self.conversation
+            self.conversation.add_user(text)
 
     async def listen(self, stt: SttStream) -> None:
         async for event in stt.events():
@@ -287,49 +302,18 @@ class CallSession:
 
     async def think(self, sentence_send: trio.MemorySendChannel[str], record: TurnRecord) -> None:
         """Claude's streamed reply, cut into sentences (at most MAX_RESPONSE_LENGTH)."""
-        s = self.settings
-        system = system_blocks(
-            self.center.persona,
-            nombre=self.nombre,
-            contexto=self.contexto,
-            now=local_now(s.timezone),
-            max_chars=s.max_response_length,
-        )
-        messages = self.conversation.window(s.conversation_history_limit)
-        chunker = SentenceChunker()
-        spoken = 0
-        async with sentence_send:
-            record.t1 = trio.current_time()
-            log.info("⚡ LLM request (%d messages)", len(messages))
-            try:
-                async with self.center.claude.stream_reply(system, messages, [END_CALL_TOOL]) as r:
-                    async for delta in r:
-                        if record.t2 is None:
-                            record.t2 = trio.current_time()
-                            log.info("⚡ First token in %.0f ms", (record.t2 - record.t1) * 1000)
-                        for sentence in chunker.push(delta.text):
-                            if record.t2s is None:
-                                record.t2s = trio.current_time()
-                            if spoken + len(sentence) > s.max_response_length and spoken:
-                                return
-                            spoken += len(sentence)
-                            await sentence_send.send(sentence)
-                    for call in r.tool_calls:
-                        record.tool_calls.append(call.name)
-                        if call.name == "end_call":
-                            self._end_requested = True
-            except LlmError as exc:
-                log.warning("⚡ Claude failed: %s", exc)
-                if not spoken:
-                    await sentence_send.send(self.center.phrases_text.apology)
-                return
-            for sentence in chunker.flush():
-                if record.t2s is None:
-                    record.t2s = trio.current_time()
-                if spoken + len(sentence) > s.max_response_length and spoken:
-                    return
-                spoken += len(sentence)
-                await sentence_send.send(sentence)
+        try:
+            await think_reply(
+                self.center,
+                self.conversation,
+                sentence_send,
+                record,
+                nombre=self.nombre,
+                contexto=self.contexto,
+            )
+        finally:
+            if "end_call" in record.tool_calls:
+                self._end_requested = True
 
     async def synthesize_into(
         self, sentence: str, audio_send: trio.MemorySendChannel[Any], record: TurnRecord

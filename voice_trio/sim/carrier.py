@@ -21,7 +21,8 @@ Two pieces, both used by :mod:`voice_trio.sim.telnyx` and usable on their own in
   other modes are counted and not played), ``mark`` (echoed once the audio queued before it
   has played, at once if nothing is queued), ``clear`` (drops all unplayed audio and echoes
   the pending marks) and answers anything unparsable with an ``error`` frame ``100003``. :meth:`MediaStream.stop` sends
-  ``stop`` and closes with 1000; a server that closes the socket just ends the stream.
+  ``stop`` and closes with 1000; :meth:`MediaStream.drop` closes without ``stop`` (a lost
+  stream, for fault tests); a server that closes the socket just ends the stream.
 
 Knobs: ``out_of_order_share`` (share of media frames swapped with the next one, drawn from
 ``rng``), ``record_audio_bytes`` (how much played audio each stream keeps for tests),
@@ -215,7 +216,7 @@ class MediaStream:
         self.played_audio = bytearray()
         self.started = trio.Event()
         self.closed = trio.Event()
-        self.close_reason: str | None = None  # stopped | server_closed | cancelled
+        self.close_reason: str | None = None  # stopped | dropped | server_closed | cancelled
         self.close_code: int | None = None
         self._on_event = on_event
         self._on_closed = on_closed
@@ -287,6 +288,21 @@ class MediaStream:
                 stop = {"user_id": p.user_id, "call_control_id": p.call_control_id}
                 await ws.send_message(self._frame("stop", stop))
                 await ws.aclose(1000)
+            except trio_websocket.ConnectionClosed:
+                pass
+            await self.closed.wait()
+
+    async def drop(self, code: int = 1011) -> None:
+        """Lose the stream while the call stays up: close the socket *without* a ``stop``
+        frame (a broken media path; the fault a server must survive). Idempotent."""
+        ws = self._ws
+        if ws is None or self._stopping or self.closed.is_set():
+            return
+        self._stopping = True
+        self.close_reason = "dropped"
+        with trio.move_on_after(1.0):
+            try:
+                await ws.aclose(code)
             except trio_websocket.ConnectionClosed:
                 pass
             await self.closed.wait()

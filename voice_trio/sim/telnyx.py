@@ -31,6 +31,8 @@ Flows (webhook order per call is guaranteed; see :mod:`voice_trio.sim.telnyx_web
   non-loopback URL, or a codec the sim cannot produce (anything but PCMU/PCMA at 8000 Hz)
   gives ``streaming.failed``. ``streaming_stop``/hang-up: ``stop`` frame, close 1000,
   ``streaming.stopped``; a server that closes the socket also gets ``streaming.stopped``.
+  ``SimCall.drop_stream()`` (a fault knob) closes the socket without ``stop`` while the call
+  stays up, as a broken media path would.
 - Hang-up (REST ``hangup``, the party's ``hang_up``, time limit): ``streaming.stopped``, any
   ``call.speak.ended``/``call.playback.ended`` with status ``call_hangup``, then
   ``call.hangup`` (``normal_clearing``, ``sip_hangup_cause`` "200", ``call_quality_stats``).

@@ -440,6 +440,13 @@ class SimCall:
         if stream is not None and self._media is not None:
             self._media.start_soon(stream.stop)
 
+    def drop_stream(self) -> None:
+        """The media path breaks: the socket closes without ``stop`` and the call stays up
+        (``streaming.stopped`` follows, as for any stream that ends)."""
+        stream = self.line.stream
+        if stream is not None and self._media is not None:
+            self._media.start_soon(stream.drop)
+
     def announce(self, kind: str, audio: bytes, fields: dict[str, Any]) -> None:
         self._announcements.append((kind, audio, fields))
         if not self._announcer_running and self._media is not None:

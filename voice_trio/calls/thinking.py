@@ -1,0 +1,84 @@
+"""The agent's side of a turn, shared by both call modes: Claude's reply as sentences.
+
+The media session turns the sentences into streamed TTS audio; the fallback mode hands each
+one to Telnyx ``speak``. Either way the request is the same: the persona system prompt with
+this call's facts, the last ``CONVERSATION_HISTORY_LIMIT`` messages of the conversation, and
+the ``end_call`` tool; the reply is cut at ``MAX_RESPONSE_LENGTH`` characters.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from voice_trio.calls.history import Conversation
+from voice_trio.calls.persona import END_CALL_TOOL, system_blocks
+from voice_trio.calls.phrases import local_now
+from voice_trio.calls.sentences import SentenceChunker
+from voice_trio.providers.claude import LlmError
+
+if TYPE_CHECKING:
+    from voice_trio.calls.center import CallCenter
+    from voice_trio.calls.session import TurnRecord
+
+log = logging.getLogger("voice_trio.calls")
+
+
+async def think_reply(
+    center: CallCenter,
+    conversation: Conversation,
+    sentence_send: trio.MemorySendChannel[str],
+    record: TurnRecord,
+    *,
+    nombre: str,
+    contexto: str,
+) -> None:
+    """Stream Claude's reply to ``conversation`` into ``sentence_send`` (closed on return).
+
+    Fills ``record.t1``, ``t2``, ``t2s`` and ``tool_calls`` (``"end_call"`` there means the
+    model asked to end the call). A reply cut at the length limit drops its tool calls;
+    a failed request yields the apology phrase if nothing was said yet.
+    """
+    s = center.settings
+    system = system_blocks(
+        center.persona,
+        nombre=nombre,
+        contexto=contexto,
+        now=local_now(s.timezone),
+        max_chars=s.max_response_length,
+    )
+    messages = conversation.window(s.conversation_history_limit)
+    chunker = SentenceChunker()
+    spoken = 0
+    async with sentence_send:
+        record.t1 = trio.current_time()
+        log.info("⚡ LLM request (%d messages)", len(messages))
+        try:
+            async with center.claude.stream_reply(system, messages, [END_CALL_TOOL]) as reply:
+                async for delta in reply:
+                    if record.t2 is None:
+                        record.t2 = trio.current_time()
+                        log.info("⚡ First token in %.0f ms", (record.t2 - record.t1) * 1000)
+                    for sentence in chunker.push(delta.text):
+                        if record.t2s is None:
+                            record.t2s = trio.current_time()
+                        if spoken + len(sentence) > s.max_response_length and spoken:
+                            return
+                        spoken += len(sentence)
+                        await sentence_send.send(sentence)
+                for call in reply.tool_calls:
+                    record.tool_calls.append(call.name)
+        except LlmError as exc:
+            log.warning("⚡ Claude failed: %s", exc)
+            if not spoken:
+                await sentence_send.send(center.phrases_text.apology)
+            return
+        for sentence in chunker.flush():
+            if record.t2s is None:
+                record.t2s = trio.current_time()
+            if spoken + len(sentence) > s.max_response_length and spoken:
+                return
+            spoken += len(sentence)
+            await sentence_send.send(sentence)
