@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from telnyx_peer import TelnyxPeer
 
 from voice_trio.asgi import VoiceApp, build_app
+from voice_trio.calls import stream_token
 from voice_trio.config import Settings
 from voice_trio.server import reserve_listener
 from voice_trio.server import serve as serve_voice
@@ -88,6 +89,7 @@ def make_settings(**overrides: Any) -> Settings:
         "DEEPGRAM_API_BASE": "http://127.0.0.1:9",
         "ANTHROPIC_BASE_URL": "http://127.0.0.1:9",
         "SQLITE_PATH": ":memory:",
+        "DRAIN_TIMEOUT": "0",
     }
     env.update({k: str(v) for k, v in overrides.items()})
     return Settings.from_env(env, env_file=None)
@@ -103,6 +105,11 @@ class LiveServer:
     @property
     def ws_base(self) -> str:
         return "ws" + self.base[len("http") :]
+
+    def media_url(self, call_control_id: str) -> str:
+        """The stream URL Telnyx would be given for this call (with its stream token)."""
+        token = stream_token.issue(self.app.center.stream_secret, call_control_id)
+        return f"{self.ws_base}/stream/media?token={token}"
 
 
 async def start_server(nursery: trio.Nursery, settings: Settings | dict[str, Any]) -> LiveServer:

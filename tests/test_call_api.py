@@ -29,7 +29,12 @@ async def test_initiate_sends_exactly_the_documented_dial(nursery, telnyx_peer) 
     sent = dict(dial.body)
     uuid.UUID(sent.pop("command_id"))
     state = decode_client_state(sent.pop("client_state"))
-    assert state == {"nombre": "Ana", "contexto": "cita de control", "saludo": "Hola Ana"}
+    assert state == {
+        "dir": "outbound",
+        "nombre": "Ana",
+        "contexto": "cita de control",
+        "saludo": "Hola Ana",
+    }
     assert sent == {
         "connection_id": "1684641123236054244",
         "to": "+573001234567",

@@ -197,21 +197,31 @@ async def test_pcma_and_out_of_order_frames_are_understood(nursery, lab) -> None
     server.stop.set()
 
 
-async def test_shutdown_ends_running_calls_and_closes_their_sockets(nursery, lab) -> None:
-    server = await start_lab_server(nursery, lab)
-    party = caller([WaitForBot(min_ms_silence=300), Wait(10_000)], hang_up_when_done=False)
+async def test_shutdown_drains_calls_politely(nursery, lab) -> None:
+    """On shutdown a call still running after DRAIN_TIMEOUT hears a goodbye and is hung up
+    once; meanwhile the API refuses new calls with a reason."""
+    server = await start_lab_server(nursery, lab, DRAIN_TIMEOUT="1")
+    party = caller([WaitForBot(min_ms_silence=300), Wait(15_000)], hang_up_when_done=False)
     lab.telnyx.place_inbound_call(PATIENT, OUR_NUMBER, party)
     async with trio.open_nursery() as inner:
         inner.start_soon(party.run)
-        with trio.fail_after(5):
+        with trio.fail_after(10):
             while not party.results.bot_turns:  # noqa: ASYNC110
                 await trio.sleep(0.05)
+            while party.results.bot_turns[-1].ended_at is None:  # noqa: ASYNC110
+                await trio.sleep(0.05)  # the greeting has finished
         server.stop.set()
-        with trio.fail_after(5):
+        await trio.sleep(0.3)
+        r = await server.client.post(
+            "/api/call/initiate", json={"telefono": PATIENT, "nombre": "Ana"}
+        )
+        assert r.status_code == 503 and r.json()["error"] == "draining"
+        with trio.fail_after(15):
             await server.app.center.registry.wait_until_empty()
-        stream = next(s for c in lab.telnyx.calls.values() for s in c.streams)
         with trio.fail_after(5):
-            while stream.close_code is None:  # noqa: ASYNC110
-                await trio.sleep(0.02)
-        inner.cancel_scope.cancel()  # the phone call itself outlives the server's socket
-    assert stream.close_code == 1001
+            while party.results.hangup_by is None:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        inner.cancel_scope.cancel()
+    assert "Gracias por llamar." in party.results.bot_turns[-1].text
+    assert len(commands(lab, "hangup")) == 1
+    assert party.results.hangup_by == "bot"

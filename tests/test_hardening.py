@@ -61,7 +61,7 @@ async def test_malformed_frames_are_dropped_and_counted_while_the_call_goes_on(
         '{"event":"media","media":{"payload":"@@"}}',
         b"\x00\x01binary",
     ]
-    async with trio_websocket.open_websocket_url(server.ws_base + "/stream/media") as ws:
+    async with trio_websocket.open_websocket_url(server.media_url("v3:garbled")) as ws:
         await ws.send_message(start_frame("v3:garbled"))
         deadline = trio.current_time()
         for chunk, start in enumerate(range(0, len(audio), 160), start=1):
@@ -94,7 +94,7 @@ async def test_a_call_that_fails_unexpectedly_ends_alone(nursery, lab, monkeypat
     greeted: list[str] = []
 
     async def carrier(ccid: str) -> None:
-        async with trio_websocket.open_websocket_url(server.ws_base + "/stream/media") as ws:
+        async with trio_websocket.open_websocket_url(server.media_url(ccid)) as ws:
             await ws.send_message(start_frame(ccid))
             try:
                 with trio.fail_after(10):
@@ -130,7 +130,7 @@ async def test_close_storm_does_not_take_the_server_down(nursery, lab) -> None:
 
         async def open_one(i: int) -> None:
             ws = await trio_websocket.connect_websocket_url(
-                opening, server.ws_base + "/stream/media"
+                opening, server.media_url(f"v3:storm-{i}")
             )
             await ws.send_message(start_frame(f"v3:storm-{i}"))
             await ws.get_message()  # greeting audio: the call is up
@@ -156,7 +156,7 @@ async def test_close_storm_does_not_take_the_server_down(nursery, lab) -> None:
     # The process and its other work are fine: a new call runs normally.
     r = await server.client.get("/health")
     assert r.status_code == 200 and r.json()["active_calls"] == 0
-    async with trio_websocket.open_websocket_url(server.ws_base + "/stream/media") as ws:
+    async with trio_websocket.open_websocket_url(server.media_url("v3:after-the-storm")) as ws:
         await ws.send_message(start_frame("v3:after-the-storm"))
         assert json.loads(await ws.get_message())["event"] == "media"
     server.stop.set()
@@ -232,3 +232,25 @@ def test_webhook_parser_returns_an_event_or_a_clear_error(body: bytes) -> None:
         assert str(exc)
         return
     assert event.id and event.event_type and isinstance(event.payload, dict)
+
+
+async def test_a_stream_without_a_valid_token_is_refused_before_any_provider(nursery, lab) -> None:
+    server = await start_lab_server(nursery, lab)
+    cases = {
+        "no token": server.ws_base + "/stream/media",
+        "forged": server.ws_base + "/stream/media?token=v1.1700000000.AAAA",
+        "another call's": server.media_url("v3:someone-else"),
+    }
+    for why, url in cases.items():
+        async with trio_websocket.open_websocket_url(url) as ws:  # the upgrade is accepted
+            await ws.send_message(start_frame("v3:intruder"))
+            try:
+                with trio.fail_after(5):
+                    await ws.get_message()
+                raise AssertionError(f"{why}: the server sent something")
+            except trio_websocket.ConnectionClosed as closed:
+                assert closed.reason.code == 1008, why
+    assert lab.deepgram.stt_connections_opened == 0
+    metrics = (await server.client.get("/metrics")).text
+    assert 'voice_stream_rejected_total{reason="bad_token"} 3.0' in metrics
+    server.stop.set()

@@ -161,7 +161,7 @@ async def test_fallback_mode_does_not_start_streaming(nursery, telnyx_peer) -> N
 
 async def test_hangup_webhook_ends_the_call_running_here(nursery, lab, signer) -> None:
     server = await start_lab_server(nursery, lab, TELNYX_PUBLIC_KEY=signer.public_b64)
-    async with trio_websocket.open_websocket_url(server.ws_base + "/stream/media") as ws:
+    async with trio_websocket.open_websocket_url(server.media_url("v3:call-1")) as ws:
         await ws.send_message(json.dumps({"event": "connected", "version": "1.0.0"}))
         await ws.send_message(json.dumps(START))
         greeting = await ws.get_message()  # the greeting's first audio: the call is up

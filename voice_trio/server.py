@@ -64,7 +64,7 @@ async def serve(
 
     async def shutdown() -> None:
         await trigger()  # type: ignore[operator]
-        await app.center.shut_down(SHUTDOWN_GRACE_SECONDS)
+        await app.center.shut_down(settings.drain_timeout_s)
 
     config = hypercorn_config(settings, listener)
     async with trio.open_nursery() as nursery:

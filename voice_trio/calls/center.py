@@ -12,6 +12,7 @@ from its inbox; ``call.hangup`` ends any call here through the registry.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,15 +20,18 @@ from typing import Any
 import httpx
 import trio
 
+from voice_trio.calls import stream_token
 from voice_trio.calls.degrade import FallbackCalls
 from voice_trio.calls.persona import load_persona
-from voice_trio.calls.phrases import PhraseCache, phrases_for
+from voice_trio.calls.phrases import PhraseCache, local_now, phrases_for
 from voice_trio.calls.registry import CallRegistry, SeenEvents
+from voice_trio.calls.sentences import SentenceChunker
 from voice_trio.config import Settings
 from voice_trio.observability import Metrics, call_id_var
 from voice_trio.providers.claude import ClaudeClient
 from voice_trio.providers.deepgram_stt import SttOptions
 from voice_trio.providers.deepgram_tts import DeepgramTTS
+from voice_trio.providers.elevenlabs_tts import ElevenLabsTTS
 from voice_trio.providers.telnyx_control import (
     CALL_ALREADY_ENDED,
     DialResult,
@@ -37,6 +41,7 @@ from voice_trio.providers.telnyx_control import (
     encode_client_state,
 )
 from voice_trio.providers.telnyx_webhooks import WebhookEvent
+from voice_trio.store import CallStore, StoreError, store_for
 
 log = logging.getLogger("voice_trio.calls")
 
@@ -51,7 +56,7 @@ class CallRequest:
     saludo: str = ""
 
     def client_state(self) -> str:
-        state: dict[str, Any] = {"nombre": self.nombre}
+        state: dict[str, Any] = {"dir": "outbound", "nombre": self.nombre}
         if self.contexto:
             state["contexto"] = self.contexto
         if self.saludo:
@@ -83,6 +88,10 @@ class CallCenter:
         self.tts: DeepgramTTS = None  # type: ignore[assignment]
         self.claude: ClaudeClient = None  # type: ignore[assignment]
         self.phrase_cache: PhraseCache = None  # type: ignore[assignment]
+        self.store: CallStore | None = None
+        # Stream tokens must verify on every instance: set SERVER_SECRET when there are
+        # several; a single instance can make up its own.
+        self.stream_secret = (settings.server_secret or secrets.token_hex(32)).encode()
 
     @property
     def uptime(self) -> float:
@@ -103,12 +112,7 @@ class CallCenter:
                 action, outcome
             ).inc(),
         )
-        self.tts = DeepgramTTS(
-            self.http,
-            self.settings.deepgram_api_base,
-            self.settings.deepgram_api_key,
-            self.settings.deepgram_tts_model,
-        )
+        self.tts = self._voice()
         self.claude = ClaudeClient(
             api_key=self.settings.anthropic_api_key or "unset",
             base_url=self.settings.anthropic_base_url,
@@ -117,24 +121,57 @@ class CallCenter:
             timeout=10.0,
         )
         self.phrase_cache = PhraseCache(self._synthesize)
-        if self.settings.deepgram_api_key:
+        if self.settings.deepgram_api_key or self.settings.elevenlabs_api_key:
             self.spawn(self.phrase_cache.warm, self.phrases_text.fixed())
+        store = store_for(self.settings)
+        try:
+            await store.open()
+            self.store = store
+        except StoreError as exc:
+            log.error("Call records are not being kept: the store is unavailable (%s)", exc)
+
+    def _voice(self) -> Any:
+        """The TTS client TTS_PROVIDER names; both yield mu-law 8 kHz audio."""
+        s = self.settings
+        if s.tts_provider == "elevenlabs":
+            return ElevenLabsTTS(
+                api_key=s.elevenlabs_api_key,
+                voice_id=s.elevenlabs_voice_id,
+                base_url=s.elevenlabs_api_base,
+                model_id=s.elevenlabs_model,
+            )
+        assert self.http is not None
+        return DeepgramTTS(self.http, s.deepgram_api_base, s.deepgram_api_key, s.deepgram_tts_model)
 
     async def _synthesize(self, text: str) -> bytes:
         async with self.tts.synthesize(text) as audio:
             return b"".join([chunk async for chunk in audio])
 
-    async def shut_down(self, grace: float) -> None:
-        """Refuse new calls, end the running ones, and wait (bounded) until they are gone."""
+    async def shut_down(self, drain_timeout: float, goodbye_grace: float = 10.0) -> None:
+        """Graceful drain: refuse new calls (inbound rejected, API 503), let the running
+        ones finish for up to ``drain_timeout``, then ask each to say goodbye and hang up;
+        whatever is still running after ``goodbye_grace`` is cut."""
         self.going_away.set()
+        if len(self.registry):
+            log.info(
+                "Draining: %d call(s) may finish within %ss", len(self.registry), drain_timeout
+            )
+        with trio.move_on_after(drain_timeout):
+            await self.registry.wait_until_empty()
+        for call in self.registry:
+            call.wind_down.set()
+        with trio.move_on_after(goodbye_grace):
+            await self.registry.wait_until_empty()
         self.registry.end_all("shutdown")
-        with trio.move_on_after(grace):
+        with trio.move_on_after(2):
             await self.registry.wait_until_empty()
 
     async def stop(self) -> None:
         self.going_away.set()
         self.registry.end_all("shutdown")
         with trio.CancelScope(shield=True):
+            if self.store is not None:
+                await self.store.aclose()
             if self.claude is not None:
                 await self.claude.aclose()
             if self.http is not None:
@@ -163,6 +200,12 @@ class CallCenter:
             webhook_url=self.settings.webhook_url,
             client_state=request.client_state(),
         )
+        # The phone rings for seconds: time enough to have the greeting's audio ready.
+        greeting = self.phrases_text.greeting(
+            nombre=request.nombre, saludo=request.saludo, now=local_now(self.settings.timezone)
+        )
+        chunker = SentenceChunker()
+        self.spawn(self.phrase_cache.warm, chunker.push(greeting) + chunker.flush())
         token = call_id_var.set(result.call_control_id)
         try:
             log.info("📞 Outbound call to %s placed (%s)", request.telefono, request.nombre)
@@ -198,7 +241,8 @@ class CallCenter:
                     await self.telnyx.command(ccid, "reject", {"cause": "USER_BUSY"})
                     return
                 log.info("📞 Inbound call from %s, answering", event.payload.get("from"))
-                await self.telnyx.answer(ccid, client_state=event.client_state or None)
+                state = event.client_state or encode_client_state({"dir": "inbound"})
+                await self.telnyx.answer(ccid, client_state=state)
         elif kind == "call.answered":
             if self.settings.use_media_streams:
                 await self._start_stream(ccid, event.client_state)
@@ -213,10 +257,11 @@ class CallCenter:
         """``streaming_start``; the call degrades to fallback mode if no socket comes."""
         self.fallback.expect_stream(ccid)
         log.info("Streaming Start requested → %s", self.settings.stream_url)
+        url = stream_token.with_token(
+            self.settings.stream_url, stream_token.issue(self.stream_secret, ccid)
+        )
         try:
-            await self.telnyx.streaming_start(
-                ccid, stream_url=self.settings.stream_url, client_state=client_state
-            )
+            await self.telnyx.streaming_start(ccid, stream_url=url, client_state=client_state)
         except TelnyxError as exc:
             if exc.code == CALL_ALREADY_ENDED:
                 self.fallback.hung_up(ccid)

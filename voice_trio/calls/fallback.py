@@ -97,6 +97,7 @@ class FallbackCall:
         self._quiet_since = trio.current_time()
         self._wait_scope = trio.CancelScope()
         self._time_up = trio.Event()
+        self._time_up_reason = "max_duration"
         self._end_requested = False
 
     @property
@@ -164,7 +165,7 @@ class FallbackCall:
         while True:
             turn = await self.next_user_turn()
             if self._time_up.is_set():
-                await self.finish("max_duration", phrases.goodbye)
+                await self.finish(self._time_up_reason, phrases.goodbye)
                 return
             if turn is None:
                 if reprompted:
@@ -347,7 +348,8 @@ class FallbackCall:
 
     async def watch_duration(self) -> None:
         elapsed = time.time() - self.call.started_at  # a degraded call keeps its start
-        await trio.sleep(max(0.0, self.settings.max_call_seconds - elapsed))
-        log.info("⏱️ Maximum call length reached")
+        left = max(0.0, self.settings.max_call_seconds - elapsed)
+        self._time_up_reason = await self.call.time_up_after(left)
+        log.info("⏱️ Time to end the call (%s)", self._time_up_reason)
         self._time_up.set()
         self._wait_scope.cancel()

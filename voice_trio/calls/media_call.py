@@ -11,17 +11,21 @@ to fallback mode with its conversation in the same step (``voice_trio.calls.degr
 from __future__ import annotations
 
 import logging
+import time
 from typing import Protocol
 
 import trio
 
+from voice_trio.calls import stream_token
 from voice_trio.calls.center import CallCenter
 from voice_trio.calls.degrade import DEGRADE_REASONS
 from voice_trio.calls.registry import ActiveCall
 from voice_trio.calls.session import STREAM_LOST, CallSession
 from voice_trio.observability import call_id_var
 from voice_trio.providers.deepgram_stt import SttError
+from voice_trio.providers.telnyx_control import decode_client_state
 from voice_trio.providers.telnyx_media import FrameError, Start, Stop, parse_frame
+from voice_trio.store import CallRecord, StoreError, TurnEntry
 
 log = logging.getLogger("voice_trio.calls")
 
@@ -36,6 +40,8 @@ class MediaSocket(Protocol):
     async def receive(self) -> str | bytes | None: ...
     async def send_text(self, text: str) -> None: ...
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
+    @property
+    def query_string(self) -> bytes: ...
 
 
 async def wait_for_start(center: CallCenter, socket: MediaSocket) -> Start | None:
@@ -64,6 +70,18 @@ async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
     start = await wait_for_start(center, socket)
     if start is None:
         return
+    try:
+        stream_token.verify(
+            center.stream_secret,
+            stream_token.token_from_query(socket.query_string),
+            start.call_control_id,
+        )
+    except stream_token.StreamTokenError as exc:
+        # Before any provider connection: a socket that cannot prove its call costs nothing.
+        center.metrics.stream_rejected.labels("bad_token").inc()
+        log.warning("🔌 Media stream refused for %s: %s", start.call_control_id, exc)
+        await socket.close(1008, "invalid stream token")
+        return
     call = ActiveCall(start.call_control_id, mode="media")
     try:
         center.registry.add(call)
@@ -74,6 +92,9 @@ async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
     center.fallback.stream_started(start.call_control_id)
     token = call_id_var.set(start.call_control_id)
     session: CallSession | None = None
+    record = call_record(start)
+    origin = trio.current_time()
+    await keep_record(center, record, [], first=True)
     try:
         log.info("Media stream started (codec %s, stream %s)", start.encoding, start.stream_id)
         with call.cancel_scope:
@@ -101,6 +122,17 @@ async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
         if not handed_over:
             center.metrics.calls.labels("media", call.end_reason or "unknown").inc()
             log.info("📴 Call ended (%s)", call.end_reason or "unknown")
+        record.end_reason = call.end_reason or "unknown"
+        if handed_over:
+            record.mode = "degraded"
+        else:
+            record.status, record.ended_at = "ended", time.time()
+        turns: list[TurnEntry] = []
+        if session is not None:
+            turns = [TurnEntry.from_turn(i, t, origin) for i, t in enumerate(session.records)]
+            record.tts_characters = session.tts_characters
+            record.stt_audio_seconds = round(session.stt.audio_seconds, 3) if session.stt else 0.0
+        await keep_record(center, record, turns)
         call_id_var.reset(token)
 
 
@@ -113,3 +145,37 @@ async def _hang_up(center: CallCenter, call: ActiveCall, reason: str) -> None:
             await center.telnyx.hangup(call.call_control_id)
         except Exception as exc:
             log.warning("Hang-up failed: %s", exc)
+
+
+def call_record(start: Start) -> CallRecord:
+    context = decode_client_state(start.client_state)
+    return CallRecord(
+        call_control_id=start.call_control_id,
+        call_session_id=start.call_session_id or "",
+        direction="inbound" if context.get("dir") == "inbound" else "outbound",
+        from_number=start.from_ or "",
+        to_number=start.to or "",
+        nombre=str(context.get("nombre") or ""),
+        contexto=str(context.get("contexto") or ""),
+        answered_at=time.time(),
+        mode="media",
+    )
+
+
+async def keep_record(
+    center: CallCenter, record: CallRecord, turns: list[TurnEntry], *, first: bool = False
+) -> None:
+    """Write the call record even while the call is being cancelled (shielded, bounded);
+    a store outage is logged, never a reason for the call to fail."""
+    if center.store is None:
+        return
+    with trio.CancelScope(shield=True), trio.move_on_after(5) as scope:
+        try:
+            if first:
+                await center.store.start_call(record)
+            else:
+                await center.store.save_call(record, turns)
+        except StoreError as exc:
+            log.error("Call record not saved: %s", exc)
+    if scope.cancelled_caught:
+        log.error("Call record not saved: the store took longer than 5 s")

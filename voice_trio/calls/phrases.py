@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+from voice_trio.calls.sentences import SentenceChunker
+
 log = logging.getLogger("voice_trio.calls")
 
 
@@ -114,7 +116,11 @@ class PhraseCache:
 
     async def warm(self, texts: list[str]) -> None:
         """Synthesize what is not cached yet; failures are logged and retried on use."""
-        for text in texts:
+        sentences: list[str] = []
+        for text in texts:  # cached per sentence, as bot turns look them up
+            chunker = SentenceChunker()
+            sentences += chunker.push(text) + chunker.flush()
+        for text in dict.fromkeys(sentences):
             if text in self._audio:
                 continue
             try:

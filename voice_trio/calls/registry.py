@@ -18,6 +18,15 @@ class ActiveCall:
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     started_at: float = field(default_factory=time.time)
     end_reason: str | None = None
+    # Set when the server drains: the call should say goodbye and hang up soon.
+    wind_down: trio.Event = field(default_factory=trio.Event)
+
+    async def time_up_after(self, seconds: float) -> str:
+        """Wait for the call's maximum length or a drain; say which came first."""
+        with trio.move_on_after(seconds):
+            await self.wind_down.wait()
+            return "drain"
+        return "max_duration"
 
     def end(self, reason: str) -> None:
         if self.end_reason is None:

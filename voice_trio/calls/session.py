@@ -26,17 +26,17 @@ from voice_trio.calls.phrases import local_now
 from voice_trio.calls.playback import Playback
 from voice_trio.calls.registry import ActiveCall
 from voice_trio.calls.sentences import SentenceChunker
+from voice_trio.calls.stt_link import SttLink, SttLost, open_stt_link
+from voice_trio.calls.telnyx_speech import speak_language
 from voice_trio.calls.thinking import think_reply
 from voice_trio.calls.turns import CallerSpeaking, TurnDetector, UserTurn
 from voice_trio.providers.deepgram_stt import (
     SpeechStarted,
-    SttStream,
     Transcript,
     UtteranceEnd,
-    open_stt,
 )
 from voice_trio.providers.deepgram_tts import TtsError
-from voice_trio.providers.telnyx_control import decode_client_state
+from voice_trio.providers.telnyx_control import TelnyxError, decode_client_state
 from voice_trio.providers.telnyx_media import (
     Dtmf,
     FrameError,
@@ -60,6 +60,7 @@ AUDIO_QUEUE = 32  # TTS chunks waiting for pacing; full = TTS waits (back-pressu
 # End reason: the media socket closed without a ``stop`` frame. Telnyx sends ``stop`` when
 # the call ends, so the call may well be up still: it goes on in fallback mode.
 STREAM_LOST = "stream_lost"
+STT_LOST = "stt_lost"
 
 
 @dataclass
@@ -129,13 +130,17 @@ class CallSession:
         self._barged_at: float | None = None
         self._silence_deadline = trio.current_time() + self.settings.silence_timeout_ms / 1000
         self._time_up = trio.Event()
+        self._time_up_reason = "max_duration"
+        self.tts_characters = 0
         self._wait_scope = trio.CancelScope()
         self._end_requested = False
-        self.stt: SttStream | None = None
+        self.stt: SttLink | None = None
 
     async def run(self) -> None:
         s = self.settings
-        async with open_stt(s.deepgram_ws_base, s.deepgram_api_key, self.center.stt_options) as stt:
+        async with open_stt_link(
+            s.deepgram_ws_base, s.deepgram_api_key, self.center.stt_options
+        ) as stt:
             self.stt = stt
             log.info("🔌 Conectado a Deepgram WebSocket (%s)", stt.request_id or "-")
             try:
@@ -148,7 +153,7 @@ class CallSession:
                 with trio.CancelScope(shield=True):
                     await stt.close_stream(timeout=0.3)
 
-    async def read_carrier(self, stt: SttStream) -> None:
+    async def read_carrier(self, stt: SttLink) -> None:
         """Telnyx frames in, until ``stop`` (the call is over) or the socket closing without
         one (the stream is lost; whether the call is over is decided by the caller)."""
         reorder = FrameReorderer()
@@ -191,7 +196,16 @@ class CallSession:
                 return self.conversation
             self.conversation.add_user(text)
 
-    async def listen(self, stt: SttStream) -> None:
+    async def listen(self, stt: SttLink) -> None:
+        try:
+            await self._listen(stt)
+        except SttLost as exc:
+            # Deepgram is gone for good: the call goes on through Telnyx's own speech
+            # recognition (fallback mode) with its history.
+            log.error("🔌 Deepgram lost (%s): the call continues in fallback mode", exc.reason)
+            self.call.end(STT_LOST)
+
+    async def _listen(self, stt: SttLink) -> None:
         async for event in stt.events():
             if isinstance(event, Transcript):
                 signal = self.turns.on_transcript(
@@ -235,7 +249,7 @@ class CallSession:
         while True:
             turn = await self.next_user_turn()
             if self._time_up.is_set():
-                await self.finish("max_duration", phrases.goodbye)
+                await self.finish(self._time_up_reason, phrases.goodbye)
                 return
             if turn is None:
                 if reprompted:
@@ -327,15 +341,35 @@ class CallSession:
             record.t4 = record.t4 or trio.current_time()
             await audio_send.send(("audio", cached))
         else:
+            sent_audio = False
             try:
                 async with self.center.tts.synthesize(sentence) as audio:
                     async for chunk in audio:
                         if record.t4 is None:
                             record.t4 = trio.current_time()
+                        sent_audio = True
                         await audio_send.send(("audio", chunk))
+                self.tts_characters += len(sentence)
             except TtsError as exc:
                 log.warning("🔊 TTS failed for a sentence: %s", exc)
+                if not sent_audio:
+                    await self.speak_through_telnyx(sentence)
         await audio_send.send(("end", sentence))
+
+    async def speak_through_telnyx(self, sentence: str) -> None:
+        """The voice provider failed: this sentence goes out through Telnyx ``speak``,
+        which plays into the same call."""
+        s = self.settings
+        try:
+            await self.center.telnyx.speak(
+                self.call.call_control_id,
+                sentence,
+                voice=s.telnyx_speak_voice,
+                language=speak_language(s.agent_language),
+            )
+            log.info("🔊 Sentence sent through Telnyx speak instead")
+        except TelnyxError as exc:
+            log.warning("🔊 Telnyx speak failed too: %s", exc)
 
     async def bot_turn(self, record: TurnRecord, produce: Any) -> None:
         """Run ``produce`` (which fills an audio queue) and pace its audio out, inside the
@@ -401,8 +435,8 @@ class CallSession:
         self.call.end(reason)
 
     async def watch_duration(self) -> None:
-        await trio.sleep(self.settings.max_call_seconds)
-        log.info("⏱️ Maximum call length reached")
+        self._time_up_reason = await self.call.time_up_after(self.settings.max_call_seconds)
+        log.info("⏱️ Time to end the call (%s)", self._time_up_reason)
         self._time_up.set()
         self._wait_scope.cancel()
         if self._bot_scope is not None:
