@@ -88,7 +88,7 @@ async def test_a_conversation_end_to_end_leaves_nothing_behind(nursery, lab) -> 
             await trio.sleep(0.05)  # sockets close asynchronously after the call ends
     left = Counter(task_names()) - Counter(tasks_before)
     assert not left, f"tasks left behind: {left}"
-    assert count_fds() == fds_before
+    assert count_fds() <= fds_before  # idle keep-alive connections may have closed meanwhile
     assert len(server.app.center.registry) == 0
     server.stop.set()
 

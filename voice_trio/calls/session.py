@@ -376,21 +376,26 @@ class CallSession:
         turn's own cancel scope; then record what the caller heard."""
         first_sentence = len(self.playback.sentences)
         self._barged_at = None
-        with trio.CancelScope() as scope:
-            self._bot_scope = scope
-            audio_send, audio_recv = trio.open_memory_channel[Any](AUDIO_QUEUE)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(produce, audio_send)
-                await self.pace(audio_recv, record)
-            await self.playback.wait_played()
-        self._bot_scope = None
-        at = self._barged_at if self._barged_at is not None else trio.current_time()
-        heard, cut = self.playback.heard_since(first_sentence, at)
-        record.heard_text = heard
-        record.interrupted = scope.cancelled_caught and cut
-        self.conversation.add_assistant(heard, interrupted=record.interrupted)
-        self.records.append(record)
-        self.report(record)
+        scope = trio.CancelScope()
+        try:
+            with scope:
+                self._bot_scope = scope
+                audio_send, audio_recv = trio.open_memory_channel[Any](AUDIO_QUEUE)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(produce, audio_send)
+                    await self.pace(audio_recv, record)
+                await self.playback.wait_played()
+        finally:
+            # Also when the whole call is being cancelled (hang-up mid-turn): the record
+            # keeps the turn, cut where the caller stopped hearing it.
+            self._bot_scope = None
+            at = self._barged_at if self._barged_at is not None else trio.current_time()
+            heard, cut = self.playback.heard_since(first_sentence, at)
+            record.heard_text = heard
+            record.interrupted = cut and (scope.cancel_called or self.call.end_reason is not None)
+            self.conversation.add_assistant(heard, interrupted=record.interrupted)
+            self.records.append(record)
+            self.report(record)
 
     async def pace(self, audio_recv: trio.MemoryReceiveChannel[Any], record: TurnRecord) -> None:
         sentence = None
