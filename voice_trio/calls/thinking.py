@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("voice_trio.calls")
 
+# A caller waits in silence while Claude is retried: past this, an apology is better.
+RETRY_BUDGET_SECONDS = 2.5
+MIN_ATTEMPT_SECONDS = 0.5  # no retry that would leave the new attempt less than this
+
 
 async def think_reply(
     center: CallCenter,
@@ -39,7 +43,8 @@ async def think_reply(
 
     Fills ``record.t1``, ``t2``, ``t2s`` and ``tool_calls`` (``"end_call"`` there means the
     model asked to end the call). A reply cut at the length limit drops its tool calls;
-    a failed request yields the apology phrase if nothing was said yet.
+    a failed request is retried within RETRY_BUDGET_SECONDS while nothing was said yet,
+    then yields the apology phrase.
     """
     s = center.settings
     system = system_blocks(
@@ -55,26 +60,35 @@ async def think_reply(
     async with sentence_send:
         record.t1 = trio.current_time()
         log.info("⚡ LLM request (%d messages)", len(messages))
-        try:
-            async with center.claude.stream_reply(system, messages, [END_CALL_TOOL]) as reply:
-                async for delta in reply:
-                    if record.t2 is None:
-                        record.t2 = trio.current_time()
-                        log.info("⚡ First token in %.0f ms", (record.t2 - record.t1) * 1000)
-                    for sentence in chunker.push(delta.text):
-                        if record.t2s is None:
-                            record.t2s = trio.current_time()
-                        if spoken + len(sentence) > s.max_response_length and spoken:
-                            return
-                        spoken += len(sentence)
-                        await sentence_send.send(sentence)
-                for call in reply.tool_calls:
-                    record.tool_calls.append(call.name)
-        except LlmError as exc:
-            log.warning("⚡ Claude failed: %s", exc)
-            if not spoken:
-                await sentence_send.send(center.phrases_text.apology)
-            return
+        attempt = 0
+        while True:
+            try:
+                async with center.claude.stream_reply(system, messages, [END_CALL_TOOL]) as reply:
+                    async for delta in reply:
+                        if record.t2 is None:
+                            record.t2 = trio.current_time()
+                            log.info("⚡ First token in %.0f ms", (record.t2 - record.t1) * 1000)
+                        for sentence in chunker.push(delta.text):
+                            if record.t2s is None:
+                                record.t2s = trio.current_time()
+                            if spoken + len(sentence) > s.max_response_length and spoken:
+                                return
+                            spoken += len(sentence)
+                            await sentence_send.send(sentence)
+                    for call in reply.tool_calls:
+                        record.tool_calls.append(call.name)
+                break
+            except LlmError as exc:
+                attempt += 1
+                wait = _retry_delay(exc, attempt, record.t1, spoken)
+                if wait is None:
+                    log.warning("⚡ Claude failed: %s", exc)
+                    if not spoken:
+                        await sentence_send.send(center.phrases_text.apology)
+                    return
+                log.warning("⚡ Claude failed (%s), retrying in %.0f ms", exc.kind, wait * 1000)
+                chunker = SentenceChunker()
+                await trio.sleep(wait)
         for sentence in chunker.flush():
             if record.t2s is None:
                 record.t2s = trio.current_time()
@@ -82,3 +96,16 @@ async def think_reply(
                 return
             spoken += len(sentence)
             await sentence_send.send(sentence)
+
+
+def _retry_delay(exc: LlmError, attempt: int, started: float, spoken: int) -> float | None:
+    """How long to wait before asking again, or None to give up: only retryable errors,
+    only before anything was said (a retry would repeat it), and only while the caller's
+    wait stays within RETRY_BUDGET_SECONDS of silence."""
+    if not exc.retryable or spoken:
+        return None
+    delay = exc.retry_after if exc.retry_after is not None else 0.15 * 2 ** (attempt - 1)
+    left = started + RETRY_BUDGET_SECONDS - trio.current_time()
+    if delay > left - MIN_ATTEMPT_SECONDS:
+        return None
+    return max(0.0, delay)

@@ -346,6 +346,10 @@ class AnthropicSim:
     def pending_faults(self) -> int:
         return len(self._faults)
 
+    def clear_faults(self) -> None:
+        """Drop the faults not yet used."""
+        self._faults.clear()
+
     def _new_id(self, prefix: str) -> str:
         self._ids[prefix] += 1
         return f"{prefix}_sim{self._ids[prefix]:018d}"
