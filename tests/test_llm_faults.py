@@ -75,3 +75,31 @@ async def _first_turn_fails_then_recovers(lab, server) -> list[str]:
         n.start_soon(clear_faults_after_first_turn)
         heard = await talk(lab, server)
     return heard
+
+
+async def test_deepgram_refusing_at_start_degrades_the_call_to_fallback_mode(nursery, lab) -> None:
+    server = await start_lab_server(nursery, lab)
+    lab.deepgram.reject_next_stt = 401
+    heard = await talk(lab, server)
+    said = "".join(heard).replace(" ", "")  # speak plays sentences back to back
+    assert 'usteddijo:"Quierounacita."' in said  # via Telnyx transcription and speak
+    assert any(r.path.endswith("/actions/transcription_start") for r in lab.telnyx.requests)
+    metrics = (await server.client.get("/metrics")).text
+    assert 'mode="degraded"' in metrics
+    server.stop.set()
+
+
+async def test_a_sentence_whose_tts_fails_goes_out_through_telnyx_speak(nursery, lab) -> None:
+    server = await start_lab_server(nursery, lab)
+    cache = server.app.center.phrase_cache
+    with trio.fail_after(10):
+        while cache.get("¿En qué le puedo ayudar?") is None or len(cache) < 13:  # noqa: ASYNC110
+            await trio.sleep(0.02)  # fixed phrases cached: the next TTS request is the reply's
+    lab.deepgram.tts_fail_next = 503
+    heard = await talk(lab, server)
+    speaks = [r.json["payload"] for r in lab.telnyx.requests if r.path.endswith("/actions/speak")]
+    assert speaks == ["Entendido, usted dijo:"]
+    # Telnyx plays speak audio whenever the stream is idle, so it may interleave with the
+    # sentences that follow; every word still reaches the caller.
+    assert "endido, usted dijo:" in heard[1] and '"Quiero una cita."' in heard[1]
+    server.stop.set()

@@ -8,6 +8,8 @@ import trio
 import trio_websocket
 from conftest import make_settings, start_lab_server, start_server, webhook_body
 
+from voice_trio.calls import stream_token
+
 START = {
     "event": "start",
     "sequence_number": "1",
@@ -52,8 +54,12 @@ async def test_signed_call_answered_starts_exactly_one_stream(
     assert cmd.path == "/v2/calls/v3:abc/actions/streaming_start"
     sent = dict(cmd.body)
     uuid.UUID(sent.pop("command_id"))
+    url, query = sent.pop("stream_url").split("?", 1)
+    assert url == "wss://agent.example.com/stream/media"
+    # The URL carries the stream token that the media socket must present for this call.
+    token = stream_token.token_from_query(query.encode())
+    stream_token.verify(server.app.center.stream_secret, token, "v3:abc")
     assert sent == {
-        "stream_url": "wss://agent.example.com/stream/media",
         "stream_track": "inbound_track",
         "stream_codec": "PCMU",
         "stream_bidirectional_mode": "rtp",

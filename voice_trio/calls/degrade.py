@@ -31,7 +31,7 @@ import trio
 from voice_trio.calls.fallback import FallbackCall
 from voice_trio.calls.history import Conversation
 from voice_trio.calls.registry import ActiveCall
-from voice_trio.calls.session import STREAM_LOST, STT_LOST
+from voice_trio.calls.session import STREAM_LOST, STT_LOST, STT_UNAVAILABLE
 from voice_trio.providers.telnyx_control import decode_client_state
 from voice_trio.providers.telnyx_webhooks import WebhookEvent
 
@@ -42,7 +42,7 @@ log = logging.getLogger("voice_trio.calls")
 
 # End reason of a media call whose stream Telnyx reported failed (``streaming.failed``).
 STREAM_FAILED = "stream_failed"
-DEGRADE_REASONS = frozenset({STREAM_LOST, STREAM_FAILED, STT_LOST})
+DEGRADE_REASONS = frozenset({STREAM_LOST, STREAM_FAILED, STT_LOST, STT_UNAVAILABLE})
 
 
 class RecentCalls:

@@ -20,7 +20,7 @@ from voice_trio.calls import stream_token
 from voice_trio.calls.center import CallCenter
 from voice_trio.calls.degrade import DEGRADE_REASONS
 from voice_trio.calls.registry import ActiveCall
-from voice_trio.calls.session import STREAM_LOST, CallSession
+from voice_trio.calls.session import STREAM_LOST, STT_UNAVAILABLE, CallSession
 from voice_trio.observability import call_id_var
 from voice_trio.providers.deepgram_stt import SttError
 from voice_trio.providers.telnyx_control import decode_client_state
@@ -101,8 +101,10 @@ async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
             session = CallSession(center, socket, start, call)
             await session.run()
     except SttError as exc:
-        log.error("🔌 Deepgram unavailable, ending the call: %s", exc)
-        await _hang_up(center, call, "stt_unavailable")
+        # Deepgram refused us (401, 1011, unreachable): the call goes on with Telnyx's own
+        # speech recognition and voice (fallback mode) rather than failing.
+        log.error("🔌 Deepgram unavailable (%s): the call continues in fallback mode", exc)
+        call.end_reason = call.end_reason or STT_UNAVAILABLE
     except Exception as exc:
         if socket.closed and call.end_reason is None:
             # Sending found the socket gone before reading did: the same as a close.

@@ -61,6 +61,7 @@ AUDIO_QUEUE = 32  # TTS chunks waiting for pacing; full = TTS waits (back-pressu
 # the call ends, so the call may well be up still: it goes on in fallback mode.
 STREAM_LOST = "stream_lost"
 STT_LOST = "stt_lost"
+STT_UNAVAILABLE = "stt_unavailable"
 
 
 @dataclass
