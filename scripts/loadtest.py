@@ -1,0 +1,546 @@
+"""Load test: one server process, many concurrent scripted calls, the numbers per level.
+
+    .venv/bin/python scripts/loadtest.py --levels 10,25,50,100 --turns 3 --duration 30
+
+The server (``python -m voice_trio.cli serve``, Hypercorn's trio worker) runs as a child
+process on 127.0.0.1; the simulators (Telnyx with its carrier, Deepgram, Anthropic) and the
+scripted callers run in this process. For each concurrency level N, N call slots start
+``--stagger-ms`` apart; each slot places an inbound call (greeting, then ``--turns``
+exchanges in real-time audio both ways, then the caller hangs up) and dials again when it
+ends, until ``--duration`` seconds of steady state have passed. The steady-state window
+starts once every slot is in a call and ends when slots stop dialling; all the per-level
+numbers but the call counts come from that window:
+
+- voice-to-voice p50/p95/p99 (ms): measured by the callers (their last speech frame sent ->
+  first bot audio frame played), bot turns that started in the window;
+- server overhead per turn p50/p99 and event-loop lag p50/p99: from the server's
+  ``/metrics`` histograms, the bucket counts of a scrape after the window minus those of a
+  scrape before it. These are bucket-resolution numbers: ``pNN_ms`` interpolates inside the
+  bucket like Prometheus' ``histogram_quantile``; ``pNN_le_ms`` is the bucket bound the
+  quantile is certainly under (null: above the last finite bound);
+- outbound late frames (counter delta), server CPU (% of one core: CPU-seconds delta / wall
+  time), peak RSS, and RSS per active call = (peak RSS - idle RSS after warm-up) / N;
+- this process's own CPU and event-loop lag. Above ~85 % of a core here, callers' audio is
+  late and the server's numbers are not trustworthy: the level is flagged ``sim_saturated``.
+
+Writes ``results.json``, ``loadtest.png`` (if matplotlib is importable) and ``server.log``
+to ``--out``. The knee is the highest level where the server's loop lag p99 is at most 20 ms
+(at bucket resolution: 99 % of the probes in buckets <= 20 ms) and no outbound frame was late.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import _bench
+import httpx
+import trio
+
+LAG_TARGET_S = 0.02
+SIM_CPU_WARN = 85.0
+# CPU used by the rest of the machine (other jobs, the kernel's loopback work) above which a
+# level's numbers are not the server's alone: on a 2-core machine this is the usual culprit.
+OTHERS_CPU_WARN = 30.0
+
+
+@dataclass
+class Options:
+    levels: list[int]
+    turns: int
+    duration: float
+    stagger_ms: float
+    ms_per_char: int
+    llm_ttft: float
+    tts_ttfb: float
+    max_calls: int | None
+    out: Path
+    time_limit: float
+    sample_every: float
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--levels",
+        "--concurrency",
+        default="10,25,50",
+        help="concurrency levels, comma-separated (default: 10,25,50)",
+    )
+    parser.add_argument("--turns", type=int, default=3, help="exchanges per call (default 3)")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=30.0,
+        help="steady-state seconds per level; slots stop dialling after it (default 30)",
+    )
+    parser.add_argument(
+        "--stagger-ms", type=float, default=100.0, help="between call starts (default 100)"
+    )
+    parser.add_argument(
+        "--ms-per-char",
+        type=int,
+        default=65,
+        help="speech rate of callers and TTS, ms per character (default 65, natural)",
+    )
+    parser.add_argument(
+        "--llm-ttft", type=float, default=0.4, help="LLM time to first token, s (default 0.4)"
+    )
+    parser.add_argument(
+        "--tts-ttfb", type=float, default=150.0, help="TTS time to first byte, ms (default 150)"
+    )
+    parser.add_argument(
+        "--calls",
+        type=int,
+        default=None,
+        help="at most this many calls per level (default: as many as the duration takes)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=900.0,
+        help="abort the whole run after this many seconds (default 900)",
+    )
+    parser.add_argument(
+        "--sample-every", type=float, default=1.0, help="/metrics sampling period, s"
+    )
+    parser.add_argument("--out", default="bench-results/loadtest", help="results directory")
+    args = parser.parse_args(argv)
+    levels = sorted({int(x) for x in str(args.levels).split(",") if x.strip()})
+    if not levels or min(levels) < 1:
+        parser.error("--levels needs positive integers")
+    if args.turns < 1:
+        parser.error("--turns must be at least 1")
+    return Options(
+        levels=levels,
+        turns=args.turns,
+        duration=args.duration,
+        stagger_ms=args.stagger_ms,
+        ms_per_char=args.ms_per_char,
+        llm_ttft=args.llm_ttft,
+        tts_ttfb=args.tts_ttfb,
+        max_calls=args.calls,
+        out=Path(args.out),
+        time_limit=args.time_limit,
+        sample_every=args.sample_every,
+    )
+
+
+def call_timeout(opts: Options) -> float:
+    """Generous: greeting + turns of speech and replies at this speech rate, times three."""
+    per_turn = 140 * opts.ms_per_char / 1000 + 2.0 + opts.llm_ttft
+    return 3 * (8 + opts.turns * per_turn) + 20
+
+
+class Runner:
+    def __init__(self, opts: Options, lab: Any, server: _bench.ServerProcess) -> None:
+        self.opts = opts
+        self.lab = lab
+        self.server = server
+        self.client = httpx.AsyncClient(base_url=server.base_url, timeout=10, trust_env=False)
+        self.progress = _bench.Progress()
+        self.lag = _bench.LagProbe()
+        self.number = 0
+        self.idle: _bench.Scrape | None = None
+
+    def next_number(self) -> str:
+        self.number += 1
+        return f"+57300{self.number:07d}"
+
+    async def call(self, turns: int) -> _bench.CallOutcome:
+        return await _bench.run_inbound_call(
+            self.lab,
+            number=self.next_number(),
+            script=_bench.call_script(turns),
+            turns=turns,
+            ms_per_char=self.opts.ms_per_char,
+            timeout_s=call_timeout(self.opts),
+        )
+
+    async def wait_idle(self, timeout: float = 60.0) -> _bench.Scrape:
+        """Until the server's registry is empty; then a short rest."""
+        with trio.move_on_after(timeout):
+            while True:
+                current = await _bench.scrape(self.client)
+                if not current.active_calls:
+                    break
+                await trio.sleep(0.5)
+        await trio.sleep(2.0)
+        return await _bench.scrape(self.client)
+
+    async def warm_up(self) -> None:
+        self.progress.update("warm-up call ...", force=True)
+        outcome = await self.call(1)
+        if not outcome.ok:
+            raise RuntimeError(f"the warm-up call failed: {outcome.reason}")
+        self.idle = await self.wait_idle()
+        self.progress.done(f"warm-up call ok, idle RSS {_bench.mb(self.idle.rss)} MB")
+
+    async def level(self, n: int) -> dict[str, Any]:
+        opts = self.opts
+        stagger = opts.stagger_ms / 1000
+        start = trio.current_time()
+        ramp_end = start + (n - 1) * stagger
+        window_start = ramp_end + 1.0
+        stop_dialling = window_start + opts.duration
+        outcomes: list[_bench.CallOutcome] = []
+        state = {"started": 0, "active": 0}
+        max_calls = opts.max_calls if opts.max_calls is not None else math.inf
+
+        async def slot(i: int) -> None:
+            await trio.sleep_until(start + i * stagger)
+            while state["started"] < max_calls:
+                state["started"] += 1
+                state["active"] += 1
+                try:
+                    outcomes.append(await self.call(opts.turns))
+                finally:
+                    state["active"] -= 1
+                if trio.current_time() >= stop_dialling:
+                    return
+
+        window: dict[str, Any] = {}
+
+        async def measure() -> None:
+            await trio.sleep_until(window_start)
+            before = await _bench.scrape(self.client)
+            cpu0, wall0, lag_mark = time.process_time(), trio.current_time(), self.lag.mark()
+            machine0 = _bench.machine_cpu()
+            samples: list[_bench.Scrape] = [before]
+            while trio.current_time() < stop_dialling - opts.sample_every / 2:
+                await trio.sleep(min(opts.sample_every, stop_dialling - trio.current_time()))
+                samples.append(await _bench.scrape(self.client))
+            after = await _bench.scrape(self.client)
+            samples.append(after)
+            wall = trio.current_time() - wall0
+            machine1 = _bench.machine_cpu()
+            window.update(
+                machine_busy=(machine1[0] - machine0[0]) / wall * 100 if wall > 0 else None,
+                before=before,
+                after=after,
+                samples=samples,
+                wall=wall,
+                t0=before.at,
+                t1=after.at,
+                sim_cpu=(time.process_time() - cpu0) / wall * 100 if wall > 0 else None,
+                sim_lag=self.lag.since(lag_mark),
+            )
+
+        async def show() -> None:
+            while True:
+                now = trio.current_time()
+                if now < window_start:
+                    phase = f"ramp {_bench.bar(now - start, window_start - start)}"
+                elif now < stop_dialling:
+                    phase = f"steady {_bench.bar(now - window_start, opts.duration)}"
+                else:
+                    phase = f"draining {now - stop_dialling:4.0f}s"
+                failed = sum(1 for o in outcomes if not o.ok)
+                self.progress.update(
+                    f"N={n:<4} {phase}  in call {state['active']:>4}"
+                    f"  done {len(outcomes) - failed}  failed {failed}"
+                )
+                _bench.prune_lab(self.lab)
+                await trio.sleep(0.5)
+
+        with trio.fail_after(stop_dialling - start + call_timeout(opts) + 60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(show)
+                async with trio.open_nursery() as calls:
+                    for i in range(n):
+                        calls.start_soon(slot, i)
+                    calls.start_soon(measure)
+                nursery.cancel_scope.cancel()
+        self.progress.done(
+            f"N={n:<4} done: {sum(o.ok for o in outcomes)} ok, "
+            f"{sum(not o.ok for o in outcomes)} failed"
+        )
+        await self.wait_idle()
+        return summarize_level(n, outcomes, window, self.idle, opts)
+
+
+def summarize_level(
+    n: int,
+    outcomes: list[_bench.CallOutcome],
+    window: dict[str, Any],
+    idle: _bench.Scrape | None,
+    opts: Options,
+) -> dict[str, Any]:
+    before: _bench.Scrape = window["before"]
+    after: _bench.Scrape = window["after"]
+    samples: list[_bench.Scrape] = window["samples"]
+    t0, t1 = window["t0"], window["t1"]
+
+    def delta_hist(name: str, **labels: str) -> _bench.Buckets:
+        return _bench.bucket_delta(
+            before.histogram(name, **labels), after.histogram(name, **labels)
+        )
+
+    in_window = [ms for o in outcomes for at, ms in o.turn_starts if t0 <= at <= t1]
+    every = [ms for o in outcomes for ms in o.latencies_ms]
+    lag = delta_hist("voice_event_loop_lag_seconds")
+    overhead = delta_hist("voice_server_overhead_seconds")
+    stages = {}
+    for stage in ("t0-t1", "t1-t2", "t2-t3", "t3-t4", "t4-t5", "t0-t5"):
+        stages[stage] = _bench.hist_summary(
+            delta_hist("voice_turn_stage_seconds", stage=stage), bounds=False
+        )
+    late = (after.value("voice_outbound_frames_late_total") or 0.0) - (
+        before.value("voice_outbound_frames_late_total") or 0.0
+    )
+    cpu = None
+    if after.cpu is not None and before.cpu is not None and t1 > t0:
+        cpu = (after.cpu - before.cpu) / (t1 - t0) * 100
+    rss_peak = max((s.rss or 0.0) for s in samples)
+    idle_rss = idle.rss if idle is not None else None
+    share_ok = _bench.share_at_most(LAG_TARGET_S, lag)
+    lag_ok = share_ok is not None and share_ok >= 0.99
+    sim_lag = window["sim_lag"]
+    sim_cpu = window["sim_cpu"]
+    reasons = Counter(o.reason for o in outcomes if not o.ok)
+    result = {
+        "concurrency": n,
+        "calls": {
+            "started": len(outcomes),
+            "completed": sum(o.ok for o in outcomes),
+            "failed": sum(not o.ok for o in outcomes),
+            "failure_reasons": dict(reasons.most_common(5)),
+        },
+        "window_s": round(t1 - t0, 1),
+        "voice_to_voice_ms": _bench.raw_summary(in_window),
+        "voice_to_voice_ms_all_turns": _bench.raw_summary(every),
+        "server_overhead": _bench.hist_summary(overhead, (0.5, 0.99)),
+        "event_loop_lag": _bench.hist_summary(lag, (0.5, 0.99)),
+        "event_loop_lag_share_le_20ms": None if share_ok is None else round(share_ok, 5),
+        "event_loop_lag_max_le_ms": _ms(_bench.max_bound(lag)),
+        "event_loop_lag_buckets": _bench.per_bucket(lag),
+        "turn_stages": stages,
+        "outbound_frames_late": int(late),
+        "server_cpu_percent": None if cpu is None else round(cpu, 1),
+        "server_rss_mb_idle": _bench.mb(idle_rss),
+        "server_rss_mb_peak": _bench.mb(rss_peak),
+        "rss_per_call_kb": None if idle_rss is None else round((rss_peak - idle_rss) / n / 1024, 1),
+        "max_active_calls": int(max((s.active_calls or 0.0) for s in samples)),
+        "max_trio_tasks": int(max((s.tasks or 0.0) for s in samples)),
+        "max_open_fds": int(max((s.fds or 0.0) for s in samples)),
+        "sim": {
+            "cpu_percent": None if sim_cpu is None else round(sim_cpu, 1),
+            "loop_lag_p99_ms": None
+            if not sim_lag
+            else round((_bench.percentile(sim_lag, 0.99) or 0.0) * 1000, 1),
+            "line_late_resyncs": sum(o.late_resyncs for o in outcomes),
+        },
+        "meets": {
+            "loop_lag_p99_le_20ms": lag_ok,
+            "no_late_frames": late == 0,
+            "no_failed_calls": not reasons,
+        },
+    }
+    busy = window["machine_busy"]
+    if busy is not None:
+        # Everything else on the machine in the window (other users, the kernel's own work).
+        result["machine"] = {
+            "busy_percent_of_one_core": round(busy, 1),
+            "cores": os.cpu_count(),
+            "others_percent": round(busy - (cpu or 0.0) - (sim_cpu or 0.0), 1),
+        }
+    result["sim_saturated"] = sim_cpu is not None and sim_cpu > SIM_CPU_WARN
+    others = result.get("machine", {}).get("others_percent")
+    result["contended"] = others is not None and others > OTHERS_CPU_WARN
+    if cpu is not None:
+        result["server_cpu_ms_per_call_second"] = round(cpu * 10 / n, 2)
+    return result
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None or math.isinf(seconds) else round(seconds * 1000, 3)
+
+
+def find_knee(levels: list[dict[str, Any]]) -> int | None:
+    """The highest level passing the target, counted up from the lowest level while they pass."""
+    knee = None
+    for level in sorted(levels, key=lambda x: x["concurrency"]):
+        meets = level["meets"]
+        if meets["loop_lag_p99_le_20ms"] and meets["no_late_frames"]:
+            knee = level["concurrency"]
+        else:
+            break
+    return knee
+
+
+def _fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(levels: list[dict[str, Any]]) -> str:
+    head = (
+        "| N | calls ok / failed | v2v p50 / p95 / p99 ms | overhead p50 / p99 ms "
+        "| loop lag p99 ms (≤ bucket) | late frames | server CPU % | RSS peak MB "
+        "| RSS/call KB | sim CPU % | sim lag p99 ms | others CPU % |"
+    )
+    rows = [head, "|" + "---|" * 12]
+    for lv in levels:
+        v2v, ovh, lag = lv["voice_to_voice_ms"], lv["server_overhead"], lv["event_loop_lag"]
+        lag_text = f"{_fmt(lag['p99_ms'], 1)} (≤ {_fmt(lag['p99_le_ms'])})"
+        if lag["p99_overflow"]:
+            lag_text = f"> {_fmt(lag['p99_ms'])}"
+        sim = lv["sim"]
+        flag = " ⚠" if lv["sim_saturated"] else ""
+        busy = " ⚠" if lv.get("contended") else ""
+        rows.append(
+            f"| {lv['concurrency']} | {lv['calls']['completed']} / {lv['calls']['failed']} "
+            f"| {_fmt(v2v['p50'])} / {_fmt(v2v['p95'])} / {_fmt(v2v['p99'])} "
+            f"| {_fmt(ovh['p50_ms'], 2)} / {_fmt(ovh['p99_ms'], 2)} "
+            f"| {lag_text} | {lv['outbound_frames_late']} | {_fmt(lv['server_cpu_percent'])} "
+            f"| {_fmt(lv['server_rss_mb_peak'], 1)} | {_fmt(lv['rss_per_call_kb'])} "
+            f"| {_fmt(sim['cpu_percent'])}{flag} | {_fmt(sim['loop_lag_p99_ms'], 1)} "
+            f"| {_fmt(lv.get('machine', {}).get('others_percent'))}{busy} |"
+        )
+    return "\n".join(rows)
+
+
+def plot(levels: list[dict[str, Any]], path: Path) -> str:
+    plt = _bench.load_matplotlib()
+    if plt is None:
+        return (
+            "matplotlib is not installed: no PNG written (pip install matplotlib to get "
+            f"{path.name}; the numbers are all in results.json)"
+        )
+    xs = [lv["concurrency"] for lv in levels]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 8), sharex=True)
+    for key, style in (("p50", "o-"), ("p95", "s-"), ("p99", "^-")):
+        top.plot(xs, [lv["voice_to_voice_ms"][key] for lv in levels], style, label=f"v2v {key}")
+    top.set_ylabel("voice-to-voice, ms")
+    top.legend()
+    top.grid(True, alpha=0.3)
+    series = (
+        ("server overhead p50", [lv["server_overhead"]["p50_ms"] for lv in levels], "o-"),
+        ("server overhead p99", [lv["server_overhead"]["p99_ms"] for lv in levels], "s-"),
+        ("event-loop lag p99", [lv["event_loop_lag"]["p99_ms"] for lv in levels], "^-"),
+    )
+    for label, ys, style in series:
+        bottom.plot(xs, [y if y is not None else float("nan") for y in ys], style, label=label)
+    bottom.axhline(20, color="red", linestyle="--", linewidth=1, label="lag target 20 ms")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("ms (bucket resolution)")
+    bottom.set_xlabel("concurrent calls")
+    bottom.legend()
+    bottom.grid(True, alpha=0.3, which="both")
+    fig.suptitle("voice-trio loadtest: percentiles against concurrency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+async def run(opts: Options) -> int:
+    opts.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    meta = {
+        "machine": _bench.machine_info(),
+        "options": {
+            "levels": opts.levels,
+            "turns": opts.turns,
+            "duration_s": opts.duration,
+            "stagger_ms": opts.stagger_ms,
+            "ms_per_char": opts.ms_per_char,
+            "llm_ttft_s": opts.llm_ttft,
+            "tts_ttfb_ms": opts.tts_ttfb,
+            "max_calls_per_level": opts.max_calls,
+        },
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    levels: list[dict[str, Any]] = []
+    server: _bench.ServerProcess | None = None
+    try:
+        with trio.fail_after(opts.time_limit):
+            async with trio.open_nursery() as nursery:
+                port = _bench.free_port()
+                lab = await _bench.open_bench_lab(
+                    nursery,
+                    ms_per_char=opts.ms_per_char,
+                    llm_ttft=opts.llm_ttft,
+                    tts_ttfb_ms=opts.tts_ttfb,
+                    webhook_url=f"http://127.0.0.1:{port}/webhook/telnyx",
+                )
+                env = _bench.server_env(lab.server_env(), port, opts.out)
+                server = _bench.ServerProcess(env, port, opts.out / "server.log")
+                await server.start()
+                runner = Runner(opts, lab, server)
+                nursery.start_soon(runner.lag.run)
+                await runner.warm_up()
+                for n in opts.levels:
+                    result = await runner.level(n)
+                    levels.append(result)
+                    _bench.write_json(opts.out / "results.json", {**meta, "levels": levels})
+                    if result["contended"]:
+                        print(
+                            f"warning: N={n}: the rest of the machine used "
+                            f"{result['machine']['others_percent']} % of a core during the "
+                            "window; the level's numbers are disturbed (run it again)",
+                            file=sys.stderr,
+                        )
+                    if result["sim_saturated"]:
+                        print(
+                            f"warning: N={n}: this process (simulators + callers) used "
+                            f"{result['sim']['cpu_percent']} % of a core; the level's numbers "
+                            "are limited by the simulators, not only by the server",
+                            file=sys.stderr,
+                        )
+                await runner.client.aclose()
+                code = await server.stop()
+                meta["server_exit_code"] = code
+                nursery.cancel_scope.cancel()
+    finally:
+        if server is not None:
+            server.kill_now()
+    meta["server_log_problems"] = server.log_problems() if server else {}
+    meta["wall_seconds"] = round(time.time() - started, 1)
+    knee = find_knee(levels)
+    _bench.write_json(opts.out / "results.json", {**meta, "levels": levels, "knee": knee})
+    print()
+    print(table(levels))
+    print()
+    print(
+        f"knee (loop lag p99 <= 20 ms and no late frame): "
+        f"{knee if knee is not None else 'none of the levels'}"
+    )
+    failing = next((lv for lv in levels if lv["concurrency"] > (knee or 0)), None)
+    if failing is not None and (failing["contended"] or failing["sim_saturated"]):
+        print(
+            f"note: N={failing['concurrency']} failed while "
+            + ("the machine was busy with other work" if failing["contended"] else "")
+            + (" and " if failing["contended"] and failing["sim_saturated"] else "")
+            + ("the simulators saturated their core" if failing["sim_saturated"] else "")
+            + ": the knee may be higher on a quieter or bigger machine"
+        )
+    print(plot(levels, opts.out / "loadtest.png"))
+    print(f"results: {opts.out / 'results.json'}; server log: {opts.out / 'server.log'}")
+    problems = meta["server_log_problems"]
+    if problems.get("error") or problems.get("traceback"):
+        print(f"note: the server logged errors: {problems}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.getLogger("hypercorn.error").disabled = True  # the simulators' "Running on" lines
+    return trio.run(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

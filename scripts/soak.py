@@ -1,0 +1,499 @@
+"""Soak: waves of calls through one server process, then proof that nothing was left behind.
+
+    .venv/bin/python scripts/soak.py --calls 2000 --concurrency 40
+    .venv/bin/python scripts/soak.py --duration 3600 --concurrency 20 --ms-per-char 65
+
+The server (``python -m voice_trio.cli serve``) runs as a child process on 127.0.0.1; the
+simulators and the scripted callers run in this process. After one warm-up call the idle
+baseline is taken: live Trio tasks, open descriptors and registry size (``voice_trio_tasks``,
+``process_open_fds``, ``voice_active_calls`` on ``/metrics``). Then waves of
+``--concurrency`` inbound calls (``--stagger-ms`` apart; each wave waits for all its calls)
+run until ``--calls`` calls or ``--duration`` seconds. Meanwhile RSS, descriptors, tasks and
+registry size are sampled every ``--sample-every`` seconds.
+
+At the end, and after the same single call that preceded the baseline (connection pools drop
+connections that the peer closed only when they are next used, so both states are measured
+"idle after one lone call"), the script waits up to ``--settle`` seconds for:
+
+- tasks == baseline and registry == 0 (exact: leaks are counts);
+- descriptors <= baseline + ``--fd-tolerance`` (default 2): a keep-alive pool may hold one
+  idle connection more or less to a simulator than at the baseline, depending on timing;
+- RSS drift <= ``--rss-drift-mb`` (default 2): RSS at the last wave's end minus RSS at the end
+  of the wave that completed the warm-up (the first ``--warm-up`` share of the calls, at least
+  one wave). Both are taken with the registry empty.
+
+Writes ``soak.json`` (summary and samples), ``soak.png`` (RSS and tasks over time, if
+matplotlib is importable) and ``server.log`` to ``--out``. Exit code 0: no leak; 1: a leak
+or too many failed calls (printed); 2: the harness could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import _bench
+import httpx
+import trio
+
+# Hypercorn closes a keep-alive connection after 5 s idle: stable longer than that is idle.
+STABLE_S = 6.0
+
+
+@dataclass
+class Options:
+    calls: int | None
+    duration: float | None
+    concurrency: int
+    turns: int
+    stagger_ms: float
+    ms_per_char: int
+    llm_ttft: float
+    tts_ttfb: float
+    warm_up: float
+    rss_drift_mb: float
+    fd_tolerance: int
+    settle: float
+    max_failed_share: float
+    sample_every: float
+    out: Path
+    quiet: bool
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--calls", type=int, default=None, help="calls to make (default 1000)")
+    parser.add_argument(
+        "--duration", type=float, default=None, help="or: keep starting waves for this many s"
+    )
+    parser.add_argument("--concurrency", type=int, default=20, help="calls per wave (default 20)")
+    parser.add_argument("--turns", type=int, default=1, help="exchanges per call (default 1)")
+    parser.add_argument("--stagger-ms", type=float, default=20.0, help="between call starts")
+    parser.add_argument(
+        "--ms-per-char", type=int, default=25, help="speech rate, ms per character (default 25)"
+    )
+    parser.add_argument("--llm-ttft", type=float, default=0.05, help="LLM first token, s")
+    parser.add_argument("--tts-ttfb", type=float, default=20.0, help="TTS first byte, ms")
+    parser.add_argument(
+        "--warm-up", type=float, default=0.1, help="share of the calls before RSS is compared"
+    )
+    parser.add_argument("--rss-drift-mb", type=float, default=2.0, help="allowed RSS drift")
+    parser.add_argument(
+        "--fd-tolerance", type=int, default=2, help="descriptors allowed above the baseline"
+    )
+    parser.add_argument("--settle", type=float, default=20.0, help="max wait for idle, s")
+    parser.add_argument(
+        "--max-failed-share", type=float, default=0.05, help="failed calls allowed (share)"
+    )
+    parser.add_argument("--sample-every", type=float, default=1.0, help="sampling period, s")
+    parser.add_argument("--out", default="bench-results/soak", help="results directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    args = parser.parse_args(argv)
+    if args.calls is None and args.duration is None:
+        args.calls = 1000
+    if args.concurrency < 1 or args.turns < 1:
+        parser.error("--concurrency and --turns must be at least 1")
+    return Options(
+        calls=args.calls,
+        duration=args.duration,
+        concurrency=args.concurrency,
+        turns=args.turns,
+        stagger_ms=args.stagger_ms,
+        ms_per_char=args.ms_per_char,
+        llm_ttft=args.llm_ttft,
+        tts_ttfb=args.tts_ttfb,
+        warm_up=args.warm_up,
+        rss_drift_mb=args.rss_drift_mb,
+        fd_tolerance=args.fd_tolerance,
+        settle=args.settle,
+        max_failed_share=args.max_failed_share,
+        sample_every=args.sample_every,
+        out=Path(args.out),
+        quiet=args.quiet,
+    )
+
+
+def call_timeout(opts: Options) -> float:
+    per_turn = 140 * opts.ms_per_char / 1000 + 2.0 + opts.llm_ttft
+    return 3 * (8 + opts.turns * per_turn) + 20
+
+
+@dataclass
+class Idle:
+    """The server at rest: what must come back after the soak."""
+
+    tasks: int
+    fds: int
+    registry: int
+    rss: float
+    fd_kinds: dict[str, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "trio_tasks": self.tasks,
+            "open_fds": self.fds,
+            "registry": self.registry,
+            "rss_mb": _bench.mb(self.rss),
+            "fd_kinds": self.fd_kinds,
+        }
+
+
+class Soak:
+    def __init__(self, opts: Options, lab: Any, server: _bench.ServerProcess) -> None:
+        self.opts = opts
+        self.lab = lab
+        self.server = server
+        self.client = httpx.AsyncClient(base_url=server.base_url, timeout=10, trust_env=False)
+        self.progress = _bench.Progress()
+        self.number = 0
+        self.done = 0
+        self.failed: Counter[str] = Counter()
+        self.in_call = 0
+        self.samples: list[dict[str, Any]] = []
+        self.boundaries: list[dict[str, Any]] = []  # the registry empty after each wave
+        self.t0 = trio.current_time()
+        self.wave = 0
+
+    async def call(self) -> _bench.CallOutcome:
+        self.number += 1
+        return await _bench.run_inbound_call(
+            self.lab,
+            number=f"+57310{self.number:07d}",
+            script=_bench.call_script(self.opts.turns, pause_ms=200, silence_ms=300),
+            turns=self.opts.turns,
+            ms_per_char=self.opts.ms_per_char,
+            timeout_s=call_timeout(self.opts),
+            turn_gap_ms=300,
+        )
+
+    async def lone_call(self) -> None:
+        outcome = await self.call()
+        if not outcome.ok:
+            raise RuntimeError(f"a single call failed: {outcome.reason}")
+
+    async def until_empty(self, timeout: float = 60.0) -> _bench.Scrape:
+        with trio.move_on_after(timeout):
+            while True:
+                current = await _bench.scrape(self.client)
+                if not current.active_calls:
+                    return current
+                await trio.sleep(0.2)
+        return await _bench.scrape(self.client)
+
+    async def idle(self, target: Idle | None = None) -> Idle:
+        """Wait (at most ``--settle`` s) until the registry is empty and tasks and descriptors
+        have not changed for ``STABLE_S`` (longer than the server's keep-alive timeout, so
+        idle webhook connections are gone), or, given ``target``, are back at it."""
+        deadline = trio.current_time() + self.opts.settle
+        previous: tuple[int, int] | None = None
+        stable_since = trio.current_time()
+        while True:
+            current = await _bench.scrape(self.client)
+            state = (int(current.tasks or 0), int(current.fds or 0))
+            now = trio.current_time()
+            if state != previous or current.active_calls:
+                previous, stable_since = state, now
+            if not current.active_calls:
+                if target is not None and state[0] == target.tasks and state[1] <= target.fds:
+                    break
+                if now - stable_since >= STABLE_S:
+                    break
+            if now >= deadline:
+                break
+            await trio.sleep(0.5)
+        return Idle(
+            tasks=state[0],
+            fds=state[1],
+            registry=int(current.active_calls or 0),
+            rss=current.rss or 0.0,
+            fd_kinds=self.server.fd_kinds(),
+        )
+
+    def record(self, current: _bench.Scrape) -> dict[str, Any]:
+        row = {
+            "t": round(current.at - self.t0, 2),
+            "calls_done": self.done,
+            "rss_mb": _bench.mb(current.rss),
+            "open_fds": int(current.fds or 0),
+            "trio_tasks": int(current.tasks or 0),
+            "registry": int(current.active_calls or 0),
+        }
+        self.samples.append(row)
+        return row
+
+    def target_reached(self, started_at: float) -> bool:
+        opts = self.opts
+        if opts.calls is not None and self.number - 1 >= opts.calls:  # minus the warm-up call
+            return True
+        return opts.duration is not None and trio.current_time() - started_at >= opts.duration
+
+    async def waves(self) -> None:
+        opts = self.opts
+        started_at = trio.current_time()
+        stagger = opts.stagger_ms / 1000
+        while not self.target_reached(started_at):
+            self.wave += 1
+            size = opts.concurrency
+            if opts.calls is not None:
+                size = min(size, opts.calls - (self.number - 1))
+
+            async def one(i: int) -> None:
+                await trio.sleep(i * stagger)
+                self.in_call += 1
+                try:
+                    outcome = await self.call()
+                finally:
+                    self.in_call -= 1
+                self.done += 1
+                if not outcome.ok:
+                    self.failed[outcome.reason] += 1
+
+            async with trio.open_nursery() as nursery:
+                for i in range(size):
+                    nursery.start_soon(one, i)
+            row = self.record(await self.until_empty())
+            self.boundaries.append(row)
+            _bench.prune_lab(self.lab)
+
+    async def sample(self) -> None:
+        while True:
+            row = self.record(await _bench.scrape(self.client))
+            if not self.opts.quiet:
+                total = self.opts.calls
+                goal = f"/{total}" if total else ""
+                share = self.done / total if total else 0.0
+                self.progress.update(
+                    f"soak {self.done}{goal} calls {_bench.bar(share, 1.0) if total else ''} "
+                    f"wave {self.wave}  in call {self.in_call:>3}  RSS {row['rss_mb']} MB  "
+                    f"tasks {row['trio_tasks']}  fds {row['open_fds']}  "
+                    f"failed {sum(self.failed.values())}"
+                )
+            await trio.sleep(self.opts.sample_every)
+
+
+def warm_boundary(boundaries: list[dict[str, Any]], calls: int, share: float) -> dict | None:
+    """The first wave end at which at least ``share`` of the calls had been made."""
+    need = max(1, math.ceil(share * calls))
+    for row in boundaries:
+        if row["calls_done"] >= need:
+            return row
+    return None
+
+
+def slope_per_1000(rows: list[dict[str, Any]]) -> float | None:
+    """Least-squares RSS growth in MB per 1000 calls over the given wave ends."""
+    if len(rows) < 3:
+        return None
+    xs = [r["calls_done"] for r in rows]
+    ys = [r["rss_mb"] for r in rows]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    if var == 0:
+        return None
+    return round(sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var * 1000, 3)
+
+
+def judge(
+    opts: Options,
+    baseline: Idle,
+    final: Idle,
+    boundaries: list[dict[str, Any]],
+    done: int,
+    failed: int,
+) -> tuple[list[str], dict[str, Any]]:
+    """The leak verdict: problems found (empty: none) and the numbers behind it."""
+    problems: list[str] = []
+    if final.tasks != baseline.tasks:
+        problems.append(
+            f"Trio tasks: {final.tasks} after the soak vs {baseline.tasks} at the baseline "
+            f"({final.tasks - baseline.tasks:+d})"
+        )
+    if final.registry != 0:
+        problems.append(f"registry: {final.registry} calls still registered")
+    if final.fds > baseline.fds + opts.fd_tolerance:
+        kinds = {
+            k: final.fd_kinds.get(k, 0) - baseline.fd_kinds.get(k, 0)
+            for k in set(final.fd_kinds) | set(baseline.fd_kinds)
+            if final.fd_kinds.get(k, 0) != baseline.fd_kinds.get(k, 0)
+        }
+        problems.append(
+            f"descriptors: {final.fds} after the soak vs {baseline.fds} at the baseline "
+            f"(+{final.fds - baseline.fds}, tolerance {opts.fd_tolerance}; by kind: {kinds})"
+        )
+    warm = warm_boundary(boundaries, done, opts.warm_up)
+    drift = None
+    if warm is not None and boundaries:
+        drift = round(boundaries[-1]["rss_mb"] - warm["rss_mb"], 3)
+        if drift > opts.rss_drift_mb:
+            problems.append(
+                f"RSS drift: +{drift} MB from {warm['rss_mb']} MB (after {warm['calls_done']} "
+                f"calls) to {boundaries[-1]['rss_mb']} MB (after {boundaries[-1]['calls_done']}), "
+                f"limit {opts.rss_drift_mb} MB"
+            )
+    if done and failed / done > opts.max_failed_share:
+        problems.append(f"failed calls: {failed} of {done} (allowed share {opts.max_failed_share})")
+    after_warm = [
+        b for b in boundaries if warm is not None and b["calls_done"] >= warm["calls_done"]
+    ]
+    numbers = {
+        "rss_mb_at_warm_up": warm["rss_mb"] if warm else None,
+        "calls_at_warm_up": warm["calls_done"] if warm else None,
+        "rss_mb_at_end": boundaries[-1]["rss_mb"] if boundaries else None,
+        "rss_drift_mb": drift,
+        "rss_slope_mb_per_1000_calls": slope_per_1000(after_warm),
+        "tasks_delta": final.tasks - baseline.tasks,
+        "fds_delta": final.fds - baseline.fds,
+        "registry_at_end": final.registry,
+    }
+    return problems, numbers
+
+
+def plot(samples: list[dict[str, Any]], path: Path) -> str:
+    plt = _bench.load_matplotlib()
+    if plt is None:
+        return "matplotlib is not installed: no PNG written (the samples are in soak.json)"
+    ts = [s["t"] for s in samples]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    top.plot(ts, [s["rss_mb"] for s in samples], "-", color="tab:blue")
+    top.set_ylabel("server RSS, MB")
+    top.grid(True, alpha=0.3)
+    bottom.plot(ts, [s["trio_tasks"] for s in samples], "-", label="Trio tasks")
+    bottom.plot(ts, [s["open_fds"] for s in samples], "-", label="open fds")
+    bottom.plot(ts, [s["registry"] for s in samples], "-", label="calls in registry")
+    bottom.set_xlabel("seconds")
+    bottom.legend()
+    bottom.grid(True, alpha=0.3)
+    fig.suptitle("voice-trio soak: server RSS, tasks, descriptors over time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+async def run(opts: Options) -> int:
+    opts.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    summary: dict[str, Any] = {
+        "machine": _bench.machine_info(),
+        "options": {
+            "calls": opts.calls,
+            "duration_s": opts.duration,
+            "concurrency": opts.concurrency,
+            "turns": opts.turns,
+            "ms_per_char": opts.ms_per_char,
+            "llm_ttft_s": opts.llm_ttft,
+            "tts_ttfb_ms": opts.tts_ttfb,
+            "warm_up_share": opts.warm_up,
+            "rss_drift_mb": opts.rss_drift_mb,
+            "fd_tolerance": opts.fd_tolerance,
+        },
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    server: _bench.ServerProcess | None = None
+    soak: Soak | None = None
+    limit = (
+        (opts.duration or 0)
+        + ((opts.calls or 0) / opts.concurrency + 2) * (call_timeout(opts) + 5)
+        + 4 * opts.settle
+        + 120
+    )
+    try:
+        with trio.fail_after(limit):
+            async with trio.open_nursery() as nursery:
+                port = _bench.free_port()
+                lab = await _bench.open_bench_lab(
+                    nursery,
+                    ms_per_char=opts.ms_per_char,
+                    llm_ttft=opts.llm_ttft,
+                    tts_ttfb_ms=opts.tts_ttfb,
+                    webhook_url=f"http://127.0.0.1:{port}/webhook/telnyx",
+                    keep_alive_s=1.0,
+                )
+                server = _bench.ServerProcess(
+                    _bench.server_env(lab.server_env(), port, opts.out),
+                    port,
+                    opts.out / "server.log",
+                )
+                await server.start()
+                soak = Soak(opts, lab, server)
+                await soak.lone_call()
+                baseline = await soak.idle()
+                soak.record(await _bench.scrape(soak.client))
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(soak.sample)
+                    await soak.waves()
+                    inner.cancel_scope.cancel()
+                if not opts.quiet:
+                    soak.progress.done(f"soak: {soak.done} calls in {soak.wave} waves")
+                # The simulators close idle keep-alive connections after 1 s; the lone call
+                # then makes the server's pools notice (and drop) the closed ones.
+                await trio.sleep(2.0)
+                await soak.lone_call()
+                final = await soak.idle(target=baseline)
+                soak.record(await _bench.scrape(soak.client))
+                await soak.client.aclose()
+                summary["server_exit_code"] = await server.stop()
+                nursery.cancel_scope.cancel()
+    except (RuntimeError, OSError, trio.TooSlowError) as exc:
+        print(f"soak: could not run: {exc!r}", file=sys.stderr)
+        if server is not None:
+            print(server.log_tail(), file=sys.stderr)
+        return 2
+    finally:
+        if server is not None:
+            server.kill_now()
+    failed = sum(soak.failed.values())
+    problems, numbers = judge(opts, baseline, final, soak.boundaries, soak.done, failed)
+    summary.update(
+        {
+            "calls": {
+                "done": soak.done,
+                "failed": failed,
+                "failure_reasons": dict(soak.failed.most_common(5)),
+                "waves": soak.wave,
+            },
+            "baseline": baseline.as_dict(),
+            "final": final.as_dict(),
+            **numbers,
+            "leaks": problems,
+            "ok": not problems,
+            "server_log_problems": server.log_problems(),
+            "wall_seconds": round(time.time() - started, 1),
+            "wave_ends": soak.boundaries,
+            "samples": soak.samples,
+        }
+    )
+    _bench.write_json(opts.out / "soak.json", summary)
+    print(
+        f"soak: {soak.done} calls ({failed} failed) in {summary['wall_seconds']} s; "
+        f"tasks {baseline.tasks} -> {final.tasks}, fds {baseline.fds} -> {final.fds}, "
+        f"registry {final.registry}; RSS {numbers['rss_mb_at_warm_up']} MB after warm-up -> "
+        f"{numbers['rss_mb_at_end']} MB (drift {numbers['rss_drift_mb']} MB, "
+        f"slope {numbers['rss_slope_mb_per_1000_calls']} MB/1000 calls)"
+    )
+    print(plot(soak.samples, opts.out / "soak.png"))
+    print(f"summary: {opts.out / 'soak.json'}; server log: {opts.out / 'server.log'}")
+    if problems:
+        print("LEAK: " + "\nLEAK: ".join(problems), file=sys.stderr)
+        return 1
+    print("no leak")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.getLogger("hypercorn.error").disabled = True  # the simulators' "Running on" lines
+    return trio.run(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
