@@ -17,6 +17,7 @@ from voice_trio.config import Settings
 log = logging.getLogger("voice_trio")
 
 SHUTDOWN_GRACE_SECONDS = 5.0
+READ_TIMEOUT_SECONDS = 30
 
 
 def reserve_listener(host: str, port: int = 0) -> socket.socket:
@@ -37,6 +38,10 @@ def hypercorn_config(settings: Settings, listener: socket.socket | None = None) 
     config.accesslog = None
     config.graceful_timeout = SHUTDOWN_GRACE_SECONDS
     config.websocket_ping_interval = None
+    # A connection that sends nothing for this long is closed. A live call's media socket
+    # carries a frame every 20 ms and idle HTTP keep-alive has its own 5 s timer; this only
+    # reaps half-closed peers that would otherwise hold a socket and two tasks forever.
+    config.read_timeout = READ_TIMEOUT_SECONDS
     # Telnyx frames are small JSON; nothing legitimate comes near this.
     config.websocket_max_message_size = 256 * 1024
     return config

@@ -16,4 +16,7 @@ async def serve_media_stream(
     try:
         await run_media_call(center, socket)
     finally:
+        peer_gone = socket.closed and socket.close_code is not None
         await socket.close(1001 if center.going_away.is_set() else 1000)
+        if not peer_gone:
+            await socket.drain()

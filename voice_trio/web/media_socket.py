@@ -94,3 +94,15 @@ class AsgiWebSocket:
                     await self._send({"type": "websocket.close", "code": code, "reason": reason})
                 except Exception:
                     pass  # the peer is already gone: the socket is closed either way
+
+    async def drain(self, timeout: float = 2.0) -> None:
+        """After closing, read what the peer still sends until it disconnects (bounded).
+
+        Hypercorn hands incoming frames to the app through a bounded queue; an app that
+        stops reading leaves the connection's reader blocked on that queue, so the close
+        is never seen and the socket and its tasks stay forever."""
+        with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+            while True:
+                message = await self._receive()
+                if message["type"] == "websocket.disconnect":
+                    return
