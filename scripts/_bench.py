@@ -269,6 +269,41 @@ def server_env(
     return env
 
 
+def sigterm_as_interrupt() -> None:
+    """SIGTERM (``timeout``, a CI runner) ends the script like Ctrl-C: ``finally`` blocks
+    run and the server child is stopped instead of orphaned."""
+
+    def handler(signum: int, frame: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+_TCP_STATES = {
+    "01": "ESTABLISHED",
+    "02": "SYN_SENT",
+    "03": "SYN_RECV",
+    "04": "FIN_WAIT1",
+    "05": "FIN_WAIT2",
+    "06": "TIME_WAIT",
+    "07": "CLOSE",
+    "08": "CLOSE_WAIT",
+    "09": "LAST_ACK",
+    "0A": "LISTEN",
+    "0B": "CLOSING",
+}
+
+
+def lab_ports(lab: Any) -> dict[int, str]:
+    """Simulator ports by name, to say where a server's socket goes."""
+    ports: dict[int, str] = {}
+    for name in ("telnyx", "deepgram", "anthropic", "elevenlabs"):
+        url = getattr(lab, f"{name}_url", None)
+        if url:
+            ports[int(url.rsplit(":", 1)[1].split("/", 1)[0])] = name
+    return ports
+
+
 class ServerProcess:
     """``python -m voice_trio.cli serve`` as a child process; stderr goes to ``log_path``.
 
@@ -364,6 +399,46 @@ class ServerProcess:
                 counts["traceback"] += 1
         return counts
 
+    def socket_peers(self, names: dict[int, str] | None = None) -> dict[str, int]:
+        """The server's TCP sockets by direction, peer and state, e.g. ``"out deepgram
+        ESTABLISHED": 3``, ``"in CLOSE_WAIT": 1`` (``in``: accepted on the server's port):
+        what a descriptor leak is made of."""
+        names = names or {}
+        inodes: set[str] = set()
+        if self.pid is None:
+            return {}
+        try:
+            for entry in Path(f"/proc/{self.pid}/fd").iterdir():
+                try:
+                    target = os.readlink(entry)
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            return {}
+        peers: dict[str, int] = {}
+        for table in ("tcp", "tcp6"):
+            try:
+                lines = Path(f"/proc/{self.pid}/net/{table}").read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                cols = line.split()
+                if len(cols) < 10 or cols[9] not in inodes:
+                    continue
+                local_port = int(cols[1].rsplit(":", 1)[1], 16)
+                remote_port = int(cols[2].rsplit(":", 1)[1], 16)
+                state = _TCP_STATES.get(cols[3], cols[3])
+                if state == "LISTEN":
+                    key = "listen"
+                elif local_port == self.port:
+                    key = f"in {state}"
+                else:
+                    key = f"out {names.get(remote_port, remote_port)} {state}"
+                peers[key] = peers.get(key, 0) + 1
+        return peers
+
     def fd_kinds(self) -> dict[str, int]:
         """What the server's descriptors are (socket, pipe, file, ...), for leak reports."""
         kinds: dict[str, int] = {}
@@ -386,8 +461,6 @@ class ServerProcess:
 
 # ---------------------------------------------------------------------------------------------
 # The simulators and the calls
-
-OUR_NUMBER = "+5716000000"
 
 # What the callers say, one sentence per turn (no farewell: the caller hangs up at the end).
 UTTERANCES = (
@@ -468,6 +541,7 @@ async def run_inbound_call(
     """One inbound call by a scripted caller; ok if every reply was heard and timed and the
     caller hung up at the end."""
     from voice_trio.sim.caller import ScriptedCaller
+    from voice_trio.sim.lab import OUR_NUMBER
 
     started = trio.current_time()
     caller = ScriptedCaller(

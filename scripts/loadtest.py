@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument(
         "--sample-every", type=float, default=1.0, help="/metrics sampling period, s"
     )
-    parser.add_argument("--out", default="bench-results/loadtest", help="results directory")
+    parser.add_argument("--out", default="results/loadtest", help="results directory")
     args = parser.parse_args(argv)
     levels = sorted({int(x) for x in str(args.levels).split(",") if x.strip()})
     if not levels or min(levels) < 1:
@@ -166,16 +166,33 @@ class Runner:
             timeout_s=call_timeout(self.opts),
         )
 
-    async def wait_idle(self, timeout: float = 60.0) -> _bench.Scrape:
-        """Until the server's registry is empty; then a short rest."""
+    async def wait_idle(self, timeout: float = 60.0, settle: float = 12.0) -> _bench.Scrape:
+        """Until the server's registry is empty, then until its tasks and descriptors are
+        back at the idle baseline (or, before there is one, have been stable for longer than
+        the 5 s keep-alive timeout); at most ``settle`` seconds for that part."""
         with trio.move_on_after(timeout):
             while True:
                 current = await _bench.scrape(self.client)
                 if not current.active_calls:
                     break
                 await trio.sleep(0.5)
-        await trio.sleep(2.0)
-        return await _bench.scrape(self.client)
+        deadline = trio.current_time() + settle
+        previous, since = None, trio.current_time()
+        while trio.current_time() < deadline:
+            await trio.sleep(0.5)
+            current = await _bench.scrape(self.client)
+            state = (current.tasks, current.fds)
+            if state != previous:
+                previous, since = state, trio.current_time()
+            idle = self.idle
+            if idle is not None:
+                if (current.tasks or 0) <= (idle.tasks or 0) and (current.fds or 0) <= (
+                    idle.fds or 0
+                ) + 2:
+                    break
+            elif trio.current_time() - since >= 6.0:
+                break
+        return current
 
     async def warm_up(self) -> None:
         self.progress.update("warm-up call ...", force=True)
@@ -183,7 +200,10 @@ class Runner:
         if not outcome.ok:
             raise RuntimeError(f"the warm-up call failed: {outcome.reason}")
         self.idle = await self.wait_idle()
-        self.progress.done(f"warm-up call ok, idle RSS {_bench.mb(self.idle.rss)} MB")
+        self.progress.done(
+            f"warm-up call ok; idle: RSS {_bench.mb(self.idle.rss)} MB, "
+            f"{int(self.idle.tasks or 0)} tasks, {int(self.idle.fds or 0)} fds"
+        )
 
     async def level(self, n: int) -> dict[str, Any]:
         opts = self.opts
@@ -264,8 +284,17 @@ class Runner:
             f"N={n:<4} done: {sum(o.ok for o in outcomes)} ok, "
             f"{sum(not o.ok for o in outcomes)} failed"
         )
-        await self.wait_idle()
-        return summarize_level(n, outcomes, window, self.idle, opts)
+        after = await self.wait_idle()
+        result = summarize_level(n, outcomes, window, self.idle, opts)
+        idle = self.idle
+        result["after_level"] = {
+            "trio_tasks": int(after.tasks or 0),
+            "open_fds": int(after.fds or 0),
+            "tasks_above_idle": int((after.tasks or 0) - ((idle.tasks or 0) if idle else 0)),
+            "fds_above_idle": int((after.fds or 0) - ((idle.fds or 0) if idle else 0)),
+            "sockets": self.server.socket_peers(_bench.lab_ports(self.lab)),
+        }
+        return result
 
 
 def summarize_level(
@@ -389,9 +418,9 @@ def table(levels: list[dict[str, Any]]) -> str:
     head = (
         "| N | calls ok / failed | v2v p50 / p95 / p99 ms | overhead p50 / p99 ms "
         "| loop lag p99 ms (≤ bucket) | late frames | server CPU % | RSS peak MB "
-        "| RSS/call KB | sim CPU % | sim lag p99 ms | others CPU % |"
+        "| RSS/call KB | sim CPU % | sim lag p99 ms | others CPU % | left tasks / fds |"
     )
-    rows = [head, "|" + "---|" * 12]
+    rows = [head, "|" + "---|" * 13]
     for lv in levels:
         v2v, ovh, lag = lv["voice_to_voice_ms"], lv["server_overhead"], lv["event_loop_lag"]
         lag_text = f"{_fmt(lag['p99_ms'], 1)} (≤ {_fmt(lag['p99_le_ms'])})"
@@ -400,6 +429,7 @@ def table(levels: list[dict[str, Any]]) -> str:
         sim = lv["sim"]
         flag = " ⚠" if lv["sim_saturated"] else ""
         busy = " ⚠" if lv.get("contended") else ""
+        left = lv.get("after_level", {})
         rows.append(
             f"| {lv['concurrency']} | {lv['calls']['completed']} / {lv['calls']['failed']} "
             f"| {_fmt(v2v['p50'])} / {_fmt(v2v['p95'])} / {_fmt(v2v['p99'])} "
@@ -407,7 +437,8 @@ def table(levels: list[dict[str, Any]]) -> str:
             f"| {lag_text} | {lv['outbound_frames_late']} | {_fmt(lv['server_cpu_percent'])} "
             f"| {_fmt(lv['server_rss_mb_peak'], 1)} | {_fmt(lv['rss_per_call_kb'])} "
             f"| {_fmt(sim['cpu_percent'])}{flag} | {_fmt(sim['loop_lag_p99_ms'], 1)} "
-            f"| {_fmt(lv.get('machine', {}).get('others_percent'))}{busy} |"
+            f"| {_fmt(lv.get('machine', {}).get('others_percent'))}{busy} "
+            f"| {_fmt(left.get('tasks_above_idle'))} / {_fmt(left.get('fds_above_idle'))} |"
         )
     return "\n".join(rows)
 
@@ -486,6 +517,15 @@ async def run(opts: Options) -> int:
                     result = await runner.level(n)
                     levels.append(result)
                     _bench.write_json(opts.out / "results.json", {**meta, "levels": levels})
+                    left = result["after_level"]
+                    if left["tasks_above_idle"] > 0:
+                        print(
+                            f"warning: N={n}: after the level the server still has "
+                            f"{left['tasks_above_idle']} tasks and {left['fds_above_idle']} "
+                            "descriptors more than at idle (a leak? see scripts/soak.py; "
+                            "pooled keep-alive connections hold descriptors, not tasks)",
+                            file=sys.stderr,
+                        )
                     if result["contended"]:
                         print(
                             f"warning: N={n}: the rest of the machine used "
@@ -539,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("hypercorn.error").disabled = True  # the simulators' "Running on" lines
+    _bench.sigterm_as_interrupt()
     return trio.run(run, parse_args(argv))
 
 

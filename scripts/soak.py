@@ -11,16 +11,24 @@ baseline is taken: live Trio tasks, open descriptors and registry size (``voice_
 run until ``--calls`` calls or ``--duration`` seconds. Meanwhile RSS, descriptors, tasks and
 registry size are sampled every ``--sample-every`` seconds.
 
-At the end, and after the same single call that preceded the baseline (connection pools drop
-connections that the peer closed only when they are next used, so both states are measured
-"idle after one lone call"), the script waits up to ``--settle`` seconds for:
+At the end, and after the same single call that preceded the baseline, the script waits up
+to ``--settle`` seconds for the state below. The lone call matters because keep-alive pools
+close idle connections lazily, when they are next used: the server's pools to the simulators
+(which close their side after 1 s idle) and the Telnyx simulator's webhook pool (whose idle
+connections the server itself keeps for up to 30 s). So both states are "idle after one lone
+call":
 
-- tasks == baseline and registry == 0 (exact: leaks are counts);
+- tasks <= baseline and registry == 0 (exact: leaks are counts);
 - descriptors <= baseline + ``--fd-tolerance`` (default 2): a keep-alive pool may hold one
   idle connection more or less to a simulator than at the baseline, depending on timing;
 - RSS drift <= ``--rss-drift-mb`` (default 2): RSS at the last wave's end minus RSS at the end
   of the wave that completed the warm-up (the first ``--warm-up`` share of the calls, at least
-  one wave). Both are taken with the registry empty.
+  one wave). Both are taken with the registry empty. Bounded caches that are still filling
+  (the server's webhook-dedup memory keeps ids for 10 minutes) count as drift: for the 2 MB
+  check, warm up for longer than that (e.g. ``--warm-up 0.3`` on a 10 000-call soak).
+
+A leak is printed with what leaked: task and descriptor counts, descriptors by kind and the
+server's TCP sockets by direction, peer (which simulator) and state.
 
 Writes ``soak.json`` (summary and samples), ``soak.png`` (RSS and tasks over time, if
 matplotlib is importable) and ``server.log`` to ``--out``. Exit code 0: no leak; 1: a leak
@@ -34,7 +42,7 @@ import math
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +50,7 @@ import _bench
 import httpx
 import trio
 
-# Hypercorn closes a keep-alive connection after 5 s idle: stable longer than that is idle.
+# Unchanged this long (longer than Hypercorn's 5 s keep-alive) counts as settled.
 STABLE_S = 6.0
 
 
@@ -89,12 +97,17 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument(
         "--fd-tolerance", type=int, default=2, help="descriptors allowed above the baseline"
     )
-    parser.add_argument("--settle", type=float, default=20.0, help="max wait for idle, s")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=40.0,
+        help="max wait for idle, s (the server reaps idle HTTP connections after 30 s)",
+    )
     parser.add_argument(
         "--max-failed-share", type=float, default=0.05, help="failed calls allowed (share)"
     )
     parser.add_argument("--sample-every", type=float, default=1.0, help="sampling period, s")
-    parser.add_argument("--out", default="bench-results/soak", help="results directory")
+    parser.add_argument("--out", default="results/soak", help="results directory")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     args = parser.parse_args(argv)
     if args.calls is None and args.duration is None:
@@ -135,6 +148,7 @@ class Idle:
     registry: int
     rss: float
     fd_kinds: dict[str, int]
+    sockets: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +157,7 @@ class Idle:
             "registry": self.registry,
             "rss_mb": _bench.mb(self.rss),
             "fd_kinds": self.fd_kinds,
+            "sockets": self.sockets,
         }
 
 
@@ -190,8 +205,7 @@ class Soak:
 
     async def idle(self, target: Idle | None = None) -> Idle:
         """Wait (at most ``--settle`` s) until the registry is empty and tasks and descriptors
-        have not changed for ``STABLE_S`` (longer than the server's keep-alive timeout, so
-        idle webhook connections are gone), or, given ``target``, are back at it."""
+        have not changed for ``STABLE_S``, or, given ``target``, are back at it (or below)."""
         deadline = trio.current_time() + self.opts.settle
         previous: tuple[int, int] | None = None
         stable_since = trio.current_time()
@@ -202,7 +216,7 @@ class Soak:
             if state != previous or current.active_calls:
                 previous, stable_since = state, now
             if not current.active_calls:
-                if target is not None and state[0] == target.tasks and state[1] <= target.fds:
+                if target is not None and state[0] <= target.tasks and state[1] <= target.fds:
                     break
                 if now - stable_since >= STABLE_S:
                     break
@@ -215,6 +229,7 @@ class Soak:
             registry=int(current.active_calls or 0),
             rss=current.rss or 0.0,
             fd_kinds=self.server.fd_kinds(),
+            sockets=self.server.socket_peers(_bench.lab_ports(self.lab)),
         )
 
     def record(self, current: _bench.Scrape) -> dict[str, Any]:
@@ -260,6 +275,7 @@ class Soak:
                 for i in range(size):
                     nursery.start_soon(one, i)
             row = self.record(await self.until_empty())
+            row["sockets"] = self.server.socket_peers(_bench.lab_ports(self.lab))
             self.boundaries.append(row)
             _bench.prune_lab(self.lab)
 
@@ -311,7 +327,7 @@ def judge(
 ) -> tuple[list[str], dict[str, Any]]:
     """The leak verdict: problems found (empty: none) and the numbers behind it."""
     problems: list[str] = []
-    if final.tasks != baseline.tasks:
+    if final.tasks > baseline.tasks:
         problems.append(
             f"Trio tasks: {final.tasks} after the soak vs {baseline.tasks} at the baseline "
             f"({final.tasks - baseline.tasks:+d})"
@@ -324,9 +340,15 @@ def judge(
             for k in set(final.fd_kinds) | set(baseline.fd_kinds)
             if final.fd_kinds.get(k, 0) != baseline.fd_kinds.get(k, 0)
         }
+        sockets = {
+            k: final.sockets.get(k, 0) - baseline.sockets.get(k, 0)
+            for k in set(final.sockets) | set(baseline.sockets)
+            if final.sockets.get(k, 0) != baseline.sockets.get(k, 0)
+        }
         problems.append(
             f"descriptors: {final.fds} after the soak vs {baseline.fds} at the baseline "
-            f"(+{final.fds - baseline.fds}, tolerance {opts.fd_tolerance}; by kind: {kinds})"
+            f"(+{final.fds - baseline.fds}, tolerance {opts.fd_tolerance}; by kind: {kinds}; "
+            f"TCP sockets by peer and state: {sockets})"
         )
     warm = warm_boundary(boundaries, done, opts.warm_up)
     drift = None
@@ -442,7 +464,7 @@ async def run(opts: Options) -> int:
                 await soak.client.aclose()
                 summary["server_exit_code"] = await server.stop()
                 nursery.cancel_scope.cancel()
-    except (RuntimeError, OSError, trio.TooSlowError) as exc:
+    except Exception as exc:  # the harness itself failed (server gone, timeout, ...)
         print(f"soak: could not run: {exc!r}", file=sys.stderr)
         if server is not None:
             print(server.log_tail(), file=sys.stderr)
@@ -492,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("hypercorn.error").disabled = True  # the simulators' "Running on" lines
+    _bench.sigterm_as_interrupt()
     return trio.run(run, parse_args(argv))
 
 

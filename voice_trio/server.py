@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import socket
@@ -38,9 +39,9 @@ def hypercorn_config(settings: Settings, listener: socket.socket | None = None) 
     config.accesslog = None
     config.graceful_timeout = SHUTDOWN_GRACE_SECONDS
     config.websocket_ping_interval = None
-    # A connection that sends nothing for this long is closed. A live call's media socket
-    # carries a frame every 20 ms and idle HTTP keep-alive has its own 5 s timer; this only
-    # reaps half-closed peers that would otherwise hold a socket and two tasks forever.
+    # A connection that sends nothing for this long is closed: a live call's media socket
+    # carries a frame every 20 ms, so this reaps half-closed peers and idle keep-alive
+    # connections that would otherwise hold a socket and two tasks forever.
     config.read_timeout = READ_TIMEOUT_SECONDS
     # Telnyx frames are small JSON; nothing legitimate comes near this.
     config.websocket_max_message_size = 256 * 1024
@@ -82,4 +83,8 @@ async def serve(
             log.warning("⚠️ TELNYX_PUBLIC_KEY is not set: webhook signatures are NOT verified")
         if not settings.api_token:
             log.warning("⚠️ API_TOKEN is not set: /api/* accepts loopback clients only")
+        # Objects alive now (imports, app, clients) live as long as the process: keep them
+        # out of the cyclic collector, whose full passes over them paused the event loop
+        # for 100-200 ms under load and made outbound frames late (docs/benchmarks.md).
+        gc.freeze()
         task_status.started(binds[0])

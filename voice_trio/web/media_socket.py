@@ -95,13 +95,14 @@ class AsgiWebSocket:
                 except Exception:
                     pass  # the peer is already gone: the socket is closed either way
 
-    async def drain(self, timeout: float = 2.0) -> None:
+    async def drain(self, timeout: float = 35.0) -> None:
         """After closing, read what the peer still sends until it disconnects (bounded).
 
         Hypercorn hands incoming frames to the app through a bounded queue; an app that
         stops reading leaves the connection's reader blocked on that queue, so the close
-        is never seen and the socket and its tasks stay forever."""
-        with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+        is never seen and the socket and its tasks stay forever. A slow peer may take a
+        while (the server's read timeout, 30 s, bounds it); shutdown may cancel the wait."""
+        with trio.move_on_after(timeout):
             while True:
                 message = await self._receive()
                 if message["type"] == "websocket.disconnect":
