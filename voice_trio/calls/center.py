@@ -177,6 +177,15 @@ class CallCenter:
             if self.http is not None:
                 await self.http.aclose()
 
+    async def hang_up(self, call_control_id: str) -> None:
+        """Hang a call up even while its task is being cancelled (shielded, at most 5 s);
+        a failure is logged, never raised: the call is ending either way."""
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await self.telnyx.hangup(call_control_id)
+            except Exception as exc:
+                log.warning("Hang-up failed: %s", exc)
+
     def spawn(self, fn: Any, *args: Any) -> None:
         """Run ``fn(*args)`` in the background; its errors are logged, never propagated."""
         if self._nursery is None:

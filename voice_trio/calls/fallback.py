@@ -340,11 +340,7 @@ class FallbackCall:
         if self.call.end_reason is not None:
             return
         self.call.end_reason = reason
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            try:
-                await self.center.telnyx.hangup(self.call_control_id)
-            except Exception as exc:
-                log.warning("Hang-up failed: %s", exc)
+        await self.center.hang_up(self.call_control_id)
 
     async def watch_duration(self) -> None:
         elapsed = time.time() - self.call.started_at  # a degraded call keeps its start

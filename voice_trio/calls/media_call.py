@@ -142,11 +142,7 @@ async def _hang_up(center: CallCenter, call: ActiveCall, reason: str) -> None:
     if call.end_reason is not None:
         return
     call.end_reason = reason
-    with trio.CancelScope(shield=True), trio.move_on_after(5):
-        try:
-            await center.telnyx.hangup(call.call_control_id)
-        except Exception as exc:
-            log.warning("Hang-up failed: %s", exc)
+    await center.hang_up(call.call_control_id)
 
 
 def call_record(start: Start) -> CallRecord:

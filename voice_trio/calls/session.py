@@ -433,11 +433,7 @@ class CallSession:
             await self.say(goodbye, kind="goodbye")
         if self.call.end_reason is None:
             self.call.end_reason = reason
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            try:
-                await self.center.telnyx.hangup(self.call.call_control_id)
-            except Exception as exc:
-                log.warning("Hang-up failed: %s", exc)
+        await self.center.hang_up(self.call.call_control_id)
         self.call.end(reason)
 
     async def watch_duration(self) -> None:
