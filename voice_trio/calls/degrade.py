@@ -23,17 +23,23 @@ no second socket or webhook can slip in between.
 from __future__ import annotations
 
 import logging
+import secrets
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from voice_trio.calls.fallback import FallbackCall
+from voice_trio.calls import fallback_state as fs
+from voice_trio.calls.fallback import SAVE_TIMEOUT_S, FallbackCall
 from voice_trio.calls.history import Conversation
 from voice_trio.calls.registry import ActiveCall
 from voice_trio.calls.session import STREAM_LOST, STT_LOST, STT_UNAVAILABLE
+from voice_trio.calls.telnyx_speech import caller_words
+from voice_trio.observability import call_id_var
 from voice_trio.providers.telnyx_control import decode_client_state
 from voice_trio.providers.telnyx_webhooks import WebhookEvent
+from voice_trio.store import CallRecord, CallState, CallStore, SqliteStore, StoreError, TurnEntry
 
 if TYPE_CHECKING:
     from voice_trio.calls.center import CallCenter
@@ -43,6 +49,10 @@ log = logging.getLogger("voice_trio.calls")
 # End reason of a media call whose stream Telnyx reported failed (``streaming.failed``).
 STREAM_FAILED = "stream_failed"
 DEGRADE_REASONS = frozenset({STREAM_LOST, STREAM_FAILED, STT_LOST, STT_UNAVAILABLE})
+# The webhooks a fallback-mode call acts on (besides call.hangup, which ends any call).
+CALL_EVENTS = frozenset(
+    {"call.transcription", "call.speak.ended", "call.speak.started", "call.dtmf.received"}
+)
 
 
 class RecentCalls:
@@ -63,11 +73,16 @@ class RecentCalls:
 
 
 class FallbackCalls:
-    """The fallback-mode calls of one ``CallCenter``: each call's inbox for its webhooks, and
-    the three ways a media-streams call degrades into one (module docstring)."""
+    """The fallback-mode calls as this instance sees them: webhooks applied to their shared
+    state, this instance's ``FallbackCall`` tasks, their records, and the three ways a
+    media-streams call degrades into one (module docstring)."""
 
     def __init__(self, center: CallCenter) -> None:
         self.center = center
+        self.me = secrets.token_hex(6)  # this instance, as turn owner and state writer
+        self._shared: fs.SharedCalls | None = None
+        self._own_store_opened = trio.Lock()
+        self._own_store_open = False
         self._calls: dict[str, FallbackCall] = {}
         self._stream_waits: dict[str, trio.Event] = {}
         # call.hangup may overtake the events it follows (webhooks are not ordered): a call
@@ -81,25 +96,119 @@ class FallbackCalls:
     def waiting_for_streams(self) -> int:
         return len(self._stream_waits)
 
-    def deliver(self, event: WebhookEvent) -> bool:
-        """Queue ``event`` for its fallback call; False if its call is not one here."""
-        call = self._calls.get(event.call_control_id)
-        if call is None:
+    @property
+    def shared(self) -> fs.SharedCalls:
+        """The shared state, in the call store; without one (it failed to open), in a
+        store of this instance's own, so a single instance still works."""
+        if self._shared is None:
+            store = self.center.store
+            if store is None:
+                log.warning("Fallback-mode state kept in memory: calls cannot move instances")
+                store = SqliteStore(":memory:")
+            self._shared = fs.SharedCalls(store, self.me)
+        return self._shared
+
+    async def deliver(self, event: WebhookEvent) -> bool:
+        """Apply a call's webhook to its fallback-mode state, wherever the call is carried;
+        False if the call is not in fallback mode (or not one to handle here)."""
+        kind = event.event_type
+        ccid = event.call_control_id
+        if kind not in CALL_EVENTS or not ccid:
             return False
-        call.deliver(event)
+        local = self._calls.get(ccid)
+        if local is None and self.center.registry.get(ccid) is not None:
+            return False  # a media call here
+        if kind == "call.dtmf.received":
+            if local is None:
+                return False
+            log.info("🎤 DTMF %s", event.payload.get("digit"))
+            return True
+        now = time.time()
+        if kind == "call.speak.ended":
+            mutate: fs.Mutation = lambda d: fs.speech_ended(d, now)  # noqa: E731
+        elif kind == "call.speak.started":
+            return local is not None
+        else:
+            text = caller_words(event.payload, self.center.settings.transcription_min_confidence)
+            if text is None:
+                return local is not None
+            log.info("🎤 Caller: %s", text)
+            mutate = lambda d: fs.add_caller_words(d, text, now, event.occurred_at)  # noqa: E731
+        await self._ensure_store()
+        state, changed = await self.shared.update(ccid, mutate)
+        if state is None:
+            return local is not None
+        if changed:
+            self._join(ccid, state)
         return True
 
+    def _join(self, ccid: str, state: CallState) -> None:
+        """This instance wrote the call's state: it watches the call from now on."""
+        local = self._calls.get(ccid)
+        if local is not None:
+            local.seen(state)
+            return
+        if state.data["ended"] or self.center.going_away.is_set():
+            return
+        call = ActiveCall(ccid, mode=state.data["mode"])
+        call.started_at = state.data["origin"]
+        try:
+            self.center.registry.add(call)
+        except KeyError:
+            return
+        self.center.registry.total_calls -= 1  # a call started elsewhere, not a new one
+        self._run_here(FallbackCall(self, call, state=state))
+
     def hung_up(self, call_control_id: str) -> None:
-        """``call.hangup`` arrived (the call itself is ended through the registry)."""
+        """``call.hangup`` arrived. A task here ends the call through the registry; else the
+        call's state (if it is in fallback mode anywhere) is ended here."""
         self._hung_up.add(call_control_id)
         self._stream_arrived(call_control_id)
+        if call_control_id not in self._calls:
+            self.center.spawn(self._end_everywhere, call_control_id)
+
+    async def _end_everywhere(self, ccid: str) -> None:
+        await self._ensure_store()
+        now = time.time()
+        taken = False
+
+        def end(data: dict[str, Any]) -> bool:
+            nonlocal taken
+            if data["ended"]:
+                return False
+            data["ended"], data["ended_at"] = "hangup", now
+            taken = fs.turn_free(data, self.me, now)
+            if taken:
+                fs.claim(data, self.me, now)
+            return True
+
+        state, changed = await self.shared.update(ccid, end)
+        if state is None or not changed:
+            return
+        token = call_id_var.set(ccid)
+        try:
+            log.info("📴 Call hung up")
+            if taken:
+                await self.finalize(ccid, state.data)
+        finally:
+            call_id_var.reset(token)
 
     def answered(self, event: WebhookEvent) -> None:
         """``call.answered`` with ``USE_MEDIA_STREAMS=false``."""
         if self.center.going_away.is_set():
             log.info("📵 Not starting the conversation: server is shutting down")
             return
-        self.start(event.call_control_id, decode_client_state(event.client_state), "fallback")
+        payload = event.payload
+        self.start(
+            event.call_control_id,
+            decode_client_state(event.client_state),
+            "fallback",
+            line={
+                "call_session_id": str(payload.get("call_session_id") or ""),
+                "from_number": str(payload.get("from") or ""),
+                "to_number": str(payload.get("to") or ""),
+            },
+        )
 
     def start(
         self,
@@ -110,6 +219,7 @@ class FallbackCalls:
         *,
         grace: float = 0.0,
         started_at: float | None = None,
+        line: dict[str, str] | None = None,
     ) -> FallbackCall | None:
         """Register a fallback call and run it in the center's nursery; None if the call
         hung up already or is running here."""
@@ -124,23 +234,95 @@ class FallbackCalls:
         except KeyError:
             log.debug("Not starting fallback mode: the call is already running here")
             return None
-        fallback = FallbackCall(self.center, call, context, conversation, grace=grace)
-        self._calls[call_control_id] = fallback
+        now = time.time()
+        record = {
+            "direction": "inbound" if context.get("dir") == "inbound" else "outbound",
+            "call_session_id": "",
+            "from_number": "",
+            "to_number": "",
+            **(line or {}),
+            "created_at": call.started_at,
+            "answered_at": call.started_at if started_at is not None else now,
+        }
+        initial = fs.new_state(
+            mode=mode,
+            context=context,
+            record=record,
+            origin=call.started_at,
+            deadline_at=call.started_at + self.center.settings.max_call_seconds,
+            writer=self.me,
+            conversation=conversation,
+            grace_until=now + grace if grace else None,
+            merge_record=conversation is not None,
+        )
+        fallback = FallbackCall(self, call, initial=initial)
         log.info("🔀 Conversation over Telnyx speak and transcription (mode %s)", mode)
-        self.center.spawn(self._run, fallback)
+        self._run_here(fallback)
         return fallback
+
+    def _run_here(self, fallback: FallbackCall) -> None:
+        self._calls[fallback.call_control_id] = fallback
+        self.center.spawn(self._run, fallback)
 
     async def _run(self, fallback: FallbackCall) -> None:
         call = fallback.call
         try:
+            await self._ensure_store()
             await fallback.run()
         finally:
-            fallback.close_inbox()
             if self._calls.get(call.call_control_id) is fallback:
                 del self._calls[call.call_control_id]
             self.center.registry.remove(call)
-            self.center.metrics.calls.labels(call.mode, call.end_reason or "unknown").inc()
-            log.info("📴 Call ended (%s)", call.end_reason or "unknown")
+
+    async def _ensure_store(self) -> None:
+        """Open this instance's own state store, if it has to use one (see ``shared``)."""
+        store = self.shared.store
+        if store is self.center.store or self._own_store_open:
+            return
+        async with self._own_store_opened:
+            if not self._own_store_open:
+                await store.open()
+                self._own_store_open = True
+
+    async def record_started(self, ccid: str, data: dict[str, Any]) -> None:
+        """The call's record as it starts (a degraded media call has one already)."""
+        if not data["merge_record"] and self.center.store is not None:
+            record, _ = fs.call_record(ccid, data)
+            await self._keep(self.center.store.start_call, record)
+
+    async def finalize(self, ccid: str, data: dict[str, Any], *, stored: bool = True) -> None:
+        """Write the ended call's record and delete its state (by the turn holder only)."""
+        record, turns = fs.call_record(ccid, data)
+        store = self.center.store
+        if store is not None:
+            if data["merge_record"]:
+                await self._merge_media_part(store, record, turns)
+            await self._keep(store.save_call, record, turns)
+        if stored:
+            await self._keep(self.shared.store.delete_state, ccid)
+        self.center.metrics.calls.labels(record.mode, record.end_reason or "unknown").inc()
+        log.info("📴 Call ended (%s)", record.end_reason or "unknown")
+
+    async def _merge_media_part(
+        self, store: CallStore, record: CallRecord, turns: list[TurnEntry]
+    ) -> None:
+        """A degraded call's record already holds what its media session did: keep it."""
+        found = await self._keep(store.get_call, record.call_control_id)
+        if found is None:
+            return
+        media, media_turns = found
+        fs.merge_media_part(record, turns, media, media_turns)
+
+    async def _keep(self, fn: Any, *args: Any) -> Any:
+        """A store write the call's end depends on: shielded, bounded, never raising."""
+        with trio.CancelScope(shield=True), trio.move_on_after(SAVE_TIMEOUT_S) as bound:
+            try:
+                return await fn(*args)
+            except StoreError as exc:
+                log.error("Call record not saved: %s", exc)
+        if bound.cancelled_caught:
+            log.error("Call record not saved: the store took longer than %.0f s", SAVE_TIMEOUT_S)
+        return None
 
     def take_over(
         self,

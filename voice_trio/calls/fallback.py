@@ -6,198 +6,253 @@ and Telnyx transcription sends the caller's as ``call.transcription`` webhooks; 
 conversation in between is the media mode's own: the same history, persona prompt and
 ``end_call`` tool (:func:`~voice_trio.calls.thinking.think_reply`).
 
-A call is one nursery (its ``ActiveCall.cancel_scope``) of three tasks:
+Any instance may carry the call on. Its state lives in the store
+(:mod:`voice_trio.calls.fallback_state`); a webhook handler on any instance applies its
+event there with one versioned update (caller words appended, a speak counted as ended)
+and makes sure this instance has a ``FallbackCall`` for the call. A ``FallbackCall`` is one
+task per call per instance, in the call's cancel scope (``ActiveCall.cancel_scope``):
 
-- ``consume``: the call's webhooks, strictly one after another, from a bounded inbox.
-  Handling an event only updates state (no awaits), so events can never race each other.
-- ``converse``: greeting, then one reply per caller turn; silence reprompt and goodbye.
-  Claude's reply goes to ``speak`` sentence by sentence as it streams in (Telnyx queues
-  consecutive ``speak`` commands), so the first sentence plays while the rest is written.
-- ``watch_duration``: the maximum call length.
+- It asks :func:`~voice_trio.calls.fallback_state.next_action` what the call needs (the
+  greeting, a reply to caller words, a reprompt, a goodbye, the final record). To act it
+  first takes the call's *turn* with a versioned save, so one instance acts at a time,
+  and gives the turn back with what it did (history, turn record, usage) in another.
+  Caller words that land elsewhere meanwhile are appended to the state; the holder finds
+  them when it gives the turn back and answers them next.
+- Otherwise it sleeps until the state's next deadline (silence reprompt, maximum length,
+  a lease running out), woken early by a webhook handled here, and reloads the state at
+  least every ``POLL_S``. Whichever instance wrote last keeps watching: a task that finds
+  another instance's write (and holds no turn) leaves, so a timer only ever fires on the
+  instance that armed it for the version it read, and the act itself is claimed with a
+  versioned save anyway. A task that finds the state gone (the call ended elsewhere)
+  stops; while it holds a turn it polls too, and cancels the turn at once.
+
+``call.hangup`` landing on any instance marks the state ended. The turn holder, or the one
+that ended a free call, writes the call record (all turns, usage, end reason) and deletes
+the state; on cancellation or error that happens shielded and time-bounded.
 
 Webhooks may arrive twice or out of order. Duplicates never get here (event ids are
-checked at the door), and nothing below depends on order: speech in progress is a count
-of ``speak`` commands sent minus ``call.speak.ended`` received, whatever came first.
-``call.hangup`` does not queue behind other events: it cancels the call's scope at once.
-
-Not done here: barge-in (the caller's words are answered after the bot's speech; stopping
-it would take ``playback_stop``) and interim transcripts (only finals are asked for, so
-caller speech longer than the silence timeout without a pause could draw a reprompt).
+claimed in the store at the door), and nothing depends on order: speech in progress is
+speaks counted minus ``call.speak.ended`` received, caller words are sorted by when Telnyx
+heard them. Not done here: barge-in (the caller's words are answered after the bot's
+speech; stopping it would take ``playback_stop``) and interim transcripts.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from voice_trio.calls.history import Conversation
+from voice_trio.calls import fallback_state as fs
 from voice_trio.calls.phrases import local_now
 from voice_trio.calls.registry import ActiveCall
 from voice_trio.calls.session import SENTENCE_QUEUE, TurnRecord
-from voice_trio.calls.telnyx_speech import base_language, caller_words, speak_language
+from voice_trio.calls.telnyx_speech import base_language, speak_language
 from voice_trio.calls.thinking import think_reply
 from voice_trio.observability import call_id_var
 from voice_trio.providers.telnyx_control import CALL_ALREADY_ENDED, TelnyxError
-from voice_trio.providers.telnyx_webhooks import WebhookEvent
+from voice_trio.store import CallState, TurnEntry
 
 if TYPE_CHECKING:
-    from voice_trio.calls.center import CallCenter
+    from voice_trio.calls.degrade import FallbackCalls
 
 log = logging.getLogger("voice_trio.calls")
 
-# A call gets a few webhooks a second at most and ``consume`` never blocks, so a full inbox
-# means the call is wedged: the newest event is dropped (and counted) rather than holding
-# up the webhook handler. ``call.hangup`` never goes through the inbox.
-INBOX_SIZE = 64
-TURN_QUEUE = 16  # caller turns waiting while the bot is thinking; joined when read
-# A speak whose ``call.speak.ended`` never arrives counts as finished after this long.
-SPEAK_GUARD_S_PER_CHAR = 0.12
-SPEAK_GUARD_S = 2.0
-
+POLL_S = 0.5  # how often a task re-reads its call's state: notices calls ended elsewhere
+SPOKEN_POLL_S = 0.2  # while waiting for the goodbye to play out before hanging up
+SAVE_TIMEOUT_S = 5.0  # bound of the shielded writes at the end of a call
 UNKNOWN_CALL = "90015"  # Telnyx "Invalid Call Control ID": no such call (any more)
+# End reasons after which the bot says nothing more, so no hang-up is sent either.
+QUIET_ENDINGS = frozenset({"hangup", "shutdown"})
+ENDED_ELSEWHERE = "ended_elsewhere"  # not an end reason: this instance's part is over
 
 CONTINUATION = {"es": "Disculpe, ¿me decía?", "en": "Sorry, what were you saying?"}
 
 
 class FallbackCall:
-    """One call in fallback mode; see the module docstring. ``conversation`` is the media
-    session's when the call was degraded, and ``grace`` how long to wait first for a
-    ``call.hangup`` that would show the call is over (a media socket that just closed)."""
+    """This instance's part in one fallback-mode call; see the module docstring.
+    ``initial`` is the state to create (this instance starts the call); otherwise
+    ``state`` is what a webhook handler here just wrote (this instance joins the call)."""
 
     def __init__(
         self,
-        center: CallCenter,
+        calls: FallbackCalls,
         call: ActiveCall,
-        context: dict[str, Any],
-        conversation: Conversation | None = None,
         *,
-        grace: float = 0.0,
+        initial: dict[str, Any] | None = None,
+        state: CallState | None = None,
     ) -> None:
-        self.center = center
-        self.settings = center.settings
+        self.calls = calls
+        self.center = calls.center
+        self.settings = calls.center.settings
         self.call = call
-        self.nombre = str(context.get("nombre") or "")
-        self.contexto = str(context.get("contexto") or "")
-        self.saludo = str(context.get("saludo") or "")
-        self.conversation = conversation if conversation is not None else Conversation()
-        self.grace = grace
-        self.records: list[TurnRecord] = []
+        self.initial = initial
+        self.state = state
+        self.silence_s = self.settings.silence_timeout_ms / 1000
         self.speak_language = speak_language(self.settings.agent_language)
-        self._inbox_send, self._inbox_recv = trio.open_memory_channel[WebhookEvent](INBOX_SIZE)
-        self._turn_send, self._turn_recv = trio.open_memory_channel[tuple[str, float]](TURN_QUEUE)
-        self._speeches = 0  # speak commands sent whose call.speak.ended has not come
-        self._quiet = trio.Event()  # set while no speech is pending
-        self._quiet.set()
-        self._guard_until = -math.inf  # when pending speech is assumed over regardless
-        self._quiet_since = trio.current_time()
-        self._wait_scope = trio.CancelScope()
-        self._time_up = trio.Event()
-        self._time_up_reason = "max_duration"
-        self._end_requested = False
+        self._poke = trio.Event()
+        self._turn: TurnRecord | None = None  # the bot turn in progress, for the record
+        self._said: list[str] = []  # its sentences Telnyx took
+        self._ending = False  # this task is ending the call itself
 
     @property
     def call_control_id(self) -> str:
         return self.call.call_control_id
 
-    def deliver(self, event: WebhookEvent) -> None:
-        """Queue a webhook for ``consume`` (called by the webhook handler; never blocks)."""
-        try:
-            self._inbox_send.send_nowait(event)
-        except trio.WouldBlock:
-            self.center.metrics.webhooks.labels(event.event_type, "dropped").inc()
-            log.warning("📨 Call inbox full: %s dropped", event.event_type)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # the call is ending
+    @property
+    def me(self) -> str:
+        return self.calls.me
 
-    def close_inbox(self) -> None:
-        self._inbox_send.close()
+    @property
+    def shared(self) -> fs.SharedCalls:
+        return self.calls.shared
+
+    def seen(self, state: CallState) -> None:
+        """A webhook handler here wrote ``state``: look again now."""
+        self._adopt(state)
+        self._poke.set()
+
+    def _adopt(self, state: CallState | None) -> None:
+        """Take ``state`` as the call's, unless a newer version is known already (a load
+        and a handler's write may finish in either order)."""
+        if state is None or self.state is None or state.version >= self.state.version:
+            self.state = state
 
     async def run(self) -> None:
-        """Run the call until it ends; its failure is logged here, never propagated."""
+        """Carry the call on until it ends, or until another instance does; failures are
+        logged here and end the call, never propagated."""
         token = call_id_var.set(self.call_control_id)
         try:
             with self.call.cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self.consume)
-                    nursery.start_soon(self.watch_duration)
-                    nursery.start_soon(self.converse)
+                await self._run()
         except Exception:
             log.exception("Call failed")
-            await self.hang_up("error")
+            self.call.end_reason = self.call.end_reason or "error"
         finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(SAVE_TIMEOUT_S) as bound:
+                try:
+                    await self._leave()
+                except Exception:
+                    log.exception("Call record not saved")
+            if bound.cancelled_caught:
+                log.error(
+                    "Call record not saved: the store took longer than %.0f s", SAVE_TIMEOUT_S
+                )
             call_id_var.reset(token)
 
-    async def consume(self) -> None:
-        async with self._inbox_recv:
-            async for event in self._inbox_recv:
-                self.on_event(event)
+    async def _run(self) -> None:
+        if self.initial is not None:
+            created = await self.shared.create(self.call_control_id, self.initial)
+            if created is not None:
+                await self.calls.record_started(self.call_control_id, created.data)
+            self.state = created or await self.shared.load(self.call_control_id)
+            self.initial = None
+        while self.state is not None:
+            data = self.state.data
+            if data["writer"] != self.me and data["owner"] != self.me:
+                return  # another instance wrote last: it carries the call on
+            now = time.time()
+            drain = self.call.wind_down.is_set()
+            action = fs.next_action(data, self.me, now, self.silence_s, drain)
+            if action is None:
+                await self._sleep_until(fs.next_deadline(data, self.me, now, self.silence_s))
+            elif await self._take_turn(action):
+                await self._act(*action)
 
-    def on_event(self, event: WebhookEvent) -> None:
-        kind = event.event_type
-        if kind == "call.speak.ended":
-            self._speech_ended()
-        elif kind == "call.transcription":
-            text = caller_words(event.payload, self.settings.transcription_min_confidence)
-            if text is None:
-                return
-            log.info("🎤 Caller: %s", text)
-            try:
-                self._turn_send.send_nowait((text, trio.current_time()))
-            except trio.WouldBlock:
-                log.warning("🎤 Too many caller turns waiting; dropped: %s", text)
-        elif kind == "call.dtmf.received":
-            log.info("🎤 DTMF %s", event.payload.get("digit"))
-        else:
-            log.debug("Webhook %s: nothing to do in fallback mode", kind)
+    async def _sleep_until(self, deadline: float) -> None:
+        """Until ``deadline`` (epoch), a webhook handled here, or ``POLL_S``; then the
+        state as it is now."""
+        self._poke = trio.Event()
+        with trio.move_on_after(max(0.0, min(deadline - time.time(), POLL_S))):
+            await self._poke.wait()
+        if not self._poke.is_set():
+            self._adopt(await self.shared.load(self.call_control_id))
 
-    async def converse(self) -> None:
+    async def _take_turn(self, action: tuple[str, str | None]) -> bool:
+        """Claim the turn for ``action`` if it is still what the current version needs."""
+        drain = self.call.wind_down.is_set()
+
+        def take(data: dict[str, Any]) -> bool:
+            now = time.time()
+            if fs.next_action(data, self.me, now, self.silence_s, drain) != action:
+                return False
+            fs.claim(data, self.me, now)
+            return True
+
+        self.state, taken = await self.shared.update(self.call_control_id, take)
+        return taken
+
+    async def _act(self, kind: str, reason: str | None) -> None:
+        """Do what the turn was taken for, then give it back, or end the call."""
         phrases = self.center.phrases_text
-        if self.grace:
-            await trio.sleep(self.grace)  # a call.hangup meanwhile cancels the call
-            log.info("🔀 The call is still up: continuing in fallback mode")
-        await self.open()
-        reprompted = False
-        while True:
-            turn = await self.next_user_turn()
-            if self._time_up.is_set():
-                await self.finish(self._time_up_reason, phrases.goodbye)
-                return
-            if turn is None:
-                if reprompted:
-                    await self.finish("silence_timeout", phrases.timeout_goodbye)
-                    return
-                reprompted = True
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_turn)
+            if kind == "open":
+                await self.open()
+            elif kind == "reply":
+                await self.reply()
+            elif kind == "reprompt":
                 await self.say(phrases.reprompt, kind="reprompt")
-                continue
-            reprompted = False
-            await self.reply(*turn)
-            if self._end_requested:
-                await self.finish("agent_ended", None)
-                return
+                await self._give_back(reprompted=True)
+            elif kind == "finish":
+                goodbye = phrases.timeout_goodbye if reason == "silence_timeout" else None
+                await self.finish(reason or "unknown", goodbye or phrases.goodbye)
+            nursery.cancel_scope.cancel()
+        if self.state is not None and self.state.data["ended"]:
+            await self._finalize()
+
+    async def _watch_turn(self) -> None:
+        """While holding the turn: notice at once that the call ended elsewhere."""
+        while True:
+            await trio.sleep(POLL_S)
+            await self._check_turn(await self.shared.load(self.call_control_id))
+
+    async def _check_turn(self, state: CallState | None) -> None:
+        """Stop the call's task at once if the turn is no longer ours (the state is gone,
+        or a lease ran out), or the call ended elsewhere (``_leave`` keeps the turn)."""
+        if state is None or state.data["owner"] != self.me:
+            await self._lose()
+        elif state.data["ended"] and not self._ending:
+            self.call.end(state.data["ended"])
+            await trio.lowlevel.checkpoint()  # raises Cancelled: the call's scope is
+
+    async def _lose(self) -> None:
+        log.info("📴 The call went on elsewhere")
+        self.state = None
+        self.call.end(ENDED_ELSEWHERE)
+        await trio.lowlevel.checkpoint()  # raises Cancelled: the call's scope is
 
     async def open(self) -> None:
         """The first words, and Telnyx transcription started. The greeting if nothing was
         said yet; after a degrade, an answer to caller words the media session left
         unanswered, else a short prompt to go on. Speech first: the caller is waiting."""
-        turns = self.conversation.turns
+        assert self.state is not None
+        data = self.state.data
+        if data["grace_until"] is not None:
+            await trio.sleep(max(0.0, data["grace_until"] - time.time()))  # for call.hangup
+            log.info("🔀 The call is still up: continuing in fallback mode")
+        turns = fs.load_history(data["history"]).turns
         if turns and turns[-1].role == "user":
             await self.start_transcription()
-            await self.reply(None, trio.current_time())
+            await self._update(lambda d: d.update(opened=True) or True)
+            await self.reply()
             return
         if not turns:
+            context = data["context"]
             opening = self.center.phrases_text.greeting(
-                nombre=self.nombre, saludo=self.saludo, now=local_now(self.settings.timezone)
+                nombre=context["nombre"],
+                saludo=context["saludo"],
+                now=local_now(self.settings.timezone),
             )
             await self.say(opening, kind="greeting")
         else:
             language = base_language(self.settings.agent_language)
             await self.say(CONTINUATION.get(language, CONTINUATION["es"]), kind="continuation")
         await self.start_transcription()
+        await self._give_back(opened=True)
 
     async def start_transcription(self) -> None:
         try:
@@ -205,47 +260,24 @@ class FallbackCall:
                 self.call_control_id, language=base_language(self.settings.agent_language)
             )
         except TelnyxError as exc:
-            self._on_command_error("transcription_start", exc)
-
-    async def next_user_turn(self) -> tuple[str, float] | None:
-        """The next caller turn (turns queued meanwhile are joined); None after
-        ``SILENCE_TIMEOUT_MS`` of silence once the bot's speech has ended."""
-        while not self._time_up.is_set():
-            with trio.CancelScope(deadline=self._listen_deadline()) as self._wait_scope:
-                text, t0 = await self._turn_recv.receive()
-                while True:
-                    try:
-                        more, t0 = self._turn_recv.receive_nowait()
-                    except trio.WouldBlock:
-                        return text, t0
-                    text = f"{text} {more}"
-            if trio.current_time() >= self._listen_deadline():
-                return None
-        return None
-
-    def _listen_deadline(self) -> float:
-        silence = self.settings.silence_timeout_ms / 1000
-        if self._speeches:
-            return self._guard_until + silence
-        return self._quiet_since + silence
+            await self._on_command_error("transcription_start", exc)
 
     async def say(self, text: str, *, kind: str) -> None:
         """Speak a fixed phrase (greeting, reprompt, goodbye, continuation) as a bot turn."""
+        self._turn, self._said = TurnRecord(user_text="", kind=kind, bot_text=text), []
         if await self.speak(text):
-            self.conversation.add_assistant(text)
-            self.records.append(TurnRecord(user_text="", kind=kind, bot_text=text, heard_text=text))
+            self._said.append(text)
 
     async def speak(self, text: str) -> bool:
-        """Send ``text`` to Telnyx ``speak`` (Telnyx queues it behind speech still playing);
-        False if Telnyx refused it."""
-        log.info("💬 Bot: %s", text)
-        now = trio.current_time()
-        self._speeches += 1
-        if self._quiet.is_set():
-            self._quiet = trio.Event()
-        self._guard_until = (
-            max(self._guard_until, now) + SPEAK_GUARD_S + len(text) * SPEAK_GUARD_S_PER_CHAR
+        """Count ``text`` in the state, then send it to Telnyx ``speak`` (Telnyx queues it
+        behind speech still playing); False if Telnyx refused it."""
+        now = time.time()
+        state, _ = await self.shared.update(
+            self.call_control_id, lambda d: fs.speech_sent(d, self.me, text, now)
         )
+        await self._check_turn(state)
+        self.state = state
+        log.info("💬 Bot: %s", text)
         try:
             await self.center.telnyx.speak(
                 self.call_control_id,
@@ -254,45 +286,50 @@ class FallbackCall:
                 language=self.speak_language,
             )
         except TelnyxError as exc:
-            self._speech_ended()
-            self._on_command_error("speak", exc)
+            await self._update(lambda d: fs.speech_ended(d, time.time()))
+            await self._on_command_error("speak", exc)
             return False
         return True
 
-    def _speech_ended(self) -> None:
-        if self._speeches == 0:
-            return  # more ends than speaks: not ours to count
-        self._speeches -= 1
-        if self._speeches == 0:
-            self._quiet_since = trio.current_time()
-            self._quiet.set()
-            self._wait_scope.deadline = self._listen_deadline()
-
-    def _on_command_error(self, action: str, exc: TelnyxError) -> None:
+    async def _on_command_error(self, action: str, exc: TelnyxError) -> None:
         if exc.code in (CALL_ALREADY_ENDED, UNKNOWN_CALL):
             log.info("📴 %s: the call has already ended", action)
             self.call.end("hangup")
+            await trio.lowlevel.checkpoint()
         else:
             log.warning("⚠️ Telnyx %s failed: %s", action, exc)
 
-    async def reply(self, user_text: str | None, t0: float) -> None:
-        """Answer the caller: Claude's sentences go to ``speak`` one by one as they come.
-        ``user_text`` None answers the conversation as it stands."""
-        if user_text is not None:
-            self.conversation.add_user(user_text)
-        record = TurnRecord(user_text=user_text or "", t0=t0)
+    async def reply(self) -> None:
+        """Answer the caller words waiting in the state (with none, the conversation as it
+        stands): Claude's sentences go to ``speak`` one by one as they come."""
+        words: list[list[Any]] = []
+
+        def take_words(data: dict[str, Any]) -> bool:
+            words[:] = data["pending"]
+            if not words:
+                return False
+            data["pending"] = []
+            data["history"].append(["user", " ".join(w[0] for w in words), False])
+            data["reprompted"] = False
+            return True
+
+        await self._update(take_words)
+        assert self.state is not None
+        data = self.state.data
+        t0 = self._trio(max(w[1] for w in words)) if words else None
+        record = TurnRecord(user_text=" ".join(w[0] for w in words), t0=t0)
+        self._turn, self._said = record, []
         sentence_send, sentence_recv = trio.open_memory_channel[str](SENTENCE_QUEUE)
-        said: list[str] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
                 partial(
                     think_reply,
                     self.center,
-                    self.conversation,
+                    fs.load_history(data["history"]),
                     sentence_send,
                     record,
-                    nombre=self.nombre,
-                    contexto=self.contexto,
+                    nombre=data["context"]["nombre"],
+                    contexto=data["context"]["contexto"],
                 )
             )
             async with sentence_recv:
@@ -300,13 +337,13 @@ class FallbackCall:
                     if record.t3 is None:
                         record.t3 = trio.current_time()
                     if await self.speak(sentence):
-                        said.append(sentence)
-        record.bot_text = record.heard_text = " ".join(said)
-        self.conversation.add_assistant(record.bot_text)
-        if "end_call" in record.tool_calls:
-            self._end_requested = True
-        self.records.append(record)
+                        self._said.append(sentence)
         self.report(record)
+        if "end_call" in record.tool_calls:
+            await self._give_back(keep=True)
+            await self.finish("agent_ended", None)
+        else:
+            await self._give_back()
 
     def report(self, record: TurnRecord) -> None:
         stages = {
@@ -323,29 +360,131 @@ class FallbackCall:
         timing = " ".join(f"{k}={v:.0f}ms" for k, v in stages.items())
         log.info("🔊 Bot turn %s sent to Telnyx speak: %s", record.kind, timing or "-")
 
-    async def wait_spoken(self) -> None:
-        """Until every speak sent has been played (or its guard time has passed)."""
-        with trio.move_on_at(self._guard_until):
-            await self._quiet.wait()
-
     async def finish(self, reason: str, goodbye: str | None) -> None:
-        """Say goodbye (if any), let it play, hang up once, and end the call."""
+        """Say goodbye (if any), let it play, and hang up once: the call is over unless the
+        caller hung up first."""
         if goodbye:
             await self.say(goodbye, kind="goodbye")
+            await self._give_back(keep=True)
         await self.wait_spoken()
-        await self.hang_up(reason)
-        self.call.end(reason)
+        self._ending = True
 
-    async def hang_up(self, reason: str) -> None:
-        if self.call.end_reason is not None:
+        def end(data: dict[str, Any]) -> bool:
+            if data["ended"]:
+                return False
+            data["ended"], data["ended_at"] = reason, time.time()
+            return True
+
+        state, ended = await self.shared.update(self.call_control_id, end)
+        self.state = state
+        if ended:
+            self.call.end_reason = reason
+            await self.center.hang_up(self.call_control_id)
+
+    async def wait_spoken(self) -> None:
+        """Until every speak sent has been played (or its guard time has passed)."""
+        while self.state is not None:
+            data = self.state.data
+            if not fs.pending_speech(data) or time.time() >= data["guard_until"]:
+                return
+            await trio.sleep(SPOKEN_POLL_S)
+            self.state = await self.shared.load(self.call_control_id)
+
+    async def _update(self, mutate: fs.Mutation) -> None:
+        state, _ = await self.shared.update(self.call_control_id, mutate)
+        await self._check_turn(state)
+        self.state = state
+
+    def _keep_turn(self, data: dict[str, Any], *, interrupted: bool = False) -> None:
+        """Add the bot turn in progress (done, or cut) to ``data``: its record entry, what
+        was heard of it to the history, and its LLM usage."""
+        record, self._turn = self._turn, None
+        if record is None:
             return
-        self.call.end_reason = reason
-        await self.center.hang_up(self.call_control_id)
+        heard = " ".join(self._said)
+        if record.kind == "reply":
+            record.bot_text = heard
+        record.heard_text = heard
+        record.interrupted = interrupted
+        if heard or record.kind == "reply":
+            entry = TurnEntry.from_turn(len(data["turns"]), record, self._trio(data["origin"]))
+            data["turns"].append(fs.entry_dict(entry))
+        if heard:
+            data["history"].append(["assistant", heard, interrupted])
+        data["llm_input_tokens"] += record.llm_input_tokens
+        data["llm_output_tokens"] += record.llm_output_tokens
 
-    async def watch_duration(self) -> None:
-        elapsed = time.time() - self.call.started_at  # a degraded call keeps its start
-        left = max(0.0, self.settings.max_call_seconds - elapsed)
-        self._time_up_reason = await self.call.time_up_after(left)
-        log.info("⏱️ Time to end the call (%s)", self._time_up_reason)
-        self._time_up.set()
-        self._wait_scope.cancel()
+    async def _give_back(self, *, keep: bool = False, **changes: Any) -> None:
+        """Store the bot turn just done and give the turn back (``keep``: hold on to it)."""
+        record, said = self._turn, list(self._said)
+
+        def give_back(data: dict[str, Any]) -> bool:
+            if data["owner"] != self.me:
+                return False
+            self._turn, self._said = record, said  # a retried update starts afresh
+            data.update(changes)
+            self._keep_turn(data)
+            if not keep and not data["ended"]:
+                data["owner"], data["lease_until"] = None, 0.0
+            return True
+
+        state, given = await self.shared.update(self.call_control_id, give_back)
+        if state is None or not given:
+            await self._lose()
+        self.state = state
+
+    async def _leave(self) -> None:
+        """The task is ending. Cut off holding the turn (hang-up here, an error, shutdown):
+        keep the turn in progress and end the call. An error or a shutdown also ends the
+        call when this instance wrote last; a hang-up is ended by its webhook's handler."""
+        reason = self.call.end_reason
+        if reason is None or reason == ENDED_ELSEWHERE:
+            return  # another instance carries the call on, or it ended elsewhere
+        if self.initial is not None:
+            await self._record_unstarted(reason)
+            return
+        if self.state is None:
+            return  # finalized
+        record, said = self._turn, list(self._said)
+
+        def end(data: dict[str, Any]) -> bool:
+            now = time.time()
+            holding = data["owner"] == self.me
+            if not holding and data["writer"] != self.me and reason == "shutdown":
+                return False
+            if holding:
+                self._turn, self._said = record, said
+                self._keep_turn(data, interrupted=True)
+            if not data["ended"]:
+                data["ended"], data["ended_at"] = reason, now
+            if fs.turn_free(data, self.me, now):
+                fs.claim(data, self.me, now)
+            return True
+
+        self.state, _ = await self.shared.update(self.call_control_id, end)
+        if self.state is None or self.state.data["owner"] != self.me:
+            return  # the turn holder elsewhere writes the record
+        if reason not in QUIET_ENDINGS and not self._ending:
+            await self.center.hang_up(self.call_control_id)
+        await self._finalize()
+
+    async def _finalize(self) -> None:
+        """Write the call record from the state (holding the turn) and delete the state."""
+        assert self.state is not None
+        data = self.state.data
+        self.state = None
+        await self.calls.finalize(self.call_control_id, data)
+        self.call.end_reason = data["ended"]
+
+    async def _record_unstarted(self, reason: str) -> None:
+        """The call ended before its state was stored: its record from what there was."""
+        assert self.initial is not None
+        data, self.initial = self.initial, None
+        data["ended"], data["ended_at"] = reason, time.time()
+        await self.calls.record_started(self.call_control_id, data)
+        await self.calls.finalize(self.call_control_id, data, stored=False)
+
+    @staticmethod
+    def _trio(epoch: float) -> float:
+        """An epoch time on this process's Trio clock (turn stamps are made on both)."""
+        return epoch - time.time() + trio.current_time()

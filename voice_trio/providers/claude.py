@@ -10,7 +10,7 @@ Reference: shared/docs/protocols/anthropic.md.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -84,6 +84,16 @@ class LlmUsage:
     cache_read_input_tokens: int = 0
     cache_creation_input_tokens: int = 0
 
+    @property
+    def total_input_tokens(self) -> int:
+        """Every prompt token the request read: the API's ``input_tokens`` counts only
+        those after the last cache breakpoint, cache reads and writes come on top."""
+        return self.input_tokens + self.cache_read_input_tokens + self.cache_creation_input_tokens
+
+
+# Told (input, output) tokens as they are reported: the increase since the last report.
+UsageHook = Callable[[int, int], None]
+
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
     for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
@@ -144,8 +154,9 @@ class ClaudeReply:
     ends without ``message_stop`` (cut off) raises ``LlmError(kind="incomplete_stream")``.
     """
 
-    def __init__(self, sdk_stream: Any) -> None:
+    def __init__(self, sdk_stream: Any, on_usage: UsageHook | None = None) -> None:
         self._sdk_stream = sdk_stream
+        self._on_usage = on_usage
         self._blocks: list[dict[str, Any]] = []
         self._text_parts: list[str] = []
         self._usage = LlmUsage()
@@ -241,7 +252,7 @@ class ClaudeReply:
             value = getattr(usage, name, None)
             return current if value is None else int(value)
 
-        self._usage = LlmUsage(
+        self._usage = new = LlmUsage(
             input_tokens=pick("input_tokens", old.input_tokens),
             output_tokens=pick("output_tokens", old.output_tokens),
             cache_read_input_tokens=pick("cache_read_input_tokens", old.cache_read_input_tokens),
@@ -249,6 +260,12 @@ class ClaudeReply:
                 "cache_creation_input_tokens", old.cache_creation_input_tokens
             ),
         )
+        if self._on_usage is not None:
+            # As it arrives: a reply cut off by barge-in or hang-up still counts its tokens.
+            self._on_usage(
+                new.total_input_tokens - old.total_input_tokens,
+                new.output_tokens - old.output_tokens,
+            )
 
 
 class ClaudeClient:
@@ -305,12 +322,14 @@ class ClaudeClient:
         tools: Sequence[Mapping[str, Any]] | None = None,
         *,
         max_tokens: int | None = None,
+        on_usage: UsageHook | None = None,
     ) -> AsyncIterator[ClaudeReply]:
         """Start a streamed reply and yield a ``ClaudeReply`` to iterate.
 
         ``system`` may be a string or a list of text blocks (put ``cache_control`` on them
-        for prompt caching). Errors before the first byte are raised on entry, errors
-        mid-stream from the iteration; both as ``LlmError``. Leaving the block, including
+        for prompt caching). ``on_usage`` is told token usage as the stream reports it
+        (``message_start``, ``message_delta``). Errors before the first byte are raised on
+        entry, errors mid-stream from the iteration; both as ``LlmError``. Leaving the block, including
         by cancellation on barge-in, closes the HTTP response at once; the client stays
         usable.
         """
@@ -329,7 +348,7 @@ class ClaudeClient:
         try:
             async with self._sdk.messages.stream(**params) as sdk_stream:
                 entered = True
-                yield ClaudeReply(sdk_stream)
+                yield ClaudeReply(sdk_stream, on_usage)
         except _MAPPED_ERRORS as exc:
             if entered:
                 raise

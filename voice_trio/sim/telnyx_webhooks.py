@@ -18,6 +18,11 @@ back and delivers it after the next event of the same call (or after 250 ms); ``
 and ``bad_signature`` first send an extra copy that is replayed with a timestamp 10 minutes old
 or carries a corrupted signature (never retried), then the genuine delivery, so a server that
 rejects them still sees the call go on.
+
+Load balancing (``WebhookSender.round_robin``): given several URLs, every delivery attempt
+goes to the next of them in turn instead of the call's webhook URL, as a load balancer in
+front of several server instances would. A duplicate or a retry then lands on another
+instance than the first copy (with two URLs, always).
 """
 
 from __future__ import annotations
@@ -135,6 +140,15 @@ class WebhookSender:
     log: deque[Delivery] = field(default_factory=lambda: deque(maxlen=5000))
     client: httpx.AsyncClient | None = None
     dropped: int = 0  # events that found a call's queue full
+    round_robin: list[str] = field(default_factory=list)  # see the module docstring
+    _next_url: int = 0
+
+    def _route(self, url: str) -> str:
+        if not self.round_robin:
+            return url
+        url = self.round_robin[self._next_url % len(self.round_robin)]
+        self._next_url += 1
+        return url
 
     async def deliver(self, url: str, data: dict[str, Any]) -> bool:
         """Deliver one event (with any faults due); True once a 2xx came back."""
@@ -158,6 +172,7 @@ class WebhookSender:
     async def _attempt(
         self, url: str, data: dict[str, Any], attempt: int, *, fault: str | None = None
     ) -> bool:
+        url = self._route(url)
         body = json.dumps(
             {"data": data, "meta": {"attempt": attempt, "delivered_to": url}},
             separators=(",", ":"),

@@ -22,7 +22,16 @@ import trio
 DIRECTIONS = ("inbound", "outbound")
 MODES = ("media", "fallback", "degraded")
 STATUSES = ("active", "ended")
-TURN_KINDS = ("greeting", "reply", "reprompt", "goodbye", "apology")
+TURN_KINDS = (
+    "greeting",
+    "reply",
+    "reprompt",
+    "goodbye",
+    "apology",
+    "continuation",
+    "handoff",
+    "voicemail",
+)
 STAMPS = ("t0", "t1", "t2", "t2s", "t3", "t4", "t5")
 
 EVENT_TTL = 3600.0  # a webhook id is remembered this long; Telnyx retries within minutes

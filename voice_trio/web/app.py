@@ -29,6 +29,8 @@ ENDPOINTS = [
     "GET /metrics",
     "POST /api/call/initiate",
     "POST /api/call/batch",
+    "GET /api/calls",
+    "GET /api/calls/<call_control_id>",
     "POST /webhook/telnyx",
     "WS /stream/media",
 ]

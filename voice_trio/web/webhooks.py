@@ -1,4 +1,8 @@
-"""``POST /webhook/telnyx``: verify, parse, de-duplicate, acknowledge, hand over."""
+"""``POST /webhook/telnyx``: verify, parse, de-duplicate, acknowledge, hand over.
+
+De-duplication asks this instance's memory first, then the store (``claim_event``), which
+every instance shares: a retry or duplicate landing on another instance is still recognised.
+If the store cannot answer, this instance's memory decides alone."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from voice_trio.providers.telnyx_webhooks import (
     WebhookVerifier,
     parse_webhook,
 )
+from voice_trio.store import StoreError
 
 log = logging.getLogger("voice_trio.web")
 
@@ -50,7 +55,7 @@ def register_webhooks(app: QuartTrio, center: CallCenter) -> None:
             return _json(400, error="invalid_webhook", reason=str(exc))
         token = call_id_var.set(event.call_control_id or "-")
         try:
-            if not center.seen_events.first_time(event.id):
+            if not await first_time(center, event.id):
                 metrics.webhooks.labels(event.event_type, "duplicate").inc()
                 log.debug("📨 Duplicate webhook %s ignored", event.id)
                 return _json(200, status="duplicate")
@@ -60,6 +65,19 @@ def register_webhooks(app: QuartTrio, center: CallCenter) -> None:
             call_id_var.reset(token)
         center.spawn(center.handle_event, event)
         return _json(200, status="received")
+
+
+async def first_time(center: CallCenter, event_id: str) -> bool:
+    """True if no instance has seen ``event_id`` yet (see the module docstring)."""
+    if not center.seen_events.first_time(event_id):
+        return False
+    if center.store is None:
+        return True
+    try:
+        return await center.store.claim_event(event_id)
+    except StoreError as exc:
+        log.warning("📨 Webhook ids not shared (store unavailable: %s)", exc)
+        return True
 
 
 def _json(code: int, /, **body: Any) -> Any:
