@@ -37,6 +37,12 @@ def test_claude_api_key_is_an_alias() -> None:
         ("TRANSCRIPTION_MIN_CONFIDENCE", "2", "a number from 0.0 to 1.0"),
         ("SILENCE_TIMEOUT_MS", "-5", "an integer"),
         ("PERSONA_PROMPT_FILE", "/nonexistent/prompt.txt", "readable text file"),
+        ("TRANSFER_NUMBER", "300 999 8877", "E.164"),
+        ("DTMF_SHORTCUTS", "0=teleport", "key=action pairs"),
+        ("DTMF_SHORTCUTS", "x=transfer", "key=action pairs"),
+        ("DTMF_SHORTCUTS", "0=transfer,0=end_call", "key=action pairs"),
+        ("ANSWERING_MACHINE_DETECTION", "yes", "one of disabled, detect"),
+        ("AMD_WAIT_MS", "20000", "an integer from 0 to 10000"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(name: str, value: str, expected: str) -> None:
@@ -96,3 +102,18 @@ def test_env_example_lists_every_setting() -> None:
     text = (Path(__file__).parent.parent / ".env.example").read_text()
     for name, _, _ in Settings.documented():
         assert f"\n{name}=" in "\n" + text, name
+
+
+def test_transfers_and_shortcuts() -> None:
+    s = Settings.from_env({}, None)
+    assert s.transfer_number == "" and s.dtmf_shortcuts == (("0", "transfer"),)
+    assert s.dtmf_actions == {}  # no number to transfer to: 0 is just a key
+    assert s.answering_machine_detection == "disabled"
+    env = {"TRANSFER_NUMBER": "+573009998877", "DTMF_SHORTCUTS": " 0=transfer, *=end_call ,"}
+    s = Settings.from_env(env, None)
+    assert s.dtmf_actions == {"0": "transfer", "*": "end_call"}
+    shown = {name: value for name, value, _ in s.describe()}
+    assert shown["DTMF_SHORTCUTS"] == "0=transfer,*=end_call"
+    assert Settings.from_env({"DTMF_SHORTCUTS": ""}, None).dtmf_shortcuts == (("0", "transfer"),)
+    documented = {name: default for name, default, _ in Settings.documented()}
+    assert documented["DTMF_SHORTCUTS"] == "0=transfer"

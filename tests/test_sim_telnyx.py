@@ -463,3 +463,31 @@ async def test_other_commands_and_call_status(api, receiver) -> None:
     kinds = [e.kind for e in callee.results.events]
     assert "dtmf" in kinds and "transferred" in kinds
     assert [e.detail for e in callee.results.events if e.kind == "dtmf"] == ["12#"]
+
+
+async def test_machine_greeting_end_and_transfer_legs(api, receiver) -> None:
+    sim, client = api
+    sim.amd_ms, sim.amd_greeting_silence_ms = 10, 200
+    machine = ScriptedCaller([Say("leave a message"), Wait(3000)], ms_per_char=20, timeout_s=5)
+    sim.answer_with(PERSON, machine, machine=True)
+    ccid = await client.post("/calls", json=dial_body(answering_machine_detection="greeting_end"))
+    ccid = ccid.json()["data"]["call_control_id"]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(machine.run)
+        [ended] = await receiver.wait_for("call.machine.greeting.ended")
+        assert ended["payload"]["result"] == "ended"
+        # Reported once the greeting had played and then 200 ms of silence.
+        said = machine.results.utterances[0]
+        assert said.ended_at is not None and trio.current_time() - said.ended_at >= 0.2
+        # A transfer to a busy number: leg B says so, this leg stays up for another try.
+        busy = "+13125550111"
+        sim.answer_with(busy, None, behaviour="busy")
+        base = f"/calls/{ccid}/actions"
+        assert (await client.post(f"{base}/transfer", json={"to": busy})).status_code == 200
+        [hangup] = [e for e in await receiver.wait_for("call.hangup") if e["payload"]["to"] == busy]
+        assert hangup["payload"]["hangup_cause"] == "user_busy"
+        assert hangup["payload"]["call_control_id"] != ccid
+        assert hangup["payload"]["call_session_id"] == sim.calls[ccid].call_session_id
+        assert sim.calls[ccid].state == "answered"
+        assert sim.calls[ccid].transfer_legs[0].events == ["call.initiated", "call.hangup"]
+        nursery.cancel_scope.cancel()

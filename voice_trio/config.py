@@ -144,6 +144,32 @@ def _database_url(name: str, raw: str) -> str:
     return value
 
 
+DTMF_KEYS = frozenset("0123456789*#ABCD")
+DTMF_ACTIONS = ("transfer", "end_call")
+AMD_MODES = ("disabled", "detect", "detect_beep", "detect_words", "greeting_end", "premium")
+
+
+def _optional_e164(name: str, raw: str) -> str:
+    value = raw.strip()
+    return _e164(name, value) if value else ""
+
+
+def _dtmf_shortcuts(name: str, raw: str) -> tuple[tuple[str, str], ...]:
+    """``0=transfer,9=end_call``: keys the caller presses to act at once."""
+    expected = "key=action pairs separated by commas, e.g. 0=transfer,9=end_call (keys 0-9 * #"
+    expected += " A-D; actions " + ", ".join(DTMF_ACTIONS) + ")"
+    pairs: dict[str, str] = {}
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        key, sep, action = (part.strip() for part in item.partition("="))
+        key = key.upper()
+        if not sep or key not in DTMF_KEYS or action not in DTMF_ACTIONS or key in pairs:
+            raise ConfigError(name, expected, raw)
+        pairs[key] = action
+    return tuple(pairs.items())
+
+
 def _setting(
     env: str,
     default: Any,
@@ -353,6 +379,36 @@ class Settings:
         secret=True,
         doc="signs media stream tokens; same on every instance (empty: random per process)",
     )
+    transfer_number: str = _setting(
+        "TRANSFER_NUMBER",
+        "",
+        _optional_e164,
+        doc="E.164 number of the people calls are transferred to; empty: no transfers",
+    )
+    dtmf_shortcuts: tuple[tuple[str, str], ...] = _setting(
+        "DTMF_SHORTCUTS",
+        (("0", "transfer"),),
+        _dtmf_shortcuts,
+        doc="keys that act at once: key=action,... (actions: transfer, end_call)",
+    )
+    answering_machine_detection: str = _setting(
+        "ANSWERING_MACHINE_DETECTION",
+        "disabled",
+        _choice(*AMD_MODES),
+        doc="Telnyx AMD on outbound calls (greeting_end: leave voicemail after the greeting)",
+    )
+    amd_wait_ms: int = _setting(
+        "AMD_WAIT_MS",
+        0,
+        _int_range(0, 10000),
+        doc="with AMD, hold the greeting this long for a human/machine verdict",
+    )
+    voicemail_greeting_timeout_ms: int = _setting(
+        "VOICEMAIL_GREETING_TIMEOUT_MS",
+        30000,
+        _int_range(0, 120000),
+        doc="on a machine, wait at most this long for its greeting to end",
+    )
     drain_timeout_s: int = _setting(
         "DRAIN_TIMEOUT",
         30,
@@ -406,6 +462,15 @@ class Settings:
         return f"{self.webhook_base_url}/webhook/telnyx" if self.webhook_base_url else ""
 
     @property
+    def dtmf_actions(self) -> dict[str, str]:
+        """Key -> action; ``transfer`` only while there is a number to transfer to."""
+        return {
+            key: action
+            for key, action in self.dtmf_shortcuts
+            if action != "transfer" or self.transfer_number
+        }
+
+    @property
     def mode(self) -> str:
         return "media" if self.use_media_streams else "fallback"
 
@@ -435,7 +500,7 @@ class Settings:
         rows = []
         for f in fields(self):
             value = getattr(self, f.name)
-            shown = str(value).lower() if isinstance(value, bool) else str(value)
+            shown = _shown(value)
             if f.metadata["secret"] and value:
                 shown = mask(value)
             rows.append((f.metadata["env"], shown, f.metadata["doc"]))
@@ -447,7 +512,7 @@ class Settings:
         return [
             (
                 f.metadata["env"],
-                str(f.default).lower() if isinstance(f.default, bool) else str(f.default),
+                _shown(f.default),
                 f.metadata["doc"],
             )
             for f in fields(cls)
@@ -460,6 +525,15 @@ class Settings:
             for f in fields(self)
             if f.metadata["secret"] and getattr(self, f.name)
         ]
+
+
+def _shown(value: Any) -> str:
+    """A setting's value written the way the environment gives it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(f"{k}={v}" for k, v in value)
+    return str(value)
 
 
 def mask(secret: str) -> str:

@@ -5,8 +5,9 @@ the registry of running calls and the metrics. Webhook reactions run as backgrou
 in the server's nursery so the webhook itself is answered at once, and each reaction
 catches its own errors: a failing command for one call never disturbs another.
 
-A call in fallback mode (``voice_trio.calls.degrade``) consumes its own webhooks, in order,
-from its inbox; ``call.hangup`` ends any call here through the registry.
+A call in fallback mode (``voice_trio.calls.degrade``) keeps its state in the store, so its
+webhooks may land on any instance; ``call.hangup`` ends any call here through the registry
+(and a fallback call everywhere, through the store).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from voice_trio.calls.persona import load_persona
 from voice_trio.calls.phrases import PhraseCache, local_now, phrases_for
 from voice_trio.calls.registry import CallRegistry, SeenEvents
 from voice_trio.calls.sentences import SentenceChunker
+from voice_trio.calls.signals import SIGNAL_EVENTS, CallSignals
 from voice_trio.config import Settings
 from voice_trio.observability import Metrics, call_id_var
 from voice_trio.providers.claude import ClaudeClient
@@ -70,6 +72,7 @@ class CallCenter:
         self.metrics = metrics or Metrics()
         self.registry = CallRegistry()
         self.seen_events = SeenEvents()
+        self.signals = CallSignals()  # key presses and machine detection for media calls
         self.fallback = FallbackCalls(self)
         self.started_monotonic = time.monotonic()
         self.going_away = trio.Event()
@@ -208,6 +211,7 @@ class CallCenter:
             from_=self.settings.telnyx_phone_number,
             webhook_url=self.settings.webhook_url,
             client_state=request.client_state(),
+            answering_machine_detection=self.settings.answering_machine_detection,
         )
         # The phone rings for seconds: time enough to have the greeting's audio ready.
         greeting = self.phrases_text.greeting(
@@ -241,8 +245,8 @@ class CallCenter:
                 log.info("📴 Call hung up (%s)", cause)
             else:
                 log.debug("call.hangup for a call not running here (%s)", cause)
-        elif self.fallback.deliver(event):
-            return  # a call in fallback mode handles its own events, one at a time
+        elif await self.fallback.deliver(event):
+            return  # applied to the call's fallback-mode state, shared by every instance
         elif kind == "call.initiated":
             if event.payload.get("direction") == "incoming":
                 if self.going_away.is_set():
@@ -257,6 +261,8 @@ class CallCenter:
                 await self._start_stream(ccid, event.client_state)
             else:
                 self.fallback.answered(event)
+        elif kind in SIGNAL_EVENTS:
+            self.signals.deliver(ccid, kind, event.payload)
         elif kind == "streaming.failed":
             self.fallback.stream_failed(event)
         else:

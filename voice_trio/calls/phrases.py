@@ -30,6 +30,11 @@ class Phrases:
     goodbye: str
     timeout_goodbye: str
     apology: str
+    handoff: str  # before a transfer to a person
+    transfer_failed: str
+    voicemail_intro: str  # "{opener}, {nombre}." comes before it
+    voicemail_reason: str  # with {contexto}
+    voicemail_close: str
 
     def time_greeting(self, now: datetime) -> str:
         if now.hour < 12:
@@ -43,6 +48,16 @@ class Phrases:
         opener = self.time_greeting(now)
         opener = f"{opener}, {nombre}." if nombre else f"{opener}."
         return f"{opener} {self.introduction} {self.question}"
+
+    def voicemail(self, *, nombre: str = "", contexto: str = "", now: datetime) -> str:
+        """The message left on an answering machine: who called, why, and to call back."""
+        opener = self.time_greeting(now)
+        parts = [f"{opener}, {nombre}." if nombre else f"{opener}.", self.voicemail_intro]
+        reason = contexto.strip().rstrip(".")
+        if reason:
+            parts.append(self.voicemail_reason.format(contexto=reason))
+        parts.append(self.voicemail_close)
+        return " ".join(parts)
 
     def fixed(self) -> list[str]:
         """Phrases every call may use: synthesized at start-up."""
@@ -68,6 +83,11 @@ SPANISH = Phrases(
     goodbye="Gracias por llamar. Que tenga un buen día.",
     timeout_goodbye="Como no le escucho, voy a terminar la llamada. Hasta luego.",
     apology="Disculpe, tuve un problema técnico. ¿Me lo puede repetir, por favor?",
+    handoff="Un momento, por favor. Le comunico con una persona de nuestro equipo.",
+    transfer_failed="Disculpe, en este momento no pude comunicarle. ¿Le puedo ayudar en algo más?",
+    voicemail_intro="Le habla Sofía, de la Clínica Santa Lucía.",
+    voicemail_reason="Le llamábamos por lo siguiente: {contexto}.",
+    voicemail_close="Por favor, devuélvanos la llamada cuando pueda. Gracias, hasta luego.",
 )
 
 ENGLISH = Phrases(
@@ -80,6 +100,11 @@ ENGLISH = Phrases(
     goodbye="Thank you for calling. Have a nice day.",
     timeout_goodbye="I can't hear you, so I'll end the call now. Goodbye.",
     apology="Sorry, I had a technical problem. Could you say that again, please?",
+    handoff="One moment, please. I'm transferring you to a member of our team.",
+    transfer_failed="Sorry, I couldn't transfer you right now. Can I help with anything else?",
+    voicemail_intro="This is Sofia from Santa Lucia Clinic.",
+    voicemail_reason="We were calling about the following: {contexto}.",
+    voicemail_close="Please call us back when you can. Thank you, goodbye.",
 )
 
 

@@ -6,6 +6,13 @@ Tasks of the call's nursery (DESIGN.md §3):
 - ``listen``: Deepgram events → ``TurnDetector`` → user turns; caller speech barges in.
 - ``converse``: greeting, then one ``BotTurn`` per user turn; silence reprompt/goodbye.
 - ``watch_duration``: the maximum call length.
+- ``keys.run``: key presses (``dtmf`` frames and ``call.dtmf.received``, counted once)
+  barge in and reach the conversation as a bracketed note (:mod:`voice_trio.calls.dtmf`).
+
+Some events cut the conversation short (``interrupt``): a key shortcut, Claude's
+``transfer_call`` tool (:mod:`~voice_trio.calls.transfer`), an answering machine on an
+outbound call (:mod:`~voice_trio.calls.voicemail`). ``converse`` carries them out between
+turns (``act``).
 
 A bot turn runs in its own cancel scope: Claude's stream, the TTS stream and the pacing of
 its audio stop together when the caller barges in. The call's scope is the registry's
@@ -21,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from voice_trio.audio import ALAW_TO_MULAW
+from voice_trio.calls.dtmf import STREAM, WEBHOOK, KeyCollector, PressDeduper, key_note
 from voice_trio.calls.history import Conversation
 from voice_trio.calls.phrases import local_now
 from voice_trio.calls.playback import Playback
@@ -29,7 +37,9 @@ from voice_trio.calls.sentences import SentenceChunker
 from voice_trio.calls.stt_link import SttLink, SttLost, open_stt_link
 from voice_trio.calls.telnyx_speech import speak_language
 from voice_trio.calls.thinking import think_reply
+from voice_trio.calls.transfer import TRANSFERRED, hand_off
 from voice_trio.calls.turns import CallerSpeaking, TurnDetector, UserTurn
+from voice_trio.calls.voicemail import MachineDetection, leave_voicemail
 from voice_trio.providers.deepgram_stt import (
     SpeechStarted,
     Transcript,
@@ -81,6 +91,12 @@ class TurnRecord:
     t4: float | None = None  # first TTS audio
     t5: float | None = None  # first audio frame written to Telnyx
     tool_calls: list[str] = field(default_factory=list)
+    llm_input_tokens: int = 0  # every request of the turn (retries too), as reported
+    llm_output_tokens: int = 0
+
+    def count_usage(self, input_tokens: int, output_tokens: int) -> None:
+        self.llm_input_tokens += input_tokens
+        self.llm_output_tokens += output_tokens
 
     def overhead(self) -> float | None:
         """Time the server itself added: (t1-t0) + (t3-t2s) + (t5-t4).
@@ -136,6 +152,14 @@ class CallSession:
         self._wait_scope = trio.CancelScope()
         self._end_requested = False
         self.stt: SttLink | None = None
+        self.presses = PressDeduper()
+        self.keys = KeyCollector()
+        self.transferring = False  # the transfer command went out: the leg is leaving us
+        self._pending: str | None = None  # transfer | end_call | voicemail (see ``act``)
+        self._cut_for_action = False
+        amd = self.settings.answering_machine_detection
+        outbound = context.get("dir") == "outbound"
+        self.amd = MachineDetection(amd) if outbound and amd != "disabled" else None
 
     async def run(self) -> None:
         s = self.settings
@@ -144,13 +168,17 @@ class CallSession:
         ) as stt:
             self.stt = stt
             log.info("🔌 Conectado a Deepgram WebSocket (%s)", stt.request_id or "-")
+            ccid = self.call.call_control_id
+            self.center.signals.attach(ccid, self.on_signal)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self.read_carrier, stt)
                     nursery.start_soon(self.listen, stt)
                     nursery.start_soon(self.converse)
                     nursery.start_soon(self.watch_duration)
+                    nursery.start_soon(self.keys.run, self.key_pressed, self.keys_entered)
             finally:
+                self.center.signals.detach(ccid, self.on_signal)
                 with trio.CancelScope(shield=True):
                     await stt.close_stream(timeout=0.3)
 
@@ -163,7 +191,8 @@ class CallSession:
         while True:
             raw = await self.socket.receive()
             if raw is None:
-                self.call.end(STREAM_LOST)
+                # Mid-transfer the socket closing is the leg leaving us, not a lost stream.
+                self.call.end(TRANSFERRED if self.transferring else STREAM_LOST)
                 return
             try:
                 frame = parse_frame(raw)
@@ -180,12 +209,78 @@ class CallSession:
             elif isinstance(frame, Mark):
                 self.playback.on_mark(frame.name)
             elif isinstance(frame, Stop):
-                self.call.end("caller_hangup")
+                self.call.end(TRANSFERRED if self.transferring else "caller_hangup")
                 return
             elif isinstance(frame, Dtmf):
-                log.info("🎤 DTMF %s", frame.digit)
+                self.on_key(frame.digit, STREAM)
             elif isinstance(frame, StreamError):
                 log.warning("Telnyx stream error %s %s: %s", frame.code, frame.title, frame.detail)
+
+    def on_signal(self, kind: str, payload: dict[str, Any]) -> None:
+        """A webhook fact for this call (``CallSignals``): never blocks."""
+        if kind == "call.dtmf.received":
+            digit = payload.get("digit")
+            if isinstance(digit, str) and digit:
+                self.on_key(digit, WEBHOOK)
+        elif self.amd is not None and self.amd.on_event(kind, payload):
+            log.info("📼 Answering machine detected (%s)", self.amd.result)
+            self.interrupt("voicemail")
+        elif self.amd is not None and kind.startswith("call.machine."):
+            log.info("📼 Answering machine detection: %s", payload.get("result"))
+
+    def on_key(self, key: str, source: str) -> None:
+        """A key press from either path; the second report of one press is dropped."""
+        if not self.presses.first_report(key, source, trio.current_time()):
+            return
+        action = self.settings.dtmf_actions.get(key)
+        log.info("🎤 DTMF %s%s", key, f" → {action}" if action else "")
+        if action is not None:
+            self.interrupt(action)
+        elif not self.keys.push(key):
+            log.warning("🎤 Too many keys waiting; dropped %s", key)
+
+    async def key_pressed(self, key: str) -> None:
+        now = trio.current_time()
+        self._silence_deadline = now + self.settings.silence_timeout_ms / 1000
+        await self.barge_in(now)
+
+    def keys_entered(self, keys: list[str]) -> None:
+        note = key_note(keys, self.settings.agent_language)
+        log.info("🎤 Caller: %s", note)
+        try:
+            self._user_send.send_nowait((note, trio.current_time()))
+        except trio.WouldBlock:
+            log.warning("🎤 Too many caller turns waiting; dropped %s", note)
+
+    def interrupt(self, action: str) -> None:
+        """Cut the conversation short for ``action`` (transfer, end_call, voicemail): the
+        bot's turn stops (with a ``clear``) and the wait for the caller ends; ``converse``
+        carries the action out. The first action wins."""
+        if self._pending is not None:
+            return
+        self._pending = action
+        self._wait_scope.cancel()
+        scope = self._bot_scope
+        if scope is not None and not scope.cancel_called:
+            self._barged_at = trio.current_time()
+            self._cut_for_action = True
+            scope.cancel()
+
+    async def act(self) -> bool:
+        """Carry out the action that cut the conversation short, if any; True if the
+        conversation is over."""
+        action = self._pending
+        if action is None:
+            return False
+        if action == "voicemail" and self.amd is not None:
+            await leave_voicemail(self, self.amd)
+            return True
+        if action == "transfer":
+            over = await hand_off(self)
+            self._pending = None
+            return over
+        await self.finish("caller_ended", self.center.phrases_text.goodbye)
+        return True
 
     def handover(self) -> Conversation:
         """The conversation so far, with caller turns not answered yet, for the fallback mode
@@ -208,6 +303,8 @@ class CallSession:
 
     async def _listen(self, stt: SttLink) -> None:
         async for event in stt.events():
+            if self._pending == "voicemail":
+                continue  # the machine's greeting is no turn, and must not cut the message
             if isinstance(event, Transcript):
                 signal = self.turns.on_transcript(
                     event.text, event.confidence, event.is_final, event.speech_final
@@ -245,10 +342,19 @@ class CallSession:
         greeting = phrases.greeting(
             nombre=self.nombre, saludo=self.saludo, now=local_now(self.settings.timezone)
         )
+        if self.amd is not None and self.settings.amd_wait_ms:
+            # Hold the greeting for the verdict: a machine should not hear a conversation.
+            await self.amd.wait_for_verdict(self.settings.amd_wait_ms / 1000)
+        if await self.act():
+            return
         await self.say(greeting, kind="greeting")
         reprompted = False
         while True:
+            if await self.act():
+                return
             turn = await self.next_user_turn()
+            if await self.act():
+                return
             if self._time_up.is_set():
                 await self.finish(self._time_up_reason, phrases.goodbye)
                 return
@@ -261,6 +367,8 @@ class CallSession:
                 continue
             reprompted = False
             await self.reply(*turn)
+            if await self.act():
+                return
             if self._end_requested:
                 await self.finish("agent_ended", None)
                 return
@@ -272,7 +380,7 @@ class CallSession:
             self._silence_deadline,
             self.playback.speaking_until + self.settings.silence_timeout_ms / 1000,
         )
-        while not self._time_up.is_set():
+        while not self._time_up.is_set() and self._pending is None:
             with trio.move_on_at(self._silence_deadline) as self._wait_scope:
                 text, t0 = await self._user_recv.receive()
                 while True:
@@ -281,7 +389,7 @@ class CallSession:
                     except trio.WouldBlock:
                         return text, t0
                     text = f"{text} {more}"
-            if self._time_up.is_set():
+            if self._time_up.is_set() or self._pending is not None:
                 return None
             if trio.current_time() >= self._silence_deadline and not self.turns.in_utterance:
                 return None
@@ -325,10 +433,13 @@ class CallSession:
                 record,
                 nombre=self.nombre,
                 contexto=self.contexto,
+                can_transfer=bool(self.settings.transfer_number),
             )
         finally:
             if "end_call" in record.tool_calls:
                 self._end_requested = True
+            if "transfer_call" in record.tool_calls and self._pending is None:
+                self._pending = "transfer"  # after the reply that announces it has played
 
     async def synthesize_into(
         self, sentence: str, audio_send: trio.MemorySendChannel[Any], record: TurnRecord
@@ -386,6 +497,9 @@ class CallSession:
                     nursery.start_soon(produce, audio_send)
                     await self.pace(audio_recv, record)
                 await self.playback.wait_played()
+            if self._cut_for_action:
+                self._cut_for_action = False
+                await self.playback.interrupt()  # drop what Telnyx has queued of this turn
         finally:
             # Also when the whole call is being cancelled (hang-up mid-turn): the record
             # keeps the turn, cut where the caller stopped hearing it.

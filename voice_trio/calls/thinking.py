@@ -3,7 +3,8 @@
 The media session turns the sentences into streamed TTS audio; the fallback mode hands each
 one to Telnyx ``speak``. Either way the request is the same: the persona system prompt with
 this call's facts, the last ``CONVERSATION_HISTORY_LIMIT`` messages of the conversation, and
-the ``end_call`` tool; the reply is cut at ``MAX_RESPONSE_LENGTH`` characters.
+the ``end_call`` tool (plus ``transfer_call`` when the caller may offer it); the reply is cut at
+``MAX_RESPONSE_LENGTH`` characters.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from voice_trio.calls.history import Conversation
-from voice_trio.calls.persona import END_CALL_TOOL, system_blocks
+from voice_trio.calls.persona import system_blocks, tools_for
 from voice_trio.calls.phrases import local_now
 from voice_trio.calls.sentences import SentenceChunker
 from voice_trio.providers.claude import LlmError
@@ -38,11 +39,14 @@ async def think_reply(
     *,
     nombre: str,
     contexto: str,
+    can_transfer: bool = False,
 ) -> None:
     """Stream Claude's reply to ``conversation`` into ``sentence_send`` (closed on return).
 
-    Fills ``record.t1``, ``t2``, ``t2s`` and ``tool_calls`` (``"end_call"`` there means the
-    model asked to end the call). A reply cut at the length limit drops its tool calls;
+    Fills ``record.t1``, ``t2``, ``t2s``, the LLM token counts (every attempt's, as they are
+    reported) and ``tool_calls`` (``"end_call"`` there means the
+    model asked to end the call, ``"transfer_call"`` to transfer it; that tool is offered
+    only with ``can_transfer``). A reply cut at the length limit drops its tool calls;
     a failed request is retried within RETRY_BUDGET_SECONDS while nothing was said yet,
     then yields the apology phrase.
     """
@@ -55,6 +59,7 @@ async def think_reply(
         max_chars=s.max_response_length,
     )
     messages = conversation.window(s.conversation_history_limit)
+    tools = tools_for(can_transfer=can_transfer)
     chunker = SentenceChunker()
     spoken = 0
     async with sentence_send:
@@ -63,7 +68,9 @@ async def think_reply(
         attempt = 0
         while True:
             try:
-                async with center.claude.stream_reply(system, messages, [END_CALL_TOOL]) as reply:
+                async with center.claude.stream_reply(
+                    system, messages, tools, on_usage=record.count_usage
+                ) as reply:
                     async for delta in reply:
                         if record.t2 is None:
                             record.t2 = trio.current_time()

@@ -95,6 +95,7 @@ class TelnyxControl:
         from_: str,
         webhook_url: str = "",
         client_state: str | None = None,
+        answering_machine_detection: str = "disabled",
         extra: dict[str, Any] | None = None,
     ) -> DialResult:
         body: dict[str, Any] = {"connection_id": connection_id, "to": to, "from": from_}
@@ -102,6 +103,8 @@ class TelnyxControl:
             body["webhook_url"] = webhook_url
         if client_state:
             body["client_state"] = client_state
+        if answering_machine_detection and answering_machine_detection != "disabled":
+            body["answering_machine_detection"] = answering_machine_detection
         body.update(extra or {})
         data = await self._post("/calls", body, action="dial")
         return DialResult(
@@ -160,6 +163,16 @@ class TelnyxControl:
 
     async def transcription_stop(self, call_control_id: str) -> None:
         await self.command(call_control_id, "transcription_stop", {})
+
+    async def transfer(
+        self, call_control_id: str, to: str, *, timeout_secs: int | None = None
+    ) -> None:
+        """Hand the call to ``to`` (§1.8): Telnyx dials it and bridges the caller over;
+        if nobody answers, the call stays with us (a ``call.hangup`` for the other leg)."""
+        body: dict[str, Any] = {"to": to}
+        if timeout_secs is not None:
+            body["timeout_secs"] = timeout_secs
+        await self.command(call_control_id, "transfer", body)
 
     async def hangup(self, call_control_id: str) -> None:
         """Hang up; a call that already ended (90018) counts as hung up."""

@@ -92,3 +92,30 @@ def parse_webhook(body: bytes) -> WebhookEvent:
     if not isinstance(payload, dict):
         raise WebhookInvalid("data.payload is not an object")
     return WebhookEvent(event_id, event_type, str(data.get("occurred_at") or ""), payload)
+
+
+# Answering machine detection (protocols/telnyx.md §2.3): the verdict, then (for the modes
+# that listen for it) the end of the machine's greeting.
+AMD_DETECTION_EVENTS = frozenset(
+    {"call.machine.detection.ended", "call.machine.premium.detection.ended"}
+)
+AMD_GREETING_EVENTS = frozenset(
+    {"call.machine.greeting.ended", "call.machine.premium.greeting.ended"}
+)
+# Premium results are human_residence | human_business | machine | silence | fax_detected |
+# not_sure; standard ones human | machine | not_sure. Only "machine" means a machine.
+MACHINE_RESULTS = frozenset({"machine"})
+
+
+def is_machine(event: WebhookEvent) -> bool:
+    """A detection event that found an answering machine."""
+    return (
+        event.event_type in AMD_DETECTION_EVENTS
+        and str(event.payload.get("result") or "") in MACHINE_RESULTS
+    )
+
+
+def dtmf_digit(event: WebhookEvent) -> str:
+    """The key of a ``call.dtmf.received`` event ("" if it carries none)."""
+    digit = event.payload.get("digit")
+    return digit if isinstance(digit, str) else ""

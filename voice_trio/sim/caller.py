@@ -18,8 +18,9 @@ done (hanging up, unless ``hang_up_when_done=False``), when the call ends, or af
 Steps: :class:`Say` (after ``pause_before_ms``), :class:`WaitForBot` (until a bot turn that
 started after the caller's last utterance has been silent for ``min_ms_silence``),
 :class:`BargeIn` (once that turn has played for ``after_bot_ms``, say ``text`` over it),
-:class:`Dtmf`, :class:`HangUp`, :class:`Wait`. A wait that times out is noted in
-``results.errors`` and the script goes on.
+:class:`Dtmf` (at once, or while the bot talks), :class:`HangUp`, :class:`Wait`. A wait that
+times out is noted in ``results.errors`` and the script goes on. :func:`answering_machine`
+is a party that plays a greeting and then only listens (what it heard is the message).
 """
 
 from __future__ import annotations
@@ -62,7 +63,12 @@ class BargeIn:
 
 @dataclass(frozen=True, slots=True)
 class Dtmf:
+    """Press a key; with ``during_bot_ms``, once a bot turn has played that long (as
+    :class:`BargeIn` does), so the key lands while the bot is talking."""
+
     digit: str
+    during_bot_ms: int | None = None
+    timeout_ms: int = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +300,10 @@ class ScriptedCaller(AudioPort):
             elif isinstance(step, BargeIn):
                 await self._barge_in(step)
             elif isinstance(step, Dtmf):
+                if step.during_bot_ms is not None and not await self._wait_bot_talking(
+                    step.during_bot_ms, step.timeout_ms, "Dtmf"
+                ):
+                    continue
                 self.results.events.append(
                     CallerEvent(trio.current_time(), "dtmf_pressed", step.digit)
                 )
@@ -355,7 +365,13 @@ class ScriptedCaller(AudioPort):
         await self._wait_until(bot_done, step.timeout_ms, "WaitForBot")
 
     async def _barge_in(self, step: BargeIn) -> None:
-        after = step.after_bot_ms / 1000
+        if await self._wait_bot_talking(step.after_bot_ms, step.timeout_ms, "BargeIn"):
+            await self._say(step.text)
+
+    async def _wait_bot_talking(self, after_ms: int, timeout_ms: int, what: str) -> bool:
+        """Until a bot turn that started after the caller's last words has played for
+        ``after_ms`` and is still playing."""
+        after = after_ms / 1000
 
         def bot_talking_long_enough(now: float) -> bool:
             turn = self._turn
@@ -365,5 +381,16 @@ class ScriptedCaller(AudioPort):
                 and now - turn.started_at >= after  # type: ignore[union-attr]
             )
 
-        if await self._wait_until(bot_talking_long_enough, step.timeout_ms, "BargeIn"):
-            await self._say(step.text)
+        return await self._wait_until(bot_talking_long_enough, timeout_ms, what)
+
+
+def answering_machine(greeting: str, *, listen_ms: int = 15_000, **kw: object) -> ScriptedCaller:
+    """An answering machine: its greeting at once, then it records (listens) for
+    ``listen_ms``. Register it with ``TelnyxSim.answer_with(..., machine=True)`` so that
+    answering machine detection reports a machine; ``results.bot_turns`` is the message."""
+    return ScriptedCaller(
+        [Say(greeting), Wait(listen_ms)],
+        hang_up_when_done=True,
+        name="answering machine",
+        **kw,  # type: ignore[arg-type]
+    )

@@ -47,10 +47,15 @@ Flows (webhook order per call is guaranteed; see :mod:`voice_trio.sim.telnyx_web
   engine config asks for ``interim_results``, a final after ``transcription_silence_ms`` of
   silence. Key presses give ``call.dtmf.received`` (and a ``dtmf`` media frame).
 - Also: ``reject`` (``call.hangup`` ``call_rejected``/``user_busy``); ``transfer`` (the stream
-  stops, ``call.bridged`` after ``ring_ms``, the leg stays up); ``send_dtmf`` (the digits are
-  reported to the party); ``client_state_update``; dial ``answering_machine_detection``
-  (``call.machine[.premium].detection.ended`` after ``amd_ms``: human unless the callee was
-  registered with ``machine=True``); ``time_limit_secs`` (``call.hangup`` ``time_limit``).
+  stops; leg B — answered by whoever ``answer_with`` registered for the number — reports
+  ``call.initiated``, then ``call.answered`` + ``call.bridged`` on both legs after its ring, or
+  ``call.hangup`` ``user_busy``/``timeout``; the transferred leg stays up); ``send_dtmf`` (the
+  digits are reported to the party); ``client_state_update``; dial
+  ``answering_machine_detection`` (``call.machine[.premium].detection.ended`` after
+  ``amd_ms``: human unless the callee was registered with ``machine=True``; on a machine, for
+  ``greeting_end``/``detect_words``/``detect_beep``/``premium``, ``call.machine[.premium]
+  .greeting.ended`` once the machine's voice is followed by ``amd_greeting_silence_ms`` of
+  silence); ``time_limit_secs`` (``call.hangup`` ``time_limit``).
 
 Knobs are the keyword arguments of :class:`TelnyxSim` (all plain attributes afterwards);
 webhook delivery knobs and faults live on ``sim.webhooks`` (``attempts``, ``backoff_s``,
@@ -137,6 +142,7 @@ class TelnyxSim:
         transcription_silence_ms: int = 500,
         transcription_interim_ms: int = 300,
         amd_ms: float = 300.0,
+        amd_greeting_silence_ms: float = 500.0,
         stream_connect_timeout_s: float = 5.0,
         record_audio_s: float = 10.0,
         webhook_attempts: int = 3,
@@ -161,6 +167,7 @@ class TelnyxSim:
         self.transcription_silence_ms = transcription_silence_ms
         self.transcription_interim_ms = transcription_interim_ms
         self.amd_ms = amd_ms
+        self.amd_greeting_silence_ms = amd_greeting_silence_ms
         self.stream_connect_timeout_s = stream_connect_timeout_s
         self.record_audio_s = record_audio_s
         self.max_ended_calls = max_ended_calls
@@ -501,7 +508,7 @@ class TelnyxSim:
         elif action == "transcription_stop":
             call.stop_transcription()
         elif action == "transfer":
-            call.transfer(data["to"] if isinstance(data["to"], str) else data["to"][0])
+            call.transfer(data["to"] if isinstance(data["to"], str) else data["to"][0], data)
         elif action == "send_dtmf":
             call.dtmf_sent.append(data["digits"])
             call.line.party.on_event("dtmf", data["digits"], trio.current_time())

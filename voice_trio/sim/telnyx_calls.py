@@ -34,6 +34,26 @@ if TYPE_CHECKING:
     from voice_trio.sim.telnyx import TelnyxSim
 
 COMMAND_ID_WINDOW_S = 60.0
+# AMD modes after which Telnyx reports the end of a machine's greeting (protocols/telnyx.md
+# §2.3; developers.telnyx.com/docs/voice/programmable-voice/answering-machine-detection).
+GREETING_MODES = frozenset({"detect_beep", "detect_words", "greeting_end", "premium"})
+GREETING_LIMIT_S = 30.0  # detect_words listens this long for the greeting's end
+
+
+class GreetingEnd:
+    """Tap on the answering machine's audio: set ``ended`` once its greeting (voiced audio)
+    is followed by ``silence_ms`` of silence."""
+
+    def __init__(self, silence_ms: float) -> None:
+        self._decoder = SpeechDecoder()
+        self._silence_bytes = int(silence_ms * 8)
+        self.ended = trio.Event()
+
+    def feed(self, audio: bytes) -> None:
+        decoder = self._decoder
+        decoder.feed(audio)
+        if decoder.voiced_until and decoder.offset - decoder.voiced_until >= self._silence_bytes:
+            self.ended.set()
 
 
 class Transcriber:
@@ -140,6 +160,7 @@ class SimCall:
         self.transcripts: list[dict[str, Any]] = []
         self.dtmf_sent: list[str] = []
         self.transferred_to: str | None = None
+        self.transfer_legs: list[TransferLeg] = []
         self.hangup_cause: str | None = None
         self.hangup_source: str | None = None
         self.sip_hangup_cause: str | None = None
@@ -267,16 +288,36 @@ class SimCall:
             self._media.start_soon(self._detect_machine, amd, machine)
 
     async def _detect_machine(self, mode: str, machine: bool) -> None:
-        await trio.sleep(self.sim.amd_ms / 1000)
-        fields = {"from": self.from_, "to": self.to}
-        if mode == "premium":
-            result = "machine" if machine else "human_residence"
-            self.emit("call.machine.premium.detection.ended", {**fields, "result": result})
-        else:
-            self.emit(
-                "call.machine.detection.ended",
-                {**fields, "result": "machine" if machine else "human"},
-            )
+        """The verdict after ``amd_ms``; on a machine, for the modes that listen for it, the
+        end of its greeting: ``amd_greeting_silence_ms`` of silence after its voice (a beep
+        for ``detect_beep``/``premium``, which report only beeps), at most 30 s."""
+        greeting = GreetingEnd(self.sim.amd_greeting_silence_ms)
+        if machine and mode in GREETING_MODES:
+            self.line.caller_taps.append(greeting.feed)
+        try:
+            await trio.sleep(self.sim.amd_ms / 1000)
+            fields = {"from": self.from_, "to": self.to}
+            premium = mode == "premium"
+            if premium:
+                result = "machine" if machine else "human_residence"
+                self.emit("call.machine.premium.detection.ended", {**fields, "result": result})
+            else:
+                result = "machine" if machine else "human"
+                self.emit("call.machine.detection.ended", {**fields, "result": result})
+            if not (machine and mode in GREETING_MODES):
+                return
+            with trio.move_on_after(GREETING_LIMIT_S):
+                await greeting.ended.wait()
+            if premium:
+                self.emit(
+                    "call.machine.premium.greeting.ended", {**fields, "result": "beep_detected"}
+                )
+            elif greeting.ended.is_set() or mode == "detect_words":
+                result = "beep_detected" if mode == "detect_beep" else "ended"
+                self.emit("call.machine.greeting.ended", {**fields, "result": result})
+        finally:
+            if greeting.feed in self.line.caller_taps:
+                self.line.caller_taps.remove(greeting.feed)
 
     def _ensure_clock(self) -> None:
         if not self._clock_started and self._media is not None:
@@ -505,13 +546,82 @@ class SimCall:
     def _on_dtmf(self, digit: str) -> None:
         self.emit("call.dtmf.received", {"digit": digit, "from": self.from_, "to": self.to})
 
-    def transfer(self, to: str) -> None:
+    def transfer(self, to: str, opts: dict[str, Any]) -> None:
+        """Telnyx dials ``to`` (leg B) and bridges this call to it. This leg's media stream
+        stops at once (``stop``, ``streaming.stopped``): the call's audio now goes to the
+        person, no longer to the server. Leg B reports ``call.initiated``, then
+        ``call.answered`` and ``call.bridged`` (on both legs), or ``call.hangup`` if nobody
+        answers, and this leg stays up (developers.telnyx.com call-control/transfer-call).
+        Who answers is registered like a dialled callee (``answer_with``); the two parties'
+        audio is not connected."""
         self.transferred_to = to
         self.stop_stream()
         self.line.party.on_event("transferred", to, trio.current_time())
         if self._media is not None:
-            self._media.start_soon(self._bridge, to)
+            self._media.start_soon(self._bridge, to, opts)
 
-    async def _bridge(self, to: str) -> None:
-        await trio.sleep(self.sim.ring_ms / 1000)
+    async def _bridge(self, to: str, opts: dict[str, Any]) -> None:
+        sim = self.sim
+        callee = sim._callee_for(to)
+        leg = TransferLeg(self, to, opts)
+        self.transfer_legs.append(leg)
+        leg.emit("call.initiated", {"direction": "outgoing", "state": "bridging"})
+        ring = (callee.ring_ms if callee.ring_ms is not None else sim.ring_ms) / 1000
+        if callee.behaviour == "busy":
+            await trio.sleep(ring)
+            leg.hang_up("user_busy", "486")
+            return
+        if callee.party is None or callee.behaviour == "no_answer":
+            await trio.sleep(sim.no_answer_timeout_s or opts.get("timeout_secs") or 30)
+            leg.hang_up("timeout", "408")
+            return
+        await trio.sleep(ring)
+        leg.party = callee.party
+        leg.emit("call.answered", {"state": "answered"})
         self.emit("call.bridged", {"from": self.from_, "to": to, "state": "bridged"})
+        leg.emit("call.bridged", {"state": "bridged"})
+        callee.party.on_event("answered", "", trio.current_time())
+
+
+class TransferLeg:
+    """Leg B of a transfer: its own ids and webhooks (to the transfer's ``webhook_url`` or
+    the call's), the same call session as the leg it was transferred from."""
+
+    def __init__(self, call: SimCall, to: str, opts: dict[str, Any]) -> None:
+        self.call = call
+        self.call_control_id = "v3:" + secrets.token_urlsafe(33)
+        self.call_leg_id = str(uuid.uuid4())
+        self.to = to
+        self.from_ = opts.get("from") or (call.to if call.direction == "incoming" else call.from_)
+        self.webhook_url = opts.get("webhook_url") or call.webhook_url
+        self.client_state = opts.get("target_leg_client_state")
+        self.party: AudioPort | None = None
+        self.events: list[str] = []
+        self.hangup_cause: str | None = None
+
+    def emit(self, event_type: str, fields: dict[str, Any]) -> None:
+        payload = {
+            "call_control_id": self.call_control_id,
+            "call_leg_id": self.call_leg_id,
+            "call_session_id": self.call.call_session_id,
+            "connection_id": self.call.connection_id,
+            "client_state": self.client_state,
+            "from": self.from_,
+            "to": self.to,
+            **fields,
+        }
+        self.events.append(event_type)
+        self.call.webhooks.emit(self.webhook_url, event(event_type, payload))
+
+    def hang_up(self, cause: str, sip: str) -> None:
+        self.hangup_cause = cause
+        self.emit(
+            "call.hangup",
+            {
+                "state": "hangup",
+                "hangup_cause": cause,
+                "hangup_source": "callee",
+                "sip_hangup_cause": sip,
+                "start_time": utc_now(),
+            },
+        )
