@@ -120,8 +120,8 @@ async def test_a_call_that_fails_unexpectedly_ends_alone(nursery, lab, monkeypat
 
 async def test_close_storm_does_not_take_the_server_down(nursery, lab) -> None:
     """Many carriers close at the moment the server closes the same sockets (hang-up
-    webhooks for every call at once). Hypercorn 0.18 alone can crash the whole process
-    here (research/trio-stack.md, gotcha 11); web/hypercorn_fixes.py serialises the close."""
+    webhooks for every call at once): a survival guard. This natural storm does not hit the
+    Hypercorn close race (gotcha 11) on its own; test_close_storm.py forces that one."""
     signer = Signer()
     server = await start_lab_server(nursery, lab, TELNYX_PUBLIC_KEY=signer.public_b64)
     count = 60

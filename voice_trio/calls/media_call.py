@@ -133,7 +133,10 @@ async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
         if session is not None:
             turns = [TurnEntry.from_turn(i, t, origin) for i, t in enumerate(session.records)]
             record.tts_characters = session.tts_characters
+            record.llm_input_tokens = sum(t.llm_input_tokens for t in session.records)
+            record.llm_output_tokens = sum(t.llm_output_tokens for t in session.records)
             record.stt_audio_seconds = round(session.stt.audio_seconds, 3) if session.stt else 0.0
+            center.metrics.stt_reconnects.inc(session.stt.reconnects if session.stt else 0)
         await keep_record(center, record, turns)
         call_id_var.reset(token)
 

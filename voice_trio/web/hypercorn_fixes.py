@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import types
 from http import HTTPStatus
 from typing import Any
@@ -36,6 +37,7 @@ def apply() -> None:
 def _serialise_close() -> None:
     original = TCPServer._close
 
+    @functools.wraps(original)  # ``__wrapped__`` keeps the original for the race test
     async def _close(self: TCPServer) -> None:
         lock: trio.Lock = self.send_lock
         if lock.statistics().owner is trio.lowlevel.current_task():

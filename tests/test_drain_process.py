@@ -1,0 +1,177 @@
+"""Graceful drain of a real ``voice-trio serve`` process with calls in flight.
+
+The server runs in its own process, pointed at the simulators of this one (as the load test
+does). SIGTERM: the API answers 503 with a reason, inbound calls are rejected, a call that
+ends within DRAIN_TIMEOUT ends on its own, the others hear a goodbye and are hung up once;
+every call is on file; the process exits 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import httpx
+import trio
+from conftest import FAST_SPEECH_MS
+
+from voice_trio.config import Settings
+from voice_trio.server import reserve_listener
+from voice_trio.sim.caller import HangUp, Say, ScriptedCaller, Wait, WaitForBot
+from voice_trio.sim.lab import OUR_NUMBER
+
+DRAIN_TIMEOUT_S = 2
+LONG_CALLS = 3
+
+
+def _server_env(lab, port: int, tmp_path) -> dict[str, str]:
+    """This environment minus any voice-trio setting of the developer's shell, plus the lab."""
+    names: set[str] = set()
+    for f in dataclasses.fields(Settings):
+        names.add(f.metadata["env"])
+        names.update(f.metadata.get("aliases", ()))
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    env.update(lab.server_env())
+    env.update(
+        {
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "WEBHOOK_BASE_URL": f"http://127.0.0.1:{port}",
+            "SQLITE_PATH": str(tmp_path / "calls.sqlite3"),
+            "DRAIN_TIMEOUT": str(DRAIN_TIMEOUT_S),
+            "LOG_FORMAT": "human",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def _caller(script, name: str) -> ScriptedCaller:
+    return ScriptedCaller(
+        script,
+        ms_per_char=FAST_SPEECH_MS,
+        turn_gap_ms=300,
+        timeout_s=30,
+        hang_up_when_done=False,
+        name=name,
+    )
+
+
+def _commands(lab, ccid: str, action: str) -> list:
+    return [r for r in lab.telnyx.requests if r.path == f"/v2/calls/{ccid}/actions/{action}"]
+
+
+async def test_sigterm_drains_calls_in_flight_and_exits_zero(nursery, lab, tmp_path) -> None:
+    with reserve_listener("127.0.0.1") as probe:
+        port = probe.getsockname()[1]
+    lab.telnyx.default_webhook_url = f"http://127.0.0.1:{port}/webhook/telnyx"
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "voice_trio.cli", "--env-file", "/nonexistent", "serve"],
+            env=_server_env(lab, port, tmp_path),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        await _drain_with_calls_in_flight(lab, port, process, tmp_path)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            await process.wait()
+    output = log_path.read_text()
+    assert "Received SIGTERM, shutting down" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+
+
+async def _drain_with_calls_in_flight(lab, port: int, process, tmp_path) -> None:
+    base = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=base, timeout=5, trust_env=False) as api:
+        with trio.fail_after(20):
+            while process.poll() is None:
+                try:
+                    if (await api.get("/health")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await trio.sleep(0.05)
+        assert process.poll() is None, (tmp_path / "server.log").read_text()
+
+        # Three calls that would go on for a long time, and one that ends within the drain.
+        long_calls = [
+            _caller([WaitForBot(min_ms_silence=300), Wait(20_000)], f"long-{i}")
+            for i in range(LONG_CALLS)
+        ]
+        short_call = _caller(
+            [WaitForBot(min_ms_silence=300), Wait(800), Say("Gracias.", 100), HangUp()], "short"
+        )
+        parties = [*long_calls, short_call]
+        sim_calls = [
+            lab.telnyx.place_inbound_call(f"+57300000000{i}", OUR_NUMBER, party)
+            for i, party in enumerate(parties)
+        ]
+        async with trio.open_nursery() as callers:
+            for party in parties:
+                callers.start_soon(party.run)
+            with trio.fail_after(15):
+                for party in parties:  # every greeting has been heard in full
+                    while not party.results.bot_turns or (  # noqa: ASYNC110
+                        party.results.bot_turns[-1].ended_at is None
+                    ):
+                        await trio.sleep(0.05)
+            assert (await api.get("/health")).json()["active_calls"] == len(parties)
+
+            process.send_signal(signal.SIGTERM)
+            sigterm_at = time.monotonic()
+            await trio.sleep(0.3)
+            r = await api.post(
+                "/api/call/initiate", json={"telefono": "+573001112233", "nombre": "Ana"}
+            )
+            assert r.status_code == 503 and r.json()["error"] == "draining", r.text
+            refused = lab.telnyx.place_inbound_call("+573009998877", OUR_NUMBER)
+            with trio.fail_after(5):
+                while not _commands(lab, refused.call_control_id, "reject"):  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert _commands(lab, refused.call_control_id, "answer") == []
+
+            with trio.fail_after(DRAIN_TIMEOUT_S + 10):
+                for party in parties:
+                    while party.results.hangup_by is None:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+            callers.cancel_scope.cancel()
+
+        with trio.fail_after(10):
+            code = await process.wait()
+    assert code == 0
+    assert time.monotonic() - sigterm_at < DRAIN_TIMEOUT_S + 8
+
+    # The short call finished by itself during the drain: no goodbye, no hang-up from us.
+    assert short_call.results.hangup_by == "caller"
+    assert _commands(lab, sim_calls[-1].call_control_id, "hangup") == []
+    # The others were given DRAIN_TIMEOUT, then a goodbye and exactly one hang-up each.
+    for party, sim_call in zip(long_calls, sim_calls, strict=False):
+        assert party.results.hangup_by == "bot", party.name
+        assert "Gracias por llamar." in party.results.bot_turns[-1].text, party.name
+        assert len(_commands(lab, sim_call.call_control_id, "hangup")) == 1, party.name
+        ended_after = party.results.bot_turns[-1].started_at - party.results.bot_turns[0].started_at
+        assert ended_after > DRAIN_TIMEOUT_S, party.name
+
+    # Every call is on file, ended, with its reason and its turns.
+    db = sqlite3.connect(tmp_path / "calls.sqlite3")
+    try:
+        rows = dict(
+            db.execute("SELECT call_control_id, end_reason FROM calls WHERE status = 'ended'")
+        )
+        turns = dict(db.execute("SELECT call_control_id, count(*) FROM call_turns GROUP BY 1"))
+    finally:
+        db.close()
+    for sim_call in sim_calls[:-1]:
+        assert rows[sim_call.call_control_id] == "drain"
+        assert turns[sim_call.call_control_id] >= 2  # greeting and goodbye
+    assert rows[sim_calls[-1].call_control_id] == "caller_hangup"
