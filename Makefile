@@ -19,8 +19,9 @@ lint: install
 	$(BIN)/ruff check voice_trio tests $(wildcard scripts)
 	$(BIN)/ruff format --check voice_trio tests $(wildcard scripts)
 
+# One file per worker (--dist loadfile): a file's tests share fixtures and run in order.
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 3 --dist loadfile
 
 demo: install
 	$(BIN)/voice-trio demo
