@@ -312,7 +312,11 @@ class ServerProcess:
     politely), then SIGKILL after ``timeout``.
     """
 
-    def __init__(self, env: dict[str, str], port: int, log_path: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], port: int, log_path: Path, launcher: list[str] | None = None
+    ) -> None:
+        # ``launcher`` replaces ``python -m voice_trio.cli`` (e.g. scripts/_traced_serve.py).
+        self.launcher = launcher or [sys.executable, "-m", "voice_trio.cli"]
         self.env = env
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
@@ -329,7 +333,7 @@ class ServerProcess:
         # A settings file that does not exist: the environment alone configures the run.
         missing_env_file = str(self.log_path.with_suffix(".no-env-file"))
         self.process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "voice_trio.cli", "--env-file", missing_env_file, "serve"],
+            [*self.launcher, "--env-file", missing_env_file, "serve"],
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,

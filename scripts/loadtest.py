@@ -44,6 +44,7 @@ import _bench
 import httpx
 import trio
 
+HERE = Path(__file__).resolve().parent
 LAG_TARGET_S = 0.02
 SIM_CPU_WARN = 85.0
 # CPU used by the rest of the machine (other jobs, the kernel's loopback work) above which a
@@ -64,6 +65,7 @@ class Options:
     out: Path
     time_limit: float
     sample_every: float
+    variant: str = ""
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -114,6 +116,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "--sample-every", type=float, default=1.0, help="/metrics sampling period, s"
     )
     parser.add_argument("--out", default="results/loadtest", help="results directory")
+    parser.add_argument(
+        "--variant",
+        default="",
+        help="switch one optimisation off in the server, to compare "
+        "(scripts/_variant_serve.py: no-stt-batching)",
+    )
     args = parser.parse_args(argv)
     levels = sorted({int(x) for x in str(args.levels).split(",") if x.strip()})
     if not levels or min(levels) < 1:
@@ -132,6 +140,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         out=Path(args.out),
         time_limit=args.time_limit,
         sample_every=args.sample_every,
+        variant=args.variant,
     )
 
 
@@ -387,6 +396,21 @@ def summarize_level(
     result["contended"] = others is not None and others > OTHERS_CPU_WARN
     if cpu is not None:
         result["server_cpu_ms_per_call_second"] = round(cpu * 10 / n, 2)
+    if sim_cpu is not None:
+        # The load generator's own cost (simulators + callers), to tell which side limits.
+        result["sim_cpu_ms_per_call_second"] = round(sim_cpu * 10 / n, 2)
+    if t1 > t0:
+        messages: dict[str, float] = {}
+        for peer in ("carrier", "stt"):
+            for direction in ("in", "out"):
+                name = "voice_ws_messages_total"
+                a = after.value(name, peer=peer, direction=direction)
+                b = before.value(name, peer=peer, direction=direction)
+                if a is not None and b is not None:
+                    messages[f"{peer}_{direction}"] = round((a - b) / (t1 - t0) / n, 1)
+        if messages:
+            messages["total"] = round(sum(messages.values()), 1)
+            result["messages_per_call_second"] = messages
     return result
 
 
@@ -417,10 +441,11 @@ def _fmt(value: Any, digits: int = 0) -> str:
 def table(levels: list[dict[str, Any]]) -> str:
     head = (
         "| N | calls ok / failed | v2v p50 / p95 / p99 ms | overhead p50 / p99 ms "
-        "| loop lag p99 ms (≤ bucket) | late frames | server CPU % | RSS peak MB "
-        "| RSS/call KB | sim CPU % | sim lag p99 ms | others CPU % | left tasks / fds |"
+        "| loop lag p99 ms (≤ bucket) | late frames | server CPU % | CPU ms/call-s "
+        "| msgs/call-s | RSS peak MB | RSS/call KB | sim CPU % | sim lag p99 ms "
+        "| others CPU % | left tasks / fds |"
     )
-    rows = [head, "|" + "---|" * 13]
+    rows = [head, "|" + "---|" * 15]
     for lv in levels:
         v2v, ovh, lag = lv["voice_to_voice_ms"], lv["server_overhead"], lv["event_loop_lag"]
         lag_text = f"{_fmt(lag['p99_ms'], 1)} (≤ {_fmt(lag['p99_le_ms'])})"
@@ -435,6 +460,8 @@ def table(levels: list[dict[str, Any]]) -> str:
             f"| {_fmt(v2v['p50'])} / {_fmt(v2v['p95'])} / {_fmt(v2v['p99'])} "
             f"| {_fmt(ovh['p50_ms'], 2)} / {_fmt(ovh['p99_ms'], 2)} "
             f"| {lag_text} | {lv['outbound_frames_late']} | {_fmt(lv['server_cpu_percent'])} "
+            f"| {_fmt(lv.get('server_cpu_ms_per_call_second'), 2)} "
+            f"| {_fmt(lv.get('messages_per_call_second', {}).get('total'), 1)} "
             f"| {_fmt(lv['server_rss_mb_peak'], 1)} | {_fmt(lv['rss_per_call_kb'])} "
             f"| {_fmt(sim['cpu_percent'])}{flag} | {_fmt(sim['loop_lag_p99_ms'], 1)} "
             f"| {_fmt(lv.get('machine', {}).get('others_percent'))}{busy} "
@@ -493,6 +520,7 @@ async def run(opts: Options) -> int:
             "max_calls_per_level": opts.max_calls,
         },
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "variant": opts.variant or None,
     }
     levels: list[dict[str, Any]] = []
     server: _bench.ServerProcess | None = None
@@ -508,7 +536,11 @@ async def run(opts: Options) -> int:
                     webhook_url=f"http://127.0.0.1:{port}/webhook/telnyx",
                 )
                 env = _bench.server_env(lab.server_env(), port, opts.out)
-                server = _bench.ServerProcess(env, port, opts.out / "server.log")
+                launcher = None
+                if opts.variant:
+                    env["VARIANT"] = opts.variant
+                    launcher = [sys.executable, str(HERE / "_variant_serve.py")]
+                server = _bench.ServerProcess(env, port, opts.out / "server.log", launcher)
                 await server.start()
                 runner = Runner(opts, lab, server)
                 nursery.start_soon(runner.lag.run)

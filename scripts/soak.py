@@ -54,6 +54,9 @@ import trio
 STABLE_S = 6.0
 
 
+TRACED_SERVE = Path(__file__).resolve().parent / "_traced_serve.py"
+
+
 @dataclass
 class Options:
     calls: int | None
@@ -72,6 +75,7 @@ class Options:
     sample_every: float
     out: Path
     quiet: bool
+    slow_server: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -109,6 +113,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--sample-every", type=float, default=1.0, help="sampling period, s")
     parser.add_argument("--out", default="results/soak", help="results directory")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
+    parser.add_argument(
+        "--slow-server",
+        action="store_true",
+        help="run the server under tracemalloc (several times slower): the overload case",
+    )
     args = parser.parse_args(argv)
     if args.calls is None and args.duration is None:
         args.calls = 1000
@@ -131,6 +140,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         sample_every=args.sample_every,
         out=Path(args.out),
         quiet=args.quiet,
+        slow_server=args.slow_server,
     )
 
 
@@ -416,6 +426,7 @@ async def run(opts: Options) -> int:
             "warm_up_share": opts.warm_up,
             "rss_drift_mb": opts.rss_drift_mb,
             "fd_tolerance": opts.fd_tolerance,
+            "slow_server": opts.slow_server,
         },
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
@@ -443,8 +454,9 @@ async def run(opts: Options) -> int:
                     _bench.server_env(lab.server_env(), port, opts.out),
                     port,
                     opts.out / "server.log",
+                    [sys.executable, str(TRACED_SERVE)] if opts.slow_server else None,
                 )
-                await server.start()
+                await server.start(timeout=90 if opts.slow_server else 30)
                 soak = Soak(opts, lab, server)
                 await soak.lone_call()
                 baseline = await soak.idle()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import deque
 from dataclasses import dataclass, field
+from hashlib import blake2b
 
 import trio
 
@@ -81,25 +82,54 @@ class CallRegistry:
 
 
 class SeenEvents:
-    """Webhook event ids seen recently (bounded LRU): a retried or duplicated delivery is
-    recognised and ignored. Telnyx retries within about a minute; we remember 10 minutes."""
+    """Webhook event ids seen recently: a retried or duplicated delivery is recognised and
+    ignored. Telnyx retries within about a minute; we remember ``ttl`` (10 minutes).
+
+    At ~5 events a call this holds tens of thousands of ids on a busy server, so each is
+    kept as an 8-byte digest in a flat ``bytearray`` per ``ttl / 10`` slice: 8 bytes an id
+    (an id string in a dict cost ~175), whole slices expiring at once, so an id is
+    remembered for between ``ttl`` and 1.1 ``ttl``. A lookup scans the digests in C
+    (~50 us at 50 000 ids), which is nothing at a few webhooks a second. At most
+    ``capacity`` ids are kept (the oldest slices go first). Two ids with the same 64-bit
+    digest would be taken for one: at 50 000 ids, a chance of about 1 in 10^10.
+    """
 
     def __init__(self, capacity: int = 50_000, ttl: float = 600.0) -> None:
-        self._seen: OrderedDict[str, float] = OrderedDict()
         self._capacity = capacity
         self._ttl = ttl
+        self._slice = ttl / 10
+        self._slices: deque[tuple[float, bytearray]] = deque()  # (slice start, digests)
+        self._count = 0
 
     def first_time(self, event_id: str, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
-        while self._seen:
-            oldest, at = next(iter(self._seen.items()))
-            if now - at <= self._ttl and len(self._seen) < self._capacity:
-                break
-            del self._seen[oldest]
-        if event_id in self._seen:
-            return False
-        self._seen[event_id] = now
+        slices = self._slices
+        while slices and now - slices[0][0] > self._ttl + self._slice:
+            self._count -= len(slices.popleft()[1]) // _DIGEST
+        key = blake2b(event_id.encode(), digest_size=_DIGEST).digest()
+        for _, digests in slices:
+            if _contains(digests, key):
+                return False
+        if not slices or now - slices[-1][0] >= self._slice:
+            slices.append((now, bytearray()))
+        slices[-1][1].extend(key)
+        self._count += 1
+        while self._count > self._capacity and len(slices) > 1:
+            self._count -= len(slices.popleft()[1]) // _DIGEST
         return True
 
     def __len__(self) -> int:
-        return len(self._seen)
+        return self._count
+
+
+_DIGEST = 8
+
+
+def _contains(digests: bytearray, key: bytes) -> bool:
+    """Whether ``key`` is one of the digests (a match must start on a digest boundary)."""
+    at = digests.find(key)
+    while at >= 0:
+        if at % _DIGEST == 0:
+            return True
+        at = digests.find(key, at + 1)
+    return False

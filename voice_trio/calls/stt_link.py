@@ -10,8 +10,14 @@ It has the surface the session uses on ``SttStream`` (``send_audio``, ``finalize
   has committed its span, so that span is released.
 - **Pump.** One task per connection sends the buffer to the socket from its cursor, never
   faster than ``replay_rate`` times real time (Deepgram allows 1.25x, deepgram.md §A3).
-  ``send_audio`` only appends and wakes it, so live audio queues behind a replay in order
-  and the carrier loop never blocks on Deepgram.
+  ``send_audio`` only appends (and wakes it when there is something to send), so live
+  audio queues behind a replay in order and the carrier loop never blocks on Deepgram.
+- **Batches.** Live audio goes out in messages of up to ``batch_seconds`` (100 ms: a fifth
+  of the messages of 20 ms carrier frames, and each costs a send, a wake-up and framing on
+  both sides). The oldest byte of a batch waits at most ``batch_seconds``. A batch is not
+  held while the caller is speaking (from ``SpeechStarted`` or a transcript with words
+  until ``speech_final`` or ``UtteranceEnd``), so endpointing and turn ends are not
+  delayed; nor before a ``Finalize`` or ``CloseStream``, nor in a replay.
 - **Reconnect.** When a connection closes abnormally (``SttClosed`` from its events or from
   a send), the link opens a new one with the same options after a short backoff and
   replays the buffer. Deepgram's timestamps restart at 0 on every connection (§A5), so each
@@ -63,8 +69,12 @@ FATAL_STATUSES = frozenset({401, 402, 403})
 # its socket (TCP back-pressure reaches Deepgram); events are never dropped.
 _EVENT_QUEUE_SIZE = 64
 
-# The pump sends at most this much audio per WebSocket frame (Deepgram suggests 20-100 ms).
+# The pump sends at most this much audio per WebSocket frame (Deepgram suggests 20-100 ms);
+# in live audio it is also how long the oldest byte of a batch may wait (see ``batch_seconds``).
 _MAX_FRAME_S = 0.1
+
+# Default live batch (see the module doc); benchmarks set it to 0 to compare.
+BATCH_SECONDS = 0.1
 
 # Unused sending allowance the pacer keeps, so a burst of late carrier frames goes out at
 # once; a fresh connection starts with none, so a replay is paced from its first byte.
@@ -120,6 +130,10 @@ class _AudioRing:
         if cut > 0:
             del self._data[:cut]
             self.start += cut
+            # A bytearray keeps its largest allocation (up to ``capacity``, 80 KB) for the
+            # life of the call; once most of it is free, a copy gives the memory back.
+            if self._data.__sizeof__() > 4 * len(self._data) + 4096:
+                self._data = bytearray(self._data)
 
     def read(self, pos: int, limit: int) -> bytes:
         """Up to ``limit`` bytes from link position ``pos`` (which must be held)."""
@@ -236,6 +250,7 @@ class SttLink:
         backoff: tuple[float, float],
         open_stream: OpenStream,
         stream_kwargs: dict[str, Any],
+        batch_seconds: float | None = None,
     ) -> None:
         width = _BYTES_PER_SAMPLE.get(opts.encoding)
         if width is None:
@@ -247,6 +262,10 @@ class SttLink:
             raise ValueError("replay_rate must be in (0, 1.25] (Deepgram's limit)")
         if replay_seconds <= 0 or max_reconnects < 0:
             raise ValueError("replay_seconds must be positive and max_reconnects >= 0")
+        if batch_seconds is None:
+            batch_seconds = BATCH_SECONDS
+        if not 0 <= batch_seconds <= _MAX_FRAME_S:
+            raise ValueError(f"batch_seconds must be in [0, {_MAX_FRAME_S}]")
         self._base_url = base_url
         self._api_key = api_key
         self._opts = opts
@@ -258,6 +277,11 @@ class SttLink:
         frame = width * opts.channels
         self._bps = frame * opts.sample_rate
         self._max_frame = max(frame, int(self._bps * _MAX_FRAME_S) // frame * frame)
+        # Live audio waits for a whole batch of this many bytes, or for ``_batch_wait`` s.
+        self._batch = min(self._max_frame, int(self._bps * batch_seconds) // frame * frame)
+        self._batch_wait = batch_seconds
+        self._unsent_since: float | None = None  # when the oldest unsent live byte arrived
+        self._speaking = False  # the caller is mid-utterance: no batching
         self._ring = _AudioRing(max(frame, int(replay_seconds * self._bps)) // frame * frame, frame)
         self._finalized_until = 0  # link position up to which a final covers the audio
         self._lost = 0  # bytes counted in lost_audio_seconds
@@ -313,12 +337,20 @@ class SttLink:
         """Queue one chunk of caller audio; it never blocks on Deepgram.
 
         Ignored after ``close_stream()`` or once the link is lost (the call may carry on
-        without transcription).
+        without transcription). Runs ~50 times a second per call: it appends, and wakes the
+        pump only when a batch is due (or the first byte of one arrived, to start its timer).
         """
         if chunk and not (self._closing or self._finished.is_set()):
-            self._ring.append(bytes(chunk))
-            self._wake.set()
-        await trio.lowlevel.checkpoint()
+            ring = self._ring
+            ring.append(chunk)
+            conn = self._conn
+            pending = ring.end - (conn.cursor if conn is not None else ring.start)
+            if pending <= len(chunk):
+                self._unsent_since = trio.current_time()
+                self._wake.set()
+            elif pending >= self._batch or self._speaking:
+                self._wake.set()
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     async def finalize(self) -> None:
         """Ask Deepgram to flush what it has, once the audio queued so far has been sent."""
@@ -468,6 +500,11 @@ class SttLink:
     def _on_event(self, conn: _Connection, event: SttEvent) -> SttEvent:
         to_link = conn.timeline.to_link
         if isinstance(event, Transcript):
+            if event.speech_final:
+                self._speaking = False
+            elif event.text and not self._speaking:
+                self._speaking = True
+                self._wake.set()  # a batch being held goes out now
             if event.is_final:
                 end = round(to_link(event.start + event.duration) * self._bps)
                 self._finalized_until = max(self._finalized_until, end)
@@ -475,11 +512,25 @@ class SttLink:
                 conn.healthy = True
             return dataclasses.replace(event, start=to_link(event.start))
         if isinstance(event, SpeechStarted):
+            self._speaking = True
+            self._wake.set()
             return SpeechStarted(timestamp=to_link(event.timestamp))
         if isinstance(event, UtteranceEnd):
+            self._speaking = False
             return UtteranceEnd(last_word_end=to_link(event.last_word_end))
         self.metadata = event
         return event
+
+    def _hold_batch(self, pending: int) -> bool:
+        """Whether ``pending`` live bytes should wait for more before going out."""
+        return (
+            pending < self._batch
+            and self._unsent_since is not None
+            and not self._speaking
+            and self._finalize_at is None
+            and not self._closing
+            and trio.current_time() < self._unsent_since + self._batch_wait
+        )
 
     async def _pump(self, conn: _Connection) -> None:
         """Send the buffer from the connection's cursor: replay first, then live audio."""
@@ -499,6 +550,16 @@ class SttLink:
                 if self._finalize_at is not None and conn.cursor >= self._finalize_at:
                     self._finalize_at = None
                     await stream.finalize()
+                elif conn.cursor < ring.end and self._hold_batch(ring.end - conn.cursor):
+                    # A partial live batch: wait for more audio, for its deadline, or for
+                    # something that needs it sent now (speech, Finalize, CloseStream).
+                    assert self._unsent_since is not None
+                    with trio.move_on_at(self._unsent_since + self._batch_wait):
+                        await self._wake.wait()
+                    if self._wake.is_set():
+                        self._wake = trio.Event()
+                    else:
+                        self._unsent_since = None  # deadline: send what there is
                 elif conn.cursor < ring.end:
                     # A copy: if the cap drops these bytes while we wait, they still go out
                     # in place, and the next round notices the jump.
@@ -507,6 +568,8 @@ class SttLink:
                     await stream.send_audio(chunk)
                     conn.cursor += len(chunk)
                     conn.sent += len(chunk)
+                    if conn.cursor >= self._ring.end:
+                        self._unsent_since = None
                 elif self._closing:
                     await stream.close_stream(timeout=0)
                     await trio.sleep_forever()
@@ -528,14 +591,16 @@ async def open_stt_link(
     replay_rate: float = 1.2,
     backoff: tuple[float, float] = (0.1, 1.0),
     open_stream: OpenStream = open_stt,
+    batch_seconds: float | None = None,
     **stream_kwargs: Any,
 ) -> AsyncIterator[SttLink]:
     """Connect to Deepgram live STT and yield an ``SttLink`` that reconnects on drops.
 
     ``replay_seconds`` caps the audio kept for replay; ``replay_rate`` (at most 1.25) is how
-    much faster than real time a replay is sent; reconnect ``n`` waits
-    ``min(backoff[0] * 2**(n-1), backoff[1])`` s. Other keyword arguments go to
-    ``open_stream`` (``open_stt``: ``keepalive_interval``, ``connect_timeout``, ...).
+    much faster than real time a replay is sent; ``batch_seconds`` (at most 0.1, 0 for no
+    batching; default ``BATCH_SECONDS``) is how much live audio is gathered per message;
+    reconnect ``n`` waits ``min(backoff[0] * 2**(n-1), backoff[1])`` s. Other keyword
+    arguments go to ``open_stream`` (``open_stt``: ``keepalive_interval``, ...).
 
     Raises what the first connection raises (``SttRejected``, ``SttUnavailable``)
     unchanged. Leaving the block ends every task and closes the socket; call
@@ -552,6 +617,7 @@ async def open_stt_link(
         backoff=backoff,
         open_stream=open_stream,
         stream_kwargs=stream_kwargs,
+        batch_seconds=batch_seconds,
     )
     error: BaseException | None = None
     async with trio.open_nursery() as nursery:

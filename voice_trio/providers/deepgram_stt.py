@@ -21,6 +21,8 @@ from typing import Any
 import trio
 import trio_websocket
 
+from voice_trio.observability import WIRE
+
 logger = logging.getLogger(__name__)
 
 KEEPALIVE = json.dumps({"type": "KeepAlive"})
@@ -339,7 +341,7 @@ class SttStream:
         """
         if not chunk or self._closing:
             return
-        await self._send(bytes(chunk))
+        await self._send(chunk if type(chunk) is bytes else bytes(chunk))
         self.audio_bytes_sent += len(chunk)
 
     async def finalize(self) -> None:
@@ -367,6 +369,7 @@ class SttStream:
             await self._ws.send_message(message)
         except trio_websocket.ConnectionClosed as exc:
             raise _closed_error(exc.reason) from None
+        WIRE.stt_out += 1
         self._last_send = trio.current_time()
 
     async def _read_loop(self) -> None:
@@ -377,6 +380,7 @@ class SttStream:
                 except trio_websocket.ConnectionClosed as exc:
                     self._on_closed(exc.reason)
                     return
+                WIRE.stt_in += 1
                 event = self._parse(message)
                 if event is None:
                     continue

@@ -13,6 +13,8 @@ from typing import Any
 
 import trio
 
+from voice_trio.observability import WIRE
+
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -67,6 +69,7 @@ class AsgiWebSocket:
         message = await self._receive()
         kind = message["type"]
         if kind == "websocket.receive":
+            WIRE.carrier_in += 1
             text = message.get("text")
             return text if text is not None else message.get("bytes") or b""
         self.closed = True
@@ -79,6 +82,7 @@ class AsgiWebSocket:
         async with self._send_lock:
             try:
                 await self._send({"type": "websocket.send", "text": text})
+                WIRE.carrier_out += 1
             except Exception as exc:  # the server reports a gone peer in several ways
                 self.closed = True
                 raise SocketClosed from exc

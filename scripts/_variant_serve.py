@@ -1,0 +1,34 @@
+"""``voice_trio.cli`` with one optimisation switched off, for before/after comparisons.
+
+    python scripts/_variant_serve.py --env-file ... serve      (VARIANT=no-stt-batching)
+
+Used by ``scripts/loadtest.py --variant``; the variants are named in ``VARIANTS``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def no_stt_batching() -> None:
+    from voice_trio.calls import stt_link
+
+    stt_link.BATCH_SECONDS = 0.0  # one WebSocket message per 20 ms carrier frame
+
+
+VARIANTS = {"no-stt-batching": no_stt_batching}
+
+
+def main() -> None:
+    name = os.environ.get("VARIANT", "")
+    if name:
+        VARIANTS[name]()
+    from voice_trio.cli import main as cli_main
+
+    sys.argv = ["voice-trio", *sys.argv[1:]]
+    sys.exit(cli_main())
+
+
+if __name__ == "__main__":
+    main()
