@@ -11,8 +11,9 @@ import pytest
 import trio
 from conftest import FAST_SPEECH_MS, count_fds, start_lab_server, task_names
 
+from voice_trio.calls.dtmf import key_note
 from voice_trio.calls.telnyx_speech import base_language, caller_words, speak_language
-from voice_trio.sim.caller import HangUp, Say, ScriptedCaller, Wait, WaitForBot
+from voice_trio.sim.caller import Dtmf, HangUp, Say, ScriptedCaller, Wait, WaitForBot
 from voice_trio.sim.lab import OUR_NUMBER
 
 PATIENT = "+573001234567"
@@ -419,4 +420,38 @@ async def test_fallback_calls_leave_nothing_behind(nursery, lab) -> None:
     assert count_fds() <= fds_before  # idle pooled connections may have closed meanwhile
     metrics = (await server.client.get("/metrics")).text
     assert 'voice_calls_total{end_reason="agent_ended",mode="fallback"} 1.0' in metrics
+    server.stop.set()
+
+
+async def test_keys_reach_a_fallback_conversation_and_end_call_ends_it(nursery, lab) -> None:
+    server = await start_lab_server(nursery, lab, DTMF_SHORTCUTS="9=end_call", **FALLBACK)
+    party = caller(
+        [
+            WaitForBot(min_ms_silence=300),
+            Dtmf("1"),
+            Dtmf("2"),
+            Dtmf("3"),
+            Wait(1000),  # the keys are answered KEY_GAP_S after the last one
+            WaitForBot(min_ms_silence=300),
+            Dtmf("9"),
+            WaitForBot(min_ms_silence=300),
+            Wait(1500),
+        ],
+        hang_up_when_done=False,
+    )
+    call = lab.telnyx.place_inbound_call(PATIENT, OUR_NUMBER, party)
+    results = await party.run()
+    await settle(server)
+    assert not results.errors
+    # The three keys, pressed in a row, were one caller turn: dtmf.py's note.
+    note = key_note(["1", "2", "3"], "es")
+    [request] = claude_messages(lab)
+    assert request[-1] == {"role": "user", "content": note}
+    assert heard_reply_to(results, note)
+    # 9 = end_call: the goodbye, then one hang-up of ours; Claude was not asked about it.
+    assert "Gracias por llamar." in results.bot_turns[-1].text
+    assert len(commands(lab, "hangup")) == 1 and results.hangup_by == "bot"
+    record, turns = await server.app.center.store.get_call(call.call_control_id)
+    assert record.mode == "fallback" and record.end_reason == "caller_ended"
+    assert [t.user_text for t in turns if t.kind == "reply"] == [note]
     server.stop.set()

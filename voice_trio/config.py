@@ -238,6 +238,18 @@ class Settings:
         _int_range(1000, 5000),
         doc="Deepgram utterance_end_ms (backup turn end)",
     )
+    stt_finalize_silence_ms: int = _setting(
+        "STT_FINALIZE_SILENCE_MS",
+        150,
+        _int_range(0, 5000),
+        doc="caller silence (own voice detector) that sends Finalize; 0 or >= endpointing: never",
+    )
+    speculative_replies: bool = _setting(
+        "SPECULATIVE_REPLIES",
+        True,
+        _bool,
+        doc="start Claude on a stable transcript before the turn ends (kept if it matches)",
+    )
     anthropic_api_key: str = _setting(
         "ANTHROPIC_API_KEY",
         "",

@@ -86,6 +86,9 @@ async def run_demo(user_settings: Settings, wav: str | None = None) -> int:
             "WEBHOOK_BASE_URL": f"http://127.0.0.1:{port}",
             "LOG_FORMAT": user_settings.log_format,
             "AGENT_LANGUAGE": "es",
+            # The faster-turn switches, so `SPECULATIVE_REPLIES=false voice-trio demo` compares.
+            "SPECULATIVE_REPLIES": str(user_settings.speculative_replies).lower(),
+            "STT_FINALIZE_SILENCE_MS": str(user_settings.stt_finalize_silence_ms),
         }
         settings = Settings.from_env(env, env_file=None)
         setup_logging("INFO", settings.log_format, settings.secrets())

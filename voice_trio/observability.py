@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily
 
 call_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("call_id", default="-")
 
@@ -83,6 +84,40 @@ def setup_logging(level: str = "INFO", fmt: str = "human", secrets: Iterable[str
     log.propagate = False
 
 
+class WireCounts:
+    """WebSocket messages of the media path, counted as plain integers.
+
+    They run at ~100 messages per call-second, where a Prometheus ``Counter.inc`` (a lock
+    and a float add) would be a measurable share of the work; ``/metrics`` reads them as
+    ``voice_ws_messages_total{peer,direction}``. Process-wide, like the process metrics.
+    """
+
+    __slots__ = ("carrier_in", "carrier_out", "stt_in", "stt_out")
+
+    def __init__(self) -> None:
+        self.carrier_in = 0
+        self.carrier_out = 0
+        self.stt_in = 0
+        self.stt_out = 0
+
+
+WIRE = WireCounts()
+
+
+class _WireCollector:
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "voice_ws_messages",
+            "WebSocket messages on the media path",
+            labels=["peer", "direction"],
+        )
+        family.add_metric(["carrier", "in"], WIRE.carrier_in)
+        family.add_metric(["carrier", "out"], WIRE.carrier_out)
+        family.add_metric(["stt", "in"], WIRE.stt_in)
+        family.add_metric(["stt", "out"], WIRE.stt_out)
+        yield family
+
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -136,9 +171,27 @@ class Metrics:
             "voice_outbound_frames_late", "Outbound audio written after its play time", registry=r
         )
         self.barge_ins = Counter("voice_barge_ins", "Bot turns cut by the caller", registry=r)
+        self.speculations = Counter(
+            "voice_speculations",
+            "Replies started before the turn ended, by outcome (started, kept, cancelled)",
+            ["outcome"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "voice_store_errors",
+            "Store writes given up (the call went on; its record was not saved)",
+            ["operation"],
+            registry=r,
+        )
+        self.stt_reconnects = Counter(
+            "voice_stt_reconnects",
+            "Deepgram STT reconnects (counted when the call ends)",
+            registry=r,
+        )
         self.trio_tasks = Gauge("voice_trio_tasks", "Live Trio tasks in the server", registry=r)
         # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...
         ProcessCollector(registry=r)
+        r.register(_WireCollector())  # type: ignore[arg-type]
 
     def sample_runtime(self) -> None:
         """Refresh the gauges that are read at scrape time (call from the event loop)."""

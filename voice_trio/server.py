@@ -81,8 +81,6 @@ async def serve(
         log.info("Server listening on %s (mode: %s)", address, settings.mode)
         if not settings.telnyx_public_key:
             log.warning("⚠️ TELNYX_PUBLIC_KEY is not set: webhook signatures are NOT verified")
-        if not settings.api_token:
-            log.warning("⚠️ API_TOKEN is not set: /api/* accepts loopback clients only")
         # Objects alive now (imports, app, clients) live as long as the process: keep them
         # out of the cyclic collector, whose full passes over them paused the event loop
         # for 100-200 ms under load and made outbound frames late (docs/benchmarks.md).

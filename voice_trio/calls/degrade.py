@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from voice_trio.calls import fallback_state as fs
-from voice_trio.calls.fallback import SAVE_TIMEOUT_S, FallbackCall
+from voice_trio.calls.fallback import FallbackCall
+from voice_trio.calls.fallback_records import FallbackRecords
 from voice_trio.calls.history import Conversation
 from voice_trio.calls.registry import ActiveCall
 from voice_trio.calls.session import STREAM_LOST, STT_LOST, STT_UNAVAILABLE
@@ -39,7 +40,7 @@ from voice_trio.calls.telnyx_speech import caller_words
 from voice_trio.observability import call_id_var
 from voice_trio.providers.telnyx_control import decode_client_state
 from voice_trio.providers.telnyx_webhooks import WebhookEvent
-from voice_trio.store import CallRecord, CallState, CallStore, SqliteStore, StoreError, TurnEntry
+from voice_trio.store import CallState, SqliteStore
 
 if TYPE_CHECKING:
     from voice_trio.calls.center import CallCenter
@@ -79,6 +80,7 @@ class FallbackCalls:
 
     def __init__(self, center: CallCenter) -> None:
         self.center = center
+        self.records = FallbackRecords(center)
         self.me = secrets.token_hex(6)  # this instance, as turn owner and state writer
         self._shared: fs.SharedCalls | None = None
         self._own_store_opened = trio.Lock()
@@ -105,7 +107,7 @@ class FallbackCalls:
             if store is None:
                 log.warning("Fallback-mode state kept in memory: calls cannot move instances")
                 store = SqliteStore(":memory:")
-            self._shared = fs.SharedCalls(store, self.me)
+            self._shared = fs.SharedCalls(store, self.me, self.records.failed)
         return self._shared
 
     async def deliver(self, event: WebhookEvent) -> bool:
@@ -118,14 +120,13 @@ class FallbackCalls:
         local = self._calls.get(ccid)
         if local is None and self.center.registry.get(ccid) is not None:
             return False  # a media call here
-        if kind == "call.dtmf.received":
-            if local is None:
-                return False
-            log.info("🎤 DTMF %s", event.payload.get("digit"))
-            return True
         now = time.time()
-        if kind == "call.speak.ended":
-            mutate: fs.Mutation = lambda d: fs.speech_ended(d, now)  # noqa: E731
+        if kind == "call.dtmf.received":
+            mutate = self._key_pressed(event, now)
+            if mutate is None:
+                return local is not None
+        elif kind == "call.speak.ended":
+            mutate = lambda d: fs.speech_ended(d, now)  # noqa: E731
         elif kind == "call.speak.started":
             return local is not None
         else:
@@ -141,6 +142,21 @@ class FallbackCalls:
         if changed:
             self._join(ccid, state)
         return True
+
+    def _key_pressed(self, event: WebhookEvent, now: float) -> fs.Mutation | None:
+        """A key press as a change of the call's state: the ``end_call`` shortcut, or a
+        note for the conversation. Other shortcuts (``transfer``) are a media-mode act
+        (docs/reliability.md); here the key is told to the conversation like any other."""
+        digit = event.payload.get("digit")
+        if not isinstance(digit, str) or not digit:
+            return None
+        settings = self.center.settings
+        action = settings.dtmf_actions.get(digit)
+        log.info("🎤 DTMF %s%s", digit, f" → {action}" if action else "")
+        if action == "end_call":
+            return lambda d: fs.request_end(d, "caller_ended")
+        language = settings.agent_language
+        return lambda d: fs.add_caller_key(d, digit, now, event.occurred_at, language)
 
     def _join(self, ccid: str, state: CallState) -> None:
         """This instance wrote the call's state: it watches the call from now on."""
@@ -285,44 +301,15 @@ class FallbackCalls:
                 self._own_store_open = True
 
     async def record_started(self, ccid: str, data: dict[str, Any]) -> None:
-        """The call's record as it starts (a degraded media call has one already)."""
-        if not data["merge_record"] and self.center.store is not None:
-            record, _ = fs.call_record(ccid, data)
-            await self._keep(self.center.store.start_call, record)
+        await self.records.started(ccid, data)
 
     async def finalize(self, ccid: str, data: dict[str, Any], *, stored: bool = True) -> None:
         """Write the ended call's record and delete its state (by the turn holder only)."""
-        record, turns = fs.call_record(ccid, data)
-        store = self.center.store
-        if store is not None:
-            if data["merge_record"]:
-                await self._merge_media_part(store, record, turns)
-            await self._keep(store.save_call, record, turns)
+        record = await self.records.ended(ccid, data)
         if stored:
-            await self._keep(self.shared.store.delete_state, ccid)
+            await self.records.keep(self.shared.delete, ccid)
         self.center.metrics.calls.labels(record.mode, record.end_reason or "unknown").inc()
         log.info("📴 Call ended (%s)", record.end_reason or "unknown")
-
-    async def _merge_media_part(
-        self, store: CallStore, record: CallRecord, turns: list[TurnEntry]
-    ) -> None:
-        """A degraded call's record already holds what its media session did: keep it."""
-        found = await self._keep(store.get_call, record.call_control_id)
-        if found is None:
-            return
-        media, media_turns = found
-        fs.merge_media_part(record, turns, media, media_turns)
-
-    async def _keep(self, fn: Any, *args: Any) -> Any:
-        """A store write the call's end depends on: shielded, bounded, never raising."""
-        with trio.CancelScope(shield=True), trio.move_on_after(SAVE_TIMEOUT_S) as bound:
-            try:
-                return await fn(*args)
-            except StoreError as exc:
-                log.error("Call record not saved: %s", exc)
-        if bound.cancelled_caught:
-            log.error("Call record not saved: the store took longer than %.0f s", SAVE_TIMEOUT_S)
-        return None
 
     def take_over(
         self,

@@ -30,6 +30,10 @@ task per call per instance, in the call's cancel scope (``ActiveCall.cancel_scop
 that ended a free call, writes the call record (all turns, usage, end reason) and deletes
 the state; on cancellation or error that happens shielded and time-bounded.
 
+What is done with the turn (the opening, a reply, a goodbye) is
+:mod:`voice_trio.calls.fallback_acts`; the call record is built from the state by
+:mod:`voice_trio.calls.fallback_records`.
+
 Webhooks may arrive twice or out of order. Duplicates never get here (event ids are
 claimed in the store at the door), and nothing depends on order: speech in progress is
 speaks counted minus ``call.speak.ended`` received, caller words are sorted by when Telnyx
@@ -41,20 +45,20 @@ from __future__ import annotations
 
 import logging
 import time
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from voice_trio.calls import fallback_acts as acts
 from voice_trio.calls import fallback_state as fs
-from voice_trio.calls.phrases import local_now
+from voice_trio.calls.fallback_records import add_bot_turn
 from voice_trio.calls.registry import ActiveCall
-from voice_trio.calls.session import SENTENCE_QUEUE, TurnRecord
-from voice_trio.calls.telnyx_speech import base_language, speak_language
-from voice_trio.calls.thinking import think_reply
+from voice_trio.calls.session import TurnRecord
+from voice_trio.calls.telnyx_speech import speak_language
 from voice_trio.observability import call_id_var
 from voice_trio.providers.telnyx_control import CALL_ALREADY_ENDED, TelnyxError
-from voice_trio.store import CallState, TurnEntry
+from voice_trio.store import CallState
+from voice_trio.store.outage import SAVE_TIMEOUT_S
 
 if TYPE_CHECKING:
     from voice_trio.calls.degrade import FallbackCalls
@@ -62,14 +66,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("voice_trio.calls")
 
 POLL_S = 0.5  # how often a task re-reads its call's state: notices calls ended elsewhere
-SPOKEN_POLL_S = 0.2  # while waiting for the goodbye to play out before hanging up
-SAVE_TIMEOUT_S = 5.0  # bound of the shielded writes at the end of a call
 UNKNOWN_CALL = "90015"  # Telnyx "Invalid Call Control ID": no such call (any more)
 # End reasons after which the bot says nothing more, so no hang-up is sent either.
 QUIET_ENDINGS = frozenset({"hangup", "shutdown"})
 ENDED_ELSEWHERE = "ended_elsewhere"  # not an end reason: this instance's part is over
-
-CONTINUATION = {"es": "Disculpe, ¿me decía?", "en": "Sorry, what were you saying?"}
 
 
 class FallbackCall:
@@ -94,9 +94,9 @@ class FallbackCall:
         self.silence_s = self.settings.silence_timeout_ms / 1000
         self.speak_language = speak_language(self.settings.agent_language)
         self._poke = trio.Event()
-        self._turn: TurnRecord | None = None  # the bot turn in progress, for the record
-        self._said: list[str] = []  # its sentences Telnyx took
-        self._ending = False  # this task is ending the call itself
+        self.turn: TurnRecord | None = None  # the bot turn in progress, for the record
+        self.said: list[str] = []  # its sentences Telnyx took
+        self.ending = False  # this task is ending the call itself
 
     @property
     def call_control_id(self) -> str:
@@ -191,15 +191,15 @@ class FallbackCall:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_turn)
             if kind == "open":
-                await self.open()
+                await acts.open_call(self)
             elif kind == "reply":
-                await self.reply()
+                await acts.reply(self)
             elif kind == "reprompt":
                 await self.say(phrases.reprompt, kind="reprompt")
-                await self._give_back(reprompted=True)
+                await self.give_back(reprompted=True)
             elif kind == "finish":
                 goodbye = phrases.timeout_goodbye if reason == "silence_timeout" else None
-                await self.finish(reason or "unknown", goodbye or phrases.goodbye)
+                await acts.finish(self, reason or "unknown", goodbye or phrases.goodbye)
             nursery.cancel_scope.cancel()
         if self.state is not None and self.state.data["ended"]:
             await self._finalize()
@@ -215,7 +215,7 @@ class FallbackCall:
         or a lease ran out), or the call ended elsewhere (``_leave`` keeps the turn)."""
         if state is None or state.data["owner"] != self.me:
             await self._lose()
-        elif state.data["ended"] and not self._ending:
+        elif state.data["ended"] and not self.ending:
             self.call.end(state.data["ended"])
             await trio.lowlevel.checkpoint()  # raises Cancelled: the call's scope is
 
@@ -225,48 +225,11 @@ class FallbackCall:
         self.call.end(ENDED_ELSEWHERE)
         await trio.lowlevel.checkpoint()  # raises Cancelled: the call's scope is
 
-    async def open(self) -> None:
-        """The first words, and Telnyx transcription started. The greeting if nothing was
-        said yet; after a degrade, an answer to caller words the media session left
-        unanswered, else a short prompt to go on. Speech first: the caller is waiting."""
-        assert self.state is not None
-        data = self.state.data
-        if data["grace_until"] is not None:
-            await trio.sleep(max(0.0, data["grace_until"] - time.time()))  # for call.hangup
-            log.info("🔀 The call is still up: continuing in fallback mode")
-        turns = fs.load_history(data["history"]).turns
-        if turns and turns[-1].role == "user":
-            await self.start_transcription()
-            await self._update(lambda d: d.update(opened=True) or True)
-            await self.reply()
-            return
-        if not turns:
-            context = data["context"]
-            opening = self.center.phrases_text.greeting(
-                nombre=context["nombre"],
-                saludo=context["saludo"],
-                now=local_now(self.settings.timezone),
-            )
-            await self.say(opening, kind="greeting")
-        else:
-            language = base_language(self.settings.agent_language)
-            await self.say(CONTINUATION.get(language, CONTINUATION["es"]), kind="continuation")
-        await self.start_transcription()
-        await self._give_back(opened=True)
-
-    async def start_transcription(self) -> None:
-        try:
-            await self.center.telnyx.transcription_start(
-                self.call_control_id, language=base_language(self.settings.agent_language)
-            )
-        except TelnyxError as exc:
-            await self._on_command_error("transcription_start", exc)
-
     async def say(self, text: str, *, kind: str) -> None:
         """Speak a fixed phrase (greeting, reprompt, goodbye, continuation) as a bot turn."""
-        self._turn, self._said = TurnRecord(user_text="", kind=kind, bot_text=text), []
+        self.turn, self.said = TurnRecord(user_text="", kind=kind, bot_text=text), []
         if await self.speak(text):
-            self._said.append(text)
+            self.said.append(text)
 
     async def speak(self, text: str) -> bool:
         """Count ``text`` in the state, then send it to Telnyx ``speak`` (Telnyx queues it
@@ -286,12 +249,12 @@ class FallbackCall:
                 language=self.speak_language,
             )
         except TelnyxError as exc:
-            await self._update(lambda d: fs.speech_ended(d, time.time()))
-            await self._on_command_error("speak", exc)
+            await self.update(lambda d: fs.speech_ended(d, time.time()))
+            await self.on_command_error("speak", exc)
             return False
         return True
 
-    async def _on_command_error(self, action: str, exc: TelnyxError) -> None:
+    async def on_command_error(self, action: str, exc: TelnyxError) -> None:
         if exc.code in (CALL_ALREADY_ENDED, UNKNOWN_CALL):
             log.info("📴 %s: the call has already ended", action)
             self.call.end("hangup")
@@ -299,129 +262,26 @@ class FallbackCall:
         else:
             log.warning("⚠️ Telnyx %s failed: %s", action, exc)
 
-    async def reply(self) -> None:
-        """Answer the caller words waiting in the state (with none, the conversation as it
-        stands): Claude's sentences go to ``speak`` one by one as they come."""
-        words: list[list[Any]] = []
-
-        def take_words(data: dict[str, Any]) -> bool:
-            words[:] = data["pending"]
-            if not words:
-                return False
-            data["pending"] = []
-            data["history"].append(["user", " ".join(w[0] for w in words), False])
-            data["reprompted"] = False
-            return True
-
-        await self._update(take_words)
-        assert self.state is not None
-        data = self.state.data
-        t0 = self._trio(max(w[1] for w in words)) if words else None
-        record = TurnRecord(user_text=" ".join(w[0] for w in words), t0=t0)
-        self._turn, self._said = record, []
-        sentence_send, sentence_recv = trio.open_memory_channel[str](SENTENCE_QUEUE)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                partial(
-                    think_reply,
-                    self.center,
-                    fs.load_history(data["history"]),
-                    sentence_send,
-                    record,
-                    nombre=data["context"]["nombre"],
-                    contexto=data["context"]["contexto"],
-                )
-            )
-            async with sentence_recv:
-                async for sentence in sentence_recv:
-                    if record.t3 is None:
-                        record.t3 = trio.current_time()
-                    if await self.speak(sentence):
-                        self._said.append(sentence)
-        self.report(record)
-        if "end_call" in record.tool_calls:
-            await self._give_back(keep=True)
-            await self.finish("agent_ended", None)
-        else:
-            await self._give_back()
-
-    def report(self, record: TurnRecord) -> None:
-        stages = {
-            name: round((b - a) * 1000, 1)
-            for name, a, b in (
-                ("t0-t1", record.t0, record.t1),
-                ("t1-t2", record.t1, record.t2),
-                ("t2-t3", record.t2, record.t3),
-            )
-            if a is not None and b is not None
-        }
-        for name, ms in stages.items():
-            self.center.metrics.turn_stage.labels(name).observe(ms / 1000)
-        timing = " ".join(f"{k}={v:.0f}ms" for k, v in stages.items())
-        log.info("🔊 Bot turn %s sent to Telnyx speak: %s", record.kind, timing or "-")
-
-    async def finish(self, reason: str, goodbye: str | None) -> None:
-        """Say goodbye (if any), let it play, and hang up once: the call is over unless the
-        caller hung up first."""
-        if goodbye:
-            await self.say(goodbye, kind="goodbye")
-            await self._give_back(keep=True)
-        await self.wait_spoken()
-        self._ending = True
-
-        def end(data: dict[str, Any]) -> bool:
-            if data["ended"]:
-                return False
-            data["ended"], data["ended_at"] = reason, time.time()
-            return True
-
-        state, ended = await self.shared.update(self.call_control_id, end)
-        self.state = state
-        if ended:
-            self.call.end_reason = reason
-            await self.center.hang_up(self.call_control_id)
-
-    async def wait_spoken(self) -> None:
-        """Until every speak sent has been played (or its guard time has passed)."""
-        while self.state is not None:
-            data = self.state.data
-            if not fs.pending_speech(data) or time.time() >= data["guard_until"]:
-                return
-            await trio.sleep(SPOKEN_POLL_S)
-            self.state = await self.shared.load(self.call_control_id)
-
-    async def _update(self, mutate: fs.Mutation) -> None:
+    async def update(self, mutate: fs.Mutation) -> None:
         state, _ = await self.shared.update(self.call_control_id, mutate)
         await self._check_turn(state)
         self.state = state
 
     def _keep_turn(self, data: dict[str, Any], *, interrupted: bool = False) -> None:
-        """Add the bot turn in progress (done, or cut) to ``data``: its record entry, what
-        was heard of it to the history, and its LLM usage."""
-        record, self._turn = self._turn, None
-        if record is None:
-            return
-        heard = " ".join(self._said)
-        if record.kind == "reply":
-            record.bot_text = heard
-        record.heard_text = heard
-        record.interrupted = interrupted
-        if heard or record.kind == "reply":
-            entry = TurnEntry.from_turn(len(data["turns"]), record, self._trio(data["origin"]))
-            data["turns"].append(fs.entry_dict(entry))
-        if heard:
-            data["history"].append(["assistant", heard, interrupted])
-        data["llm_input_tokens"] += record.llm_input_tokens
-        data["llm_output_tokens"] += record.llm_output_tokens
+        """Add the bot turn in progress (done, or cut) to ``data``."""
+        record, self.turn = self.turn, None
+        if record is not None:
+            origin = self.trio_time(data["origin"])
+            add_bot_turn(data, record, self.said, origin, interrupted=interrupted)
 
-    async def _give_back(self, *, keep: bool = False, **changes: Any) -> None:
+    async def give_back(self, *, keep: bool = False, **changes: Any) -> None:
         """Store the bot turn just done and give the turn back (``keep``: hold on to it)."""
-        record, said = self._turn, list(self._said)
+        record, said = self.turn, list(self.said)
 
         def give_back(data: dict[str, Any]) -> bool:
             if data["owner"] != self.me:
                 return False
-            self._turn, self._said = record, said  # a retried update starts afresh
+            self.turn, self.said = record, said  # a retried update starts afresh
             data.update(changes)
             self._keep_turn(data)
             if not keep and not data["ended"]:
@@ -445,7 +305,7 @@ class FallbackCall:
             return
         if self.state is None:
             return  # finalized
-        record, said = self._turn, list(self._said)
+        record, said = self.turn, list(self.said)
 
         def end(data: dict[str, Any]) -> bool:
             now = time.time()
@@ -453,7 +313,7 @@ class FallbackCall:
             if not holding and data["writer"] != self.me and reason == "shutdown":
                 return False
             if holding:
-                self._turn, self._said = record, said
+                self.turn, self.said = record, said
                 self._keep_turn(data, interrupted=True)
             if not data["ended"]:
                 data["ended"], data["ended_at"] = reason, now
@@ -464,7 +324,7 @@ class FallbackCall:
         self.state, _ = await self.shared.update(self.call_control_id, end)
         if self.state is None or self.state.data["owner"] != self.me:
             return  # the turn holder elsewhere writes the record
-        if reason not in QUIET_ENDINGS and not self._ending:
+        if reason not in QUIET_ENDINGS and not self.ending:
             await self.center.hang_up(self.call_control_id)
         await self._finalize()
 
@@ -485,6 +345,6 @@ class FallbackCall:
         await self.calls.finalize(self.call_control_id, data, stored=False)
 
     @staticmethod
-    def _trio(epoch: float) -> float:
+    def trio_time(epoch: float) -> float:
         """An epoch time on this process's Trio clock (turn stamps are made on both)."""
         return epoch - time.time() + trio.current_time()

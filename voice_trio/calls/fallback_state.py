@@ -19,14 +19,16 @@ alone, so every instance draws the same conclusion from the same version.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
+from voice_trio.calls.dtmf import KEY_GAP_S, key_note
 from voice_trio.calls.history import Conversation
-from voice_trio.store import CallRecord, CallState, CallStore, StaleState, TurnEntry
+from voice_trio.store import CallState, CallStore, StaleState, StoreError
 
 log = logging.getLogger("voice_trio.calls")
 
@@ -34,6 +36,7 @@ LEASE_S = 30.0  # a held turn nobody renewed for this long belongs to an instanc
 # A speak whose ``call.speak.ended`` never arrives counts as finished after this long.
 SPEAK_GUARD_S_PER_CHAR = 0.12
 SPEAK_GUARD_S = 2.0
+KNOWN_CALLS = 10_000  # calls whose last state is kept, to go on with if the store fails
 MAX_RETRIES = 50  # StaleState retries of one update: far more than a call's real contention
 
 Mutation = Callable[[dict[str, Any]], bool]  # changes the data in place; False: nothing to save
@@ -64,7 +67,9 @@ def new_state(
         "merge_record": merge_record,
         "opened": False,  # first words said and transcription started
         "history": dump_history(conversation or Conversation()),
-        "pending": [],  # caller words not answered yet: [text, t0, occurred_at]
+        "pending": [],  # caller words not answered yet: [text, t0, occurred_at(, keys)]
+        "keys_until": 0.0,  # keys pressed in a row: answered once this passes without one
+        "requested": None,  # an end reason a key asked for (DTMF_SHORTCUTS end_call)
         "turns": [],  # TurnEntry dicts of the fallback part of the call
         "speaks_sent": 0,
         "speaks_ended": 0,
@@ -125,9 +130,11 @@ def next_action(
         return ("open", None)
     if drain:
         return ("finish", "drain")
+    if data.get("requested"):
+        return ("finish", data["requested"])
     if now >= data["deadline_at"]:
         return ("finish", "max_duration")
-    if data["pending"]:
+    if data["pending"] and now >= data.get("keys_until", 0.0):
         return ("reply", None)
     if now >= listen_deadline(data, silence_s):
         return ("finish", "silence_timeout") if data["reprompted"] else ("reprompt", None)
@@ -138,8 +145,10 @@ def next_deadline(data: dict[str, Any], me: str, now: float, silence_s: float) -
     """When :func:`next_action` may next have something to do, with no webhook meanwhile."""
     if not turn_free(data, me, now):
         return min(data["lease_until"], data["deadline_at"])
-    if data["ended"] or not data["opened"] or data["pending"]:
+    if data["ended"] or not data["opened"] or data.get("requested"):
         return now
+    if data["pending"]:
+        return max(now, data.get("keys_until", 0.0))
     return min(data["deadline_at"], listen_deadline(data, silence_s))
 
 
@@ -154,6 +163,32 @@ def add_caller_words(data: dict[str, Any], text: str, t0: float, occurred_at: st
         return False
     data["pending"].append([text, t0, occurred_at])
     data["pending"].sort(key=lambda p: p[2])
+    return True
+
+
+def add_caller_key(
+    data: dict[str, Any], digit: str, now: float, occurred_at: str, language: str
+) -> bool:
+    """A key press (``call.dtmf.received``): keys pressed in a row are one caller turn,
+    a bracketed note (:func:`~voice_trio.calls.dtmf.key_note`) answered ``KEY_GAP_S``
+    after the last of them, as a media call groups them."""
+    if data["ended"]:
+        return False
+    last = data["pending"][-1] if data["pending"] else None
+    if last is not None and len(last) == 4:
+        last[3].append(digit)
+        last[0] = key_note(last[3], language)
+    else:
+        data["pending"].append([key_note([digit], language), now, occurred_at, [digit]])
+    data["keys_until"] = now + KEY_GAP_S
+    return True
+
+
+def request_end(data: dict[str, Any], reason: str) -> bool:
+    """A key asked to end the call: the next turn says goodbye and hangs up."""
+    if data["ended"] or data.get("requested"):
+        return False
+    data["requested"] = reason
     return True
 
 
@@ -182,69 +217,102 @@ def speech_sent(data: dict[str, Any], me: str, text: str, now: float) -> bool:
     return True
 
 
-def entry_dict(entry: TurnEntry) -> dict[str, Any]:
-    return asdict(entry)
-
-
-def call_record(call_control_id: str, data: dict[str, Any]) -> tuple[CallRecord, list[TurnEntry]]:
-    """The call record and turns the state holds (ended or not)."""
-    context, line = data["context"], data["record"]
-    record = CallRecord(
-        call_control_id=call_control_id,
-        call_session_id=line["call_session_id"],
-        direction=line["direction"],
-        from_number=line["from_number"],
-        to_number=line["to_number"],
-        nombre=context["nombre"],
-        contexto=context["contexto"],
-        created_at=line["created_at"],
-        answered_at=line["answered_at"],
-        ended_at=data["ended_at"],
-        end_reason=data["ended"],
-        mode=data["mode"],
-        status="ended" if data["ended"] else "active",
-        llm_input_tokens=data["llm_input_tokens"],
-        llm_output_tokens=data["llm_output_tokens"],
-        tts_characters=data["tts_characters"],
-    )
-    return record, [TurnEntry(**t) for t in data["turns"]]
-
-
-def merge_media_part(
-    record: CallRecord, turns: list[TurnEntry], media: CallRecord, media_turns: list[TurnEntry]
-) -> None:
-    """Put the media session's part of a degraded call (its record as the session left
-    it) before the fallback part: its turns first, its usage added."""
-    record.created_at, record.answered_at = media.created_at, media.answered_at
-    record.stt_audio_seconds = media.stt_audio_seconds
-    record.tts_characters += media.tts_characters
-    record.llm_input_tokens += media.llm_input_tokens
-    record.llm_output_tokens += media.llm_output_tokens
-    record.from_number = record.from_number or media.from_number
-    record.to_number = record.to_number or media.to_number
-    record.call_session_id = record.call_session_id or media.call_session_id
-    for entry in turns:
-        entry.index += len(media_turns)
-    turns[:0] = media_turns
-
-
 class SharedCalls:
     """Versioned access to the fallback calls' state in ``store``, on behalf of instance
-    ``me`` (every save records ``writer = me``)."""
+    ``me`` (every save records ``writer = me``).
 
-    def __init__(self, store: CallStore, me: str) -> None:
+    A store that fails (``StoreError``) must not end the calls it holds. The last state
+    this instance read or wrote of each call is kept (``KNOWN_CALLS`` calls at most), and
+    a call whose state cannot be read or saved goes on from it in this instance's memory:
+    *pinned* here for the rest of the call, which then can no longer move to another
+    instance. ``on_failure(operation)`` is told of each such failure (a metric)."""
+
+    def __init__(
+        self,
+        store: CallStore,
+        me: str,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
         self.store = store
         self.me = me
+        self._on_failure = on_failure
+        self._known: OrderedDict[str, CallState] = OrderedDict()
+        self._pinned: dict[str, CallState] = {}
+
+    def pinned(self, call_control_id: str) -> bool:
+        return call_control_id in self._pinned
+
+    def _remember(self, call_control_id: str, state: CallState | None) -> CallState | None:
+        if state is None:
+            self._known.pop(call_control_id, None)
+            return None
+        self._known[call_control_id] = CallState(copy.deepcopy(state.data), state.version)
+        self._known.move_to_end(call_control_id)
+        while len(self._known) > KNOWN_CALLS:
+            self._known.popitem(last=False)
+        return state
+
+    def _pin(self, call_control_id: str, operation: str, exc: StoreError) -> bool:
+        """Go on with the call's last known state in memory; False if there is none."""
+        if self._on_failure is not None:
+            self._on_failure(operation)
+        known = self._known.pop(call_control_id, None)
+        if known is None:
+            return False
+        log.error(
+            "Fallback state not shared (store %s failed: %s): the call goes on here",
+            operation,
+            exc,
+        )
+        self._pinned[call_control_id] = known
+        return True
 
     async def load(self, call_control_id: str) -> CallState | None:
-        return await self.store.load_state(call_control_id)
+        held = self._pinned.get(call_control_id)
+        if held is None:
+            try:
+                return self._remember(call_control_id, await self.store.load_state(call_control_id))
+            except StaleState:
+                raise
+            except StoreError as exc:
+                if not self._pin(call_control_id, "load_state", exc):
+                    raise
+                held = self._pinned[call_control_id]
+        return CallState(copy.deepcopy(held.data), held.version)
+
+    async def _save(self, call_control_id: str, data: dict[str, Any], version: int | None) -> int:
+        """``save_state`` to the store, or to memory for a pinned call."""
+        held = self._pinned.get(call_control_id)
+        if held is None:
+            try:
+                new = await self.store.save_state(call_control_id, data, expected_version=version)
+            except StaleState:
+                raise
+            except StoreError as exc:
+                if version is None:
+                    self._known[call_control_id] = CallState(copy.deepcopy(data), 0)
+                if not self._pin(call_control_id, "save_state", exc):
+                    raise
+                held = self._pinned[call_control_id]
+            else:
+                self._remember(call_control_id, CallState(data, new))
+                return new
+        if held.version != (version if version is not None else 0):
+            raise StaleState(call_control_id, version, held.version)
+        self._pinned[call_control_id] = CallState(copy.deepcopy(data), held.version + 1)
+        return held.version + 1
+
+    async def delete(self, call_control_id: str) -> None:
+        self._known.pop(call_control_id, None)
+        if self._pinned.pop(call_control_id, None) is None:
+            await self.store.delete_state(call_control_id)
 
     async def create(self, call_control_id: str, data: dict[str, Any]) -> CallState | None:
         """Store a new call's state; None if one is there already (another instance
         started it: join that one instead)."""
         data["writer"] = self.me
         try:
-            version = await self.store.save_state(call_control_id, data, expected_version=None)
+            version = await self._save(call_control_id, data, None)
         except StaleState:
             return None
         return CallState(data, version)
@@ -253,7 +321,7 @@ class SharedCalls:
         """Apply ``mutate`` to the current state and save it at the version read. Returns the
         state as it now is (None: there is none) and whether ``mutate`` changed it."""
         for _ in range(MAX_RETRIES):
-            state = await self.store.load_state(call_control_id)
+            state = await self.load(call_control_id)
             if state is None:
                 return None, False
             data = state.data
@@ -261,9 +329,7 @@ class SharedCalls:
                 return state, False
             data["writer"] = self.me
             try:
-                version = await self.store.save_state(
-                    call_control_id, data, expected_version=state.version
-                )
+                version = await self._save(call_control_id, data, state.version)
             except StaleState:
                 continue
             return CallState(data, version), True

@@ -25,7 +25,8 @@ from voice_trio.observability import call_id_var
 from voice_trio.providers.deepgram_stt import SttError
 from voice_trio.providers.telnyx_control import decode_client_state
 from voice_trio.providers.telnyx_media import FrameError, Start, Stop, parse_frame
-from voice_trio.store import CallRecord, StoreError, TurnEntry
+from voice_trio.store import CallRecord, TurnEntry
+from voice_trio.store.outage import keep
 
 log = logging.getLogger("voice_trio.calls")
 
@@ -170,13 +171,11 @@ async def keep_record(
     a store outage is logged, never a reason for the call to fail."""
     if center.store is None:
         return
-    with trio.CancelScope(shield=True), trio.move_on_after(5) as scope:
-        try:
-            if first:
-                await center.store.start_call(record)
-            else:
-                await center.store.save_call(record, turns)
-        except StoreError as exc:
-            log.error("Call record not saved: %s", exc)
-    if scope.cancelled_caught:
-        log.error("Call record not saved: the store took longer than 5 s")
+
+    def failed(operation: str) -> None:
+        center.metrics.store_errors.labels(operation).inc()
+
+    if first:
+        await keep(center.store.start_call, record, on_failure=failed, first=True)
+    else:
+        await keep(center.store.save_call, record, turns, on_failure=failed)

@@ -15,25 +15,40 @@ outbound call (:mod:`~voice_trio.calls.voicemail`). ``converse`` carries them ou
 turns (``act``).
 
 A bot turn runs in its own cancel scope: Claude's stream, the TTS stream and the pacing of
-its audio stop together when the caller barges in. The call's scope is the registry's
+its audio stop together when the caller barges in.
+
+Faster turns (:mod:`~voice_trio.calls.speculation`): ``read_carrier`` also watches the
+caller's audio for the end of speech, sends Deepgram ``Finalize`` after a short silence and
+ends a turn itself once the endpointing silence has passed and the finals cover the voice;
+a stable transcript starts a speculative reply (``speculator``) that the turn adopts when it
+ends with the same text. The call's scope is the registry's
 ``ActiveCall.cancel_scope``: hang-up, socket close and shutdown cancel it from outside.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from voice_trio.audio import ALAW_TO_MULAW
+from voice_trio.audio import ALAW_TO_MULAW, BYTES_PER_MS
 from voice_trio.calls.dtmf import STREAM, WEBHOOK, KeyCollector, PressDeduper, key_note
 from voice_trio.calls.history import Conversation
 from voice_trio.calls.phrases import local_now
 from voice_trio.calls.playback import Playback
 from voice_trio.calls.registry import ActiveCall
 from voice_trio.calls.sentences import SentenceChunker
+from voice_trio.calls.speculation import (
+    ENDPOINT,
+    QUIET,
+    Speculation,
+    Speculator,
+    SpeechEndWatch,
+    normalize,
+)
 from voice_trio.calls.stt_link import SttLink, SttLost, open_stt_link
 from voice_trio.calls.telnyx_speech import speak_language
 from voice_trio.calls.thinking import think_reply
@@ -72,6 +87,9 @@ AUDIO_QUEUE = 32  # TTS chunks waiting for pacing; full = TTS waits (back-pressu
 STREAM_LOST = "stream_lost"
 STT_LOST = "stt_lost"
 STT_UNAVAILABLE = "stt_unavailable"
+# Voice-detector chunks end on 20 ms frame edges, Deepgram's times on its own: a transcript
+# that ends this close to the last voiced chunk still covers it.
+COVER_SLACK_S = 0.06
 
 
 @dataclass
@@ -93,6 +111,7 @@ class TurnRecord:
     tool_calls: list[str] = field(default_factory=list)
     llm_input_tokens: int = 0  # every request of the turn (retries too), as reported
     llm_output_tokens: int = 0
+    speculative: bool = False  # adopted a reply started before t0 (t1 < t0)
 
     def count_usage(self, input_tokens: int, output_tokens: int) -> None:
         self.llm_input_tokens += input_tokens
@@ -109,7 +128,8 @@ class TurnRecord:
         if any(t is None for t in stamps):
             return None
         t0, t1, t2s, t3, t4, t5 = stamps  # type: ignore[misc]
-        return (t1 - t0) + (t3 - t2s) + (t5 - t4)
+        # A speculative reply was asked before the turn ended: no wait of ours there.
+        return max(0.0, t1 - t0) + (t3 - t2s) + (t5 - t4)
 
     def stages_ms(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -160,6 +180,15 @@ class CallSession:
         amd = self.settings.answering_machine_detection
         outbound = context.get("dir") == "outbound"
         self.amd = MachineDetection(amd) if outbound and amd != "disabled" else None
+        s = self.settings
+        finalize_s = s.stt_finalize_silence_ms / 1000
+        endpoint_s = s.stt_endpointing_ms / 1000
+        self.speech_end = SpeechEndWatch(
+            finalize_s if finalize_s < endpoint_s else 0.0, endpoint_s, BYTES_PER_MS * 1000
+        )
+        outcomes = center.metrics.speculations
+        self.speculator = Speculator(lambda outcome: outcomes.labels(outcome).inc())
+        self._awaiting_user = False  # converse waits in next_user_turn
 
     async def run(self) -> None:
         s = self.settings
@@ -172,6 +201,7 @@ class CallSession:
             self.center.signals.attach(ccid, self.on_signal)
             try:
                 async with trio.open_nursery() as nursery:
+                    await nursery.start(self.speculator.run)
                     nursery.start_soon(self.read_carrier, stt)
                     nursery.start_soon(self.listen, stt)
                     nursery.start_soon(self.converse)
@@ -179,6 +209,9 @@ class CallSession:
                     nursery.start_soon(self.keys.run, self.key_pressed, self.keys_entered)
             finally:
                 self.center.signals.detach(ccid, self.on_signal)
+                spent = self.speculator.take_unclaimed()
+                if self.records and any(spent):
+                    self.records[-1].count_usage(*spent)  # billed all the same
                 with trio.CancelScope(shield=True):
                     await stt.close_stream(timeout=0.3)
 
@@ -206,6 +239,9 @@ class CallSession:
                 for ready in reorder.push(frame):
                     audio = ready.payload.translate(ALAW_TO_MULAW) if alaw else ready.payload
                     await stt.send_audio(audio)
+                    edge = self.speech_end.feed(audio)
+                    if edge is not None:
+                        await self.on_silence(stt, edge)
             elif isinstance(frame, Mark):
                 self.playback.on_mark(frame.name)
             elif isinstance(frame, Stop):
@@ -260,6 +296,7 @@ class CallSession:
             return
         self._pending = action
         self._wait_scope.cancel()
+        self.speculator.cancel()
         scope = self._bot_scope
         if scope is not None and not scope.cancel_called:
             self._barged_at = trio.current_time()
@@ -284,11 +321,14 @@ class CallSession:
 
     def handover(self) -> Conversation:
         """The conversation so far, with caller turns not answered yet, for the fallback mode
-        to carry on with once the media stream has failed."""
+        to carry on with once the media stream has failed. Finals of a turn that had not
+        ended yet count too (with Finalize they are often all of it): Deepgram is gone, so
+        no endpoint will come for them."""
         while True:
             try:
                 text, _ = self._user_recv.receive_nowait()
             except (trio.WouldBlock, trio.ClosedResourceError):
+                self.conversation.add_user(self.turns.pending_text)
                 return self.conversation
             self.conversation.add_user(text)
 
@@ -307,7 +347,12 @@ class CallSession:
                 continue  # the machine's greeting is no turn, and must not cut the message
             if isinstance(event, Transcript):
                 signal = self.turns.on_transcript(
-                    event.text, event.confidence, event.is_final, event.speech_final
+                    event.text,
+                    event.confidence,
+                    event.is_final,
+                    event.speech_final,
+                    from_finalize=event.from_finalize,
+                    end=event.start + event.duration,
                 )
             elif isinstance(event, SpeechStarted):
                 signal = self.turns.on_speech_started()
@@ -316,15 +361,81 @@ class CallSession:
             else:
                 continue
             if signal is None:
+                self.consider_speculation()
                 continue
-            now = trio.current_time()
-            self._silence_deadline = now + self.settings.silence_timeout_ms / 1000
-            if isinstance(signal, CallerSpeaking):
-                await self.barge_in(now)
-            elif isinstance(signal, UserTurn):
-                await self.barge_in(now)
-                log.info("🎤 Caller: %s", signal.text)
-                self._user_send.send_nowait((signal.text, now))
+            await self.on_turn_signal(signal)
+
+    async def on_turn_signal(self, signal: CallerSpeaking | UserTurn) -> None:
+        now = trio.current_time()
+        self._silence_deadline = now + self.settings.silence_timeout_ms / 1000
+        if isinstance(signal, CallerSpeaking):
+            await self.barge_in(now)
+            self.consider_speculation()
+        else:
+            await self.barge_in(now)
+            log.info("🎤 Caller: %s", signal.text)
+            self._user_send.send_nowait((signal.text, now))
+
+    async def on_silence(self, stt: SttLink, edge: str) -> None:
+        """The caller's voice stopped ``STT_FINALIZE_SILENCE_MS`` ago (``QUIET``): ask
+        Deepgram for the final now. Or ``STT_ENDPOINTING_MS`` ago (``ENDPOINT``): if the
+        finals cover the voice, the turn is over (Deepgram may send no ``speech_final``
+        for audio it flushed)."""
+        if self._pending == "voicemail":
+            return
+        if edge == QUIET:
+            await stt.finalize()
+            self.consider_speculation()
+        elif edge == ENDPOINT:
+            turn = self.turns.end_if_covered(self.speech_end.voiced_until, COVER_SLACK_S)
+            if turn is not None:
+                await self.on_turn_signal(turn)
+
+    def consider_speculation(self) -> None:
+        """Start (or replace, or drop) the speculative reply; the rule is in
+        :mod:`~voice_trio.calls.speculation`: silence, and a transcript covering the voice."""
+        speculator = self.speculator
+        text = self.turns.candidate
+        current = speculator.current
+        if current is not None and current.key != normalize(text):
+            speculator.cancel()  # the caller said more, or something else
+            current = None
+        if (
+            current is not None
+            or not text
+            or not self.settings.speculative_replies
+            or not self.speech_end.quiet
+            or self.turns.covered_until + COVER_SLACK_S < self.speech_end.voiced_until
+            or not self._awaiting_user
+            or self._bot_scope is not None
+            or self._pending is not None
+            or self._time_up.is_set()
+            or self._user_recv.statistics().current_buffer_used
+        ):
+            return
+        future = copy.deepcopy(self.conversation)
+        future.add_user(text)
+        messages = future.window(self.settings.conversation_history_limit)
+        record = TurnRecord(user_text=text, speculative=True)
+        log.info("🔮 Speculative reply for: %s", text)
+        speculator.start(text, messages, record, self._think_ahead)
+
+    async def _think_ahead(
+        self,
+        sentence_send: trio.MemorySendChannel[str],
+        messages: list[dict[str, Any]],
+        record: TurnRecord,
+    ) -> None:
+        await think_reply(
+            self.center,
+            self.conversation,
+            sentence_send,
+            record,
+            nombre=self.nombre,
+            contexto=self.contexto,
+            can_transfer=bool(self.settings.transfer_number),
+            messages=messages,
+        )
 
     async def barge_in(self, now: float) -> None:
         """Caller speech while the bot is speaking (or about to): cut the bot's turn."""
@@ -333,6 +444,7 @@ class CallSession:
             return
         self._barged_at = now
         scope.cancel()
+        self.speculator.cancel()
         await self.playback.interrupt()
         self.center.metrics.barge_ins.inc()
         log.info("✋ Barge-in: bot interrupted")
@@ -382,7 +494,12 @@ class CallSession:
         )
         while not self._time_up.is_set() and self._pending is None:
             with trio.move_on_at(self._silence_deadline) as self._wait_scope:
-                text, t0 = await self._user_recv.receive()
+                self._awaiting_user = True
+                try:
+                    self.consider_speculation()  # the caller may have finished already
+                    text, t0 = await self._user_recv.receive()
+                finally:
+                    self._awaiting_user = False
                 while True:
                     try:
                         more, t0 = self._user_recv.receive_nowait()
@@ -411,7 +528,13 @@ class CallSession:
 
     async def reply(self, user_text: str, t0: float) -> None:
         self.conversation.add_user(user_text)
+        messages = self.conversation.window(self.settings.conversation_history_limit)
+        spec = self.speculator.take(user_text, messages)
+        if spec is not None:
+            await self.reply_adopted(spec, t0)
+            return
         record = TurnRecord(user_text=user_text, t0=t0)
+        record.count_usage(*self.speculator.take_unclaimed())
 
         async def produce(audio_send: trio.MemorySendChannel[Any]) -> None:
             sentence_send, sentence_recv = trio.open_memory_channel[str](SENTENCE_QUEUE)
@@ -422,6 +545,33 @@ class CallSession:
                         await self.synthesize_into(sentence, audio_send, record)
 
         await self.bot_turn(record, produce)
+
+    async def reply_adopted(self, spec: Speculation, t0: float) -> None:
+        """The turn ended as speculated: its buffered sentences go to TTS now. The
+        speculation's task is cancelled with the turn (barge-in, hang-up) like any reply."""
+        record: TurnRecord = spec.record
+        record.t0 = t0
+        record.count_usage(*self.speculator.take_unclaimed())
+        head = (t0 - record.t1) * 1000 if record.t1 is not None else 0.0
+        log.info("🔮 Speculative reply kept (asked %.0f ms before the turn ended)", head)
+
+        async def produce(audio_send: trio.MemorySendChannel[Any]) -> None:
+            try:
+                async with audio_send, spec.sentences:
+                    async for sentence in spec.sentences:
+                        await self.synthesize_into(sentence, audio_send, record)
+                await spec.done.wait()  # its tool calls are all in
+            finally:
+                spec.cancel()
+                self.note_tool_calls(record)
+
+        await self.bot_turn(record, produce)
+
+    def note_tool_calls(self, record: TurnRecord) -> None:
+        if "end_call" in record.tool_calls:
+            self._end_requested = True
+        if "transfer_call" in record.tool_calls and self._pending is None:
+            self._pending = "transfer"  # after the reply that announces it has played
 
     async def think(self, sentence_send: trio.MemorySendChannel[str], record: TurnRecord) -> None:
         """Claude's streamed reply, cut into sentences (at most MAX_RESPONSE_LENGTH)."""
@@ -436,10 +586,7 @@ class CallSession:
                 can_transfer=bool(self.settings.transfer_number),
             )
         finally:
-            if "end_call" in record.tool_calls:
-                self._end_requested = True
-            if "transfer_call" in record.tool_calls and self._pending is None:
-                self._pending = "transfer"  # after the reply that announces it has played
+            self.note_tool_calls(record)
 
     async def synthesize_into(
         self, sentence: str, audio_send: trio.MemorySendChannel[Any], record: TurnRecord
@@ -532,7 +679,7 @@ class CallSession:
         metrics = self.center.metrics
         stages = record.stages_ms()
         for name, ms in stages.items():
-            metrics.turn_stage.labels(name).observe(ms / 1000)
+            metrics.turn_stage.labels(name).observe(max(0.0, ms) / 1000)
         overhead = record.overhead()
         if overhead is not None:
             metrics.server_overhead.observe(overhead)
@@ -555,6 +702,7 @@ class CallSession:
         log.info("⏱️ Time to end the call (%s)", self._time_up_reason)
         self._time_up.set()
         self._wait_scope.cancel()
+        self.speculator.cancel()
         if self._bot_scope is not None:
             self._bot_scope.cancel()
             await self.playback.interrupt()

@@ -10,7 +10,7 @@ the ``end_call`` tool (plus ``transfer_call`` when the caller may offer it); the
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -40,8 +40,12 @@ async def think_reply(
     nombre: str,
     contexto: str,
     can_transfer: bool = False,
+    messages: list[dict[str, Any]] | None = None,
 ) -> None:
     """Stream Claude's reply to ``conversation`` into ``sentence_send`` (closed on return).
+
+    ``messages``, when given, replaces the conversation's window: a speculative reply asks
+    with a copy of the history plus the text it guesses, and leaves the history alone.
 
     Fills ``record.t1``, ``t2``, ``t2s``, the LLM token counts (every attempt's, as they are
     reported) and ``tool_calls`` (``"end_call"`` there means the
@@ -58,7 +62,8 @@ async def think_reply(
         now=local_now(s.timezone),
         max_chars=s.max_response_length,
     )
-    messages = conversation.window(s.conversation_history_limit)
+    if messages is None:
+        messages = conversation.window(s.conversation_history_limit)
     tools = tools_for(can_transfer=can_transfer)
     chunker = SentenceChunker()
     spoken = 0

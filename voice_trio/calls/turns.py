@@ -5,6 +5,14 @@ transcript concatenated until one carries ``speech_final``; if ``UtteranceEnd`` 
 with finals collected and no ``speech_final`` since the last turn, those finals are the
 turn; an ``UtteranceEnd`` after a ``speech_final`` turn has nothing left and is ignored.
 
+Faster turns (:mod:`voice_trio.calls.speculation`): the detector also keeps how far into
+the stream Deepgram has transcribed (``covered_until``, on the link timeline) and the best
+guess of the turn so far (``candidate``: finals plus the latest interim), so the session
+can tell when a transcript covers every voiced byte it sent. A final that Deepgram sent
+because we asked (``from_finalize``) is a plain final, never a turn end by itself: we ask
+for it early, before the endpointing silence; ``end_if_covered`` ends the turn once the
+session's own clock has seen that silence.
+
 :class:`TurnDetector` is pure state: the STT task feeds it parsed events and acts on the
 signals it returns. It knows nothing about sockets, clocks or whether the bot is talking.
 """
@@ -62,6 +70,8 @@ class TurnDetector:
     _last_interim: str = ""
     _vad_reported: bool = False
     _words_reported: bool = False
+    _finals_until: float = 0.0
+    _interim_until: float = 0.0
 
     @property
     def pending_text(self) -> str:
@@ -72,6 +82,27 @@ class TurnDetector:
     def last_interim(self) -> str:
         """The latest interim transcript of the turn in progress ("" once a final covers it)."""
         return self._last_interim
+
+    @property
+    def candidate(self) -> str:
+        """What the turn would say if it ended now: the finals and the latest interim."""
+        parts = [*self._finals, self._last_interim] if self._last_interim else self._finals
+        return " ".join(parts)
+
+    @property
+    def covered_until(self) -> float:
+        """Stream time up to which ``candidate`` reflects the audio (0 without timings)."""
+        return max(self._finals_until, self._interim_until)
+
+    @property
+    def finals_until(self) -> float:
+        """Stream time up to which finals (words that will not change) cover the audio."""
+        return self._finals_until
+
+    @property
+    def has_words(self) -> bool:
+        """Whether the turn in progress has shown any words (interim or final)."""
+        return self._words_reported or bool(self._finals)
 
     @property
     def in_utterance(self) -> bool:
@@ -85,8 +116,23 @@ class TurnDetector:
         return CallerSpeaking()
 
     def on_transcript(
-        self, text: str, confidence: float, is_final: bool, speech_final: bool
+        self,
+        text: str,
+        confidence: float,
+        is_final: bool,
+        speech_final: bool,
+        *,
+        from_finalize: bool = False,
+        end: float | None = None,
     ) -> TurnSignal | None:
+        """One ``Results`` message; ``end`` is its ``start + duration`` in stream time."""
+        if from_finalize:
+            speech_final = False  # we asked for the flush: no endpoint was detected
+        if end is not None:
+            if is_final or speech_final:
+                self._finals_until = max(self._finals_until, end)
+            else:
+                self._interim_until = max(self._interim_until, end)
         text = text.strip()
         if text and confidence < self.min_confidence:
             if is_final or speech_final:
@@ -109,6 +155,15 @@ class TurnDetector:
             self._reset()  # endpoint after nothing usable: the next speech is news again
             return None
         return self._words(text) if text else None
+
+    def end_if_covered(self, voiced_until: float, slack: float = 0.0) -> UserTurn | None:
+        """End the turn now if its finals cover the audio up to ``voiced_until`` (the end
+        of the caller's voice, stream time) and no interim shows words beyond them."""
+        if not self._finals or self._last_interim:
+            return None
+        if self._finals_until + slack < voiced_until:
+            return None
+        return self._end_turn()
 
     def on_utterance_end(self) -> TurnSignal | None:
         if self._finals:

@@ -1,8 +1,21 @@
-"""``/api/call/*``: place calls. Input is validated here; dialing is the call center's job."""
+"""``/api/*``: who may call it, and ``/api/call/*`` (place calls). Input is validated here;
+dialing is the call center's job.
+
+The API places calls that cost money (DESIGN.md §6). With ``API_TOKEN`` set every ``/api/*``
+route but ``/api/health`` wants ``Authorization: Bearer <API_TOKEN>`` (401 otherwise).
+Without it, only a client on this machine is served (403 otherwise), and the server says so
+at start-up. A request that a proxy forwarded (``Forwarded``, ``X-Forwarded-For``,
+``X-Real-IP``) is not a loopback client even when the proxy is: a tunnel such as ngrok in
+front of Telnyx's webhooks connects from 127.0.0.1 on behalf of the whole internet. Those
+headers are only ever used to refuse, never to grant.
+"""
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import trio
@@ -10,7 +23,7 @@ from quart import jsonify, request
 from quart_trio import QuartTrio
 
 from voice_trio.calls.center import CallCenter, CallRequest
-from voice_trio.config import E164
+from voice_trio.config import E164, Settings
 from voice_trio.providers.telnyx_control import TelnyxError
 
 log = logging.getLogger("voice_trio.web")
@@ -50,7 +63,47 @@ def parse_call_request(item: Any) -> CallRequest:
     return CallRequest(telefono=telefono.strip(), **values)
 
 
+PUBLIC_API = frozenset({"/api/health"})
+PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+def api_refusal(
+    settings: Settings, path: str, headers: Mapping[str, str], client: str | None
+) -> tuple[int, str, str] | None:
+    """Why a request to ``path`` from ``client`` (an address) is refused, as (status,
+    error, reason); None if it may go on (module docstring)."""
+    if not path.startswith("/api/") or path in PUBLIC_API:
+        return None
+    if settings.api_token:
+        scheme, _, given = headers.get("Authorization", "").partition(" ")
+        expected = settings.api_token.encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            return 401, "unauthorized", "a valid 'Authorization: Bearer' token is required"
+        return None
+    if not is_loopback(client) or any(h in headers for h in PROXY_HEADERS):
+        return 403, "forbidden", "API_TOKEN is not set: only loopback clients may call /api"
+    return None
+
+
+def is_loopback(address: str | None) -> bool:
+    """``address`` is this machine (127.0.0.0/8, ::1, or ::ffff:127.x.y.z)."""
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
 def register_api(app: QuartTrio, center: CallCenter) -> None:
+    @app.before_serving
+    async def warn_if_open() -> None:
+        if not center.settings.api_token:
+            log.warning("⚠️ API_TOKEN is not set: /api/* accepts loopback clients only")
+
     def not_ready() -> Any:
         if center.going_away.is_set():
             return _json(503, error="draining", reason="the server is shutting down")

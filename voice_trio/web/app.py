@@ -3,7 +3,6 @@ registers ``while_serving`` generators once per app object, so apps are never re
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from typing import Any
 
@@ -15,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 from voice_trio import __version__
 from voice_trio.calls.center import CallCenter
 from voice_trio.observability import watch_loop_lag
-from voice_trio.web.api import register_api
+from voice_trio.web.api import api_refusal, register_api
 from voice_trio.web.calls_api import register_calls_api
 from voice_trio.web.webhooks import register_webhooks
 
@@ -53,19 +52,14 @@ def create_app(center: CallCenter) -> QuartTrio:
 
     @app.before_request
     async def guard_api() -> Any:
-        path = request.path
-        if not path.startswith("/api/") or path == "/api/health":
+        refusal = api_refusal(settings, request.path, request.headers, request.remote_addr)
+        if refusal is None:
             return None
-        if settings.api_token:
-            if request.headers.get("Authorization", "") != f"Bearer {settings.api_token}":
-                return _error(
-                    401, "unauthorized", "a valid 'Authorization: Bearer' token is required"
-                )
-        elif not _is_loopback(request.remote_addr):
-            return _error(
-                403, "forbidden", "API_TOKEN is not set: only loopback clients may call /api"
-            )
-        return None
+        status, error, reason = refusal
+        response = _error(status, error, reason)
+        if status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     @app.get("/")
     async def index() -> Any:
@@ -128,12 +122,3 @@ def _error(status: int, error: str, reason: str, **extra: Any) -> Any:
     response = jsonify({"error": error, "reason": reason, **extra})
     response.status_code = status
     return response
-
-
-def _is_loopback(address: str | None) -> bool:
-    if not address:
-        return False
-    try:
-        return ipaddress.ip_address(address.split("%")[0]).is_loopback
-    except ValueError:
-        return False

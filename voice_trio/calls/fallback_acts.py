@@ -1,0 +1,164 @@
+"""What a fallback-mode call does with its turn: the opening, a reply, a goodbye.
+
+Each act runs in :class:`~voice_trio.calls.fallback.FallbackCall` while it holds the call's
+turn, and says things through ``FallbackCall.speak`` (counted in the shared state, then
+Telnyx ``speak``); it ends by giving the turn back, or by ending the call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from voice_trio.calls import fallback_state as fs
+from voice_trio.calls.phrases import local_now
+from voice_trio.calls.session import SENTENCE_QUEUE, TurnRecord
+from voice_trio.calls.telnyx_speech import base_language
+from voice_trio.calls.thinking import think_reply
+from voice_trio.providers.telnyx_control import TelnyxError
+
+if TYPE_CHECKING:
+    from voice_trio.calls.fallback import FallbackCall
+
+log = logging.getLogger("voice_trio.calls")
+
+SPOKEN_POLL_S = 0.2  # while waiting for the goodbye to play out before hanging up
+CONTINUATION = {"es": "Disculpe, ¿me decía?", "en": "Sorry, what were you saying?"}
+
+
+async def open_call(call: FallbackCall) -> None:
+    """The first words, and Telnyx transcription started. The greeting if nothing was
+    said yet; after a degrade, an answer to caller words the media session left
+    unanswered, else a short prompt to go on. Speech first: the caller is waiting."""
+    assert call.state is not None
+    data = call.state.data
+    if data["grace_until"] is not None:
+        await trio.sleep(max(0.0, data["grace_until"] - time.time()))  # for call.hangup
+        log.info("🔀 The call is still up: continuing in fallback mode")
+    turns = fs.load_history(data["history"]).turns
+    if turns and turns[-1].role == "user":
+        await start_transcription(call)
+        await call.update(lambda d: d.update(opened=True) or True)
+        await reply(call)
+        return
+    if not turns:
+        context = data["context"]
+        opening = call.center.phrases_text.greeting(
+            nombre=context["nombre"],
+            saludo=context["saludo"],
+            now=local_now(call.settings.timezone),
+        )
+        await call.say(opening, kind="greeting")
+    else:
+        language = base_language(call.settings.agent_language)
+        await call.say(CONTINUATION.get(language, CONTINUATION["es"]), kind="continuation")
+    await start_transcription(call)
+    await call.give_back(opened=True)
+
+
+async def start_transcription(call: FallbackCall) -> None:
+    try:
+        await call.center.telnyx.transcription_start(
+            call.call_control_id, language=base_language(call.settings.agent_language)
+        )
+    except TelnyxError as exc:
+        await call.on_command_error("transcription_start", exc)
+
+
+async def reply(call: FallbackCall) -> None:
+    """Answer the caller words waiting in the state (with none, the conversation as it
+    stands): Claude's sentences go to ``speak`` one by one as they come."""
+    words: list[list[Any]] = []
+
+    def take_words(data: dict[str, Any]) -> bool:
+        words[:] = data["pending"]
+        if not words:
+            return False
+        data["pending"] = []
+        data["history"].append(["user", " ".join(w[0] for w in words), False])
+        data["reprompted"] = False
+        return True
+
+    await call.update(take_words)
+    assert call.state is not None
+    data = call.state.data
+    t0 = call.trio_time(max(w[1] for w in words)) if words else None
+    record = TurnRecord(user_text=" ".join(w[0] for w in words), t0=t0)
+    call.turn, call.said = record, []
+    sentence_send, sentence_recv = trio.open_memory_channel[str](SENTENCE_QUEUE)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            partial(
+                think_reply,
+                call.center,
+                fs.load_history(data["history"]),
+                sentence_send,
+                record,
+                nombre=data["context"]["nombre"],
+                contexto=data["context"]["contexto"],
+            )
+        )
+        async with sentence_recv:
+            async for sentence in sentence_recv:
+                if record.t3 is None:
+                    record.t3 = trio.current_time()
+                if await call.speak(sentence):
+                    call.said.append(sentence)
+    report(call, record)
+    if "end_call" in record.tool_calls:
+        await call.give_back(keep=True)
+        await finish(call, "agent_ended", None)
+    else:
+        await call.give_back()
+
+
+def report(call: FallbackCall, record: TurnRecord) -> None:
+    stages = {
+        name: round((b - a) * 1000, 1)
+        for name, a, b in (
+            ("t0-t1", record.t0, record.t1),
+            ("t1-t2", record.t1, record.t2),
+            ("t2-t3", record.t2, record.t3),
+        )
+        if a is not None and b is not None
+    }
+    for name, ms in stages.items():
+        call.center.metrics.turn_stage.labels(name).observe(ms / 1000)
+    timing = " ".join(f"{k}={v:.0f}ms" for k, v in stages.items())
+    log.info("🔊 Bot turn %s sent to Telnyx speak: %s", record.kind, timing or "-")
+
+
+async def finish(call: FallbackCall, reason: str, goodbye: str | None) -> None:
+    """Say goodbye (if any), let it play, and hang up once: the call is over unless the
+    caller hung up first."""
+    if goodbye:
+        await call.say(goodbye, kind="goodbye")
+        await call.give_back(keep=True)
+    await wait_spoken(call)
+    call.ending = True
+
+    def end(data: dict[str, Any]) -> bool:
+        if data["ended"]:
+            return False
+        data["ended"], data["ended_at"] = reason, time.time()
+        return True
+
+    state, ended = await call.shared.update(call.call_control_id, end)
+    call.state = state
+    if ended:
+        call.call.end_reason = reason
+        await call.center.hang_up(call.call_control_id)
+
+
+async def wait_spoken(call: FallbackCall) -> None:
+    """Until every speak sent has been played (or its guard time has passed)."""
+    while call.state is not None:
+        data = call.state.data
+        if not fs.pending_speech(data) or time.time() >= data["guard_until"]:
+            return
+        await trio.sleep(SPOKEN_POLL_S)
+        call.state = await call.shared.load(call.call_control_id)
