@@ -1,4 +1,4 @@
-"""Hypercorn never blocks on a finished ASGI app (``web/hypercorn_overload.py``).
+"""Hypercorn never blocks on a finished ASGI app (``web/hypercorn_fixes.py``, fix 3).
 
 The app accepts, waits a moment, closes and returns, without reading, while the peer keeps
 sending: more messages than Hypercorn's app queue holds (10), then its close. As shipped,
@@ -19,7 +19,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.trio.task_group import TaskGroup
 
-from voice_trio.web import hypercorn_overload
+from voice_trio.web import hypercorn_fixes
 
 MESSAGES = 200
 
@@ -76,7 +76,7 @@ async def flood_and_close(nursery: trio.Nursery) -> bool:
 
 
 async def test_a_finished_app_never_blocks_the_connection(nursery: trio.Nursery) -> None:
-    hypercorn_overload.apply()
+    hypercorn_fixes.apply()
     assert await flood_and_close(nursery)
 
 

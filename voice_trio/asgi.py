@@ -12,7 +12,7 @@ from typing import Any
 from voice_trio.calls.center import CallCenter
 from voice_trio.config import Settings
 from voice_trio.observability import setup_logging
-from voice_trio.web import hypercorn_fixes, hypercorn_overload
+from voice_trio.web import hypercorn_fixes
 from voice_trio.web.app import create_app
 from voice_trio.web.media import serve_media_stream
 from voice_trio.web.media_socket import Receive, Scope, Send
@@ -38,7 +38,6 @@ class VoiceApp:
 
 def build_app(settings: Settings, center: CallCenter | None = None) -> VoiceApp:
     hypercorn_fixes.apply()
-    hypercorn_overload.apply()
     return VoiceApp(center or CallCenter(settings))
 
 

@@ -426,6 +426,14 @@ class CallSession:
         messages: list[dict[str, Any]],
         record: TurnRecord,
     ) -> None:
+        await self._ask_claude(sentence_send, record, messages)
+
+    async def _ask_claude(
+        self,
+        sentence_send: trio.MemorySendChannel[str],
+        record: TurnRecord,
+        messages: list[dict[str, Any]] | None = None,
+    ) -> None:
         await think_reply(
             self.center,
             self.conversation,
@@ -576,15 +584,7 @@ class CallSession:
     async def think(self, sentence_send: trio.MemorySendChannel[str], record: TurnRecord) -> None:
         """Claude's streamed reply, cut into sentences (at most MAX_RESPONSE_LENGTH)."""
         try:
-            await think_reply(
-                self.center,
-                self.conversation,
-                sentence_send,
-                record,
-                nombre=self.nombre,
-                contexto=self.contexto,
-                can_transfer=bool(self.settings.transfer_number),
-            )
+            await self._ask_claude(sentence_send, record)
         finally:
             self.note_tool_calls(record)
 

@@ -1,4 +1,4 @@
-"""Two small corrections to Hypercorn 0.18's trio worker, applied once at start-up.
+"""Three small corrections to Hypercorn 0.18's trio worker, applied once at start-up.
 
 1. **Close race** (research/trio-stack.md, gotcha 11). ``TCPServer._close`` calls
    ``send_eof`` without the connection's ``send_lock`` while ``protocol_send`` may be inside
@@ -8,18 +8,34 @@
    this task already holds it) serialises the two.
 2. **Reason phrases.** Hypercorn writes ``HTTP/1.1 101`` with an empty reason; clients and
    checklists that look for ``101 Switching Protocols`` get the standard phrase.
+3. **A finished app never blocks its connection.** Hypercorn hands every incoming
+   WebSocket message (and the final ``websocket.disconnect``) to the app through a bounded
+   channel (``max_app_queue_size``, 10) and ``await``s the put. Once the app has returned
+   nobody reads that channel; if the peer still sends (a carrier streaming a few frames
+   after our close, or any peer while the server is too slow to keep up) the channel
+   fills, the reader blocks on the put forever, never sees the peer's close or the read
+   timeout, and the connection's tasks and socket stay for the life of the process.
+   ``AsgiWebSocket.drain`` hides this at normal speed, but a drain that times out or is
+   cancelled (overload, shutdown) leaked the connection; under a server slowed five times
+   most calls leaked this way (docs/benchmarks.md). When the app task ends its receiving
+   end is now closed, which wakes a put already waiting, and every later put drops its
+   message: the reader answers the close handshake, honours the read timeout, and the
+   connection ends normally. Messages for a finished app have no reader, so nothing is lost.
 """
 
 from __future__ import annotations
 
 import functools
 import types
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
 import h11
 import hypercorn.protocol.h11 as hypercorn_h11
 import trio
+from hypercorn.trio import task_group as hypercorn_task_group
+from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 
 _applied = False
@@ -32,6 +48,7 @@ def apply() -> None:
     _applied = True
     _serialise_close()
     _add_reason_phrases()
+    TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
 
 
 def _serialise_close() -> None:
@@ -67,3 +84,47 @@ def _add_reason_phrases() -> None:
     shim.Response = _with_reason(h11.Response)
     shim.InformationalResponse = _with_reason(h11.InformationalResponse)
     hypercorn_h11.h11 = shim  # type: ignore[attr-defined]
+
+
+async def _spawn_app(
+    self: TaskGroup,
+    app: Any,
+    config: Any,
+    scope: Any,
+    send: Callable[[Any], Awaitable[None]],
+) -> Callable[[Any], Awaitable[None]]:
+    app_send, app_receive = trio.open_memory_channel[Any](config.max_app_queue_size)
+
+    async def app_finished_or_sending(message: Any) -> None:
+        if message is None:
+            # The app has returned (``_handle`` says so with ``None``). Close its receiving
+            # end *before* Hypercorn reacts: that reaction closes the stream, which puts
+            # ``websocket.disconnect`` — in this very task, so a full queue would deadlock
+            # it. Closing wakes a put already waiting (BrokenResourceError) and makes every
+            # later put fail at once instead of waiting for a reader that is gone.
+            app_receive.close()
+        await send(message)
+
+    async def run_app() -> None:
+        try:
+            await hypercorn_task_group._handle(
+                app,
+                config,
+                scope,
+                app_receive.receive,
+                app_finished_or_sending,
+                trio.to_thread.run_sync,
+                trio.from_thread.run,
+            )
+        finally:
+            app_receive.close()
+
+    async def put(message: Any) -> None:
+        try:
+            await app_send.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the app has finished: nobody will ever read this message
+
+    assert self._nursery is not None
+    self._nursery.start_soon(run_app)
+    return put
