@@ -86,7 +86,7 @@ class SqliteStore(CallStore):
             raise StoreError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
         try:
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
             _migrate(conn)
@@ -252,6 +252,32 @@ def _transaction(conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> It
             conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL, waiting out other processes doing the same.
+
+    Changing the journal mode needs an exclusive lock, and SQLite answers "database is
+    locked" at once, without its busy handler, when several connections race to make the
+    switch on a fresh file. WAL is persistent, so whoever wins does it for everyone: retry
+    until the file says ``wal`` or the busy timeout has passed.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    pause = 0.005
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+            continue
+        if str(mode).lower() not in ("wal", "memory"):  # ":memory:" databases have no file
+            raise StoreError(f"SQLite refused WAL mode (journal_mode is {mode!r})")
+        return
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
