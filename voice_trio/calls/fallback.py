@@ -53,8 +53,8 @@ from voice_trio.calls import fallback_acts as acts
 from voice_trio.calls import fallback_state as fs
 from voice_trio.calls.fallback_records import add_bot_turn
 from voice_trio.calls.registry import ActiveCall
-from voice_trio.calls.session import TurnRecord
 from voice_trio.calls.telnyx_speech import speak_language
+from voice_trio.calls.turn_record import TurnRecord
 from voice_trio.observability import call_id_var
 from voice_trio.providers.telnyx_control import CALL_ALREADY_ENDED, TelnyxError
 from voice_trio.store import CallState

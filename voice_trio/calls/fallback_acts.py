@@ -16,9 +16,10 @@ import trio
 
 from voice_trio.calls import fallback_state as fs
 from voice_trio.calls.phrases import local_now
-from voice_trio.calls.session import SENTENCE_QUEUE, TurnRecord
+from voice_trio.calls.replies import SENTENCE_QUEUE
 from voice_trio.calls.telnyx_speech import base_language
 from voice_trio.calls.thinking import think_reply
+from voice_trio.calls.turn_record import TurnRecord
 from voice_trio.providers.telnyx_control import TelnyxError
 
 if TYPE_CHECKING:

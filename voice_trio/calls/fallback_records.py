@@ -18,7 +18,7 @@ from voice_trio.store.outage import keep
 
 if TYPE_CHECKING:
     from voice_trio.calls.center import CallCenter
-    from voice_trio.calls.session import TurnRecord
+    from voice_trio.calls.turn_record import TurnRecord
 
 log = logging.getLogger("voice_trio.calls")
 

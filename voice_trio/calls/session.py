@@ -4,18 +4,18 @@ Tasks of the call's nursery (DESIGN.md §3):
 
 - ``read_carrier``: Telnyx frames → (reorder, transcode) → Deepgram; marks; stop/close.
 - ``listen``: Deepgram events → ``TurnDetector`` → user turns; caller speech barges in.
-- ``converse``: greeting, then one ``BotTurn`` per user turn; silence reprompt/goodbye.
+- ``converse``: greeting, then one reply per user turn (:mod:`~voice_trio.calls.replies`);
+  silence reprompt/goodbye.
 - ``watch_duration``: the maximum call length.
-- ``keys.run``: key presses (``dtmf`` frames and ``call.dtmf.received``, counted once)
+- ``controls.run``: key presses (``dtmf`` frames and ``call.dtmf.received``, counted once)
   barge in and reach the conversation as a bracketed note (:mod:`voice_trio.calls.dtmf`).
 
-Some events cut the conversation short (``interrupt``): a key shortcut, Claude's
-``transfer_call`` tool (:mod:`~voice_trio.calls.transfer`), an answering machine on an
-outbound call (:mod:`~voice_trio.calls.voicemail`). ``converse`` carries them out between
-turns (``act``).
+Some events cut the conversation short: a key shortcut, Claude's ``transfer_call`` tool, an
+answering machine on an outbound call (:mod:`~voice_trio.calls.controls`). ``converse``
+carries them out between turns.
 
-A bot turn runs in its own cancel scope: Claude's stream, the TTS stream and the pacing of
-its audio stop together when the caller barges in.
+A bot turn runs in its own cancel scope (:mod:`~voice_trio.calls.bot_voice`): Claude's
+stream, the TTS stream and the pacing of its audio stop together when the caller barges in.
 
 Faster turns (:mod:`~voice_trio.calls.speculation`): ``read_carrier`` also watches the
 caller's audio for the end of speech, sends Deepgram ``Finalize`` after a short silence and
@@ -27,41 +27,32 @@ ends with the same text. The call's scope is the registry's
 
 from __future__ import annotations
 
-import copy
 import logging
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from voice_trio.audio import ALAW_TO_MULAW, BYTES_PER_MS
-from voice_trio.calls.dtmf import STREAM, WEBHOOK, KeyCollector, PressDeduper, key_note
+from voice_trio.calls.bot_voice import BotVoice
+from voice_trio.calls.controls import CallControls
+from voice_trio.calls.dtmf import STREAM
 from voice_trio.calls.history import Conversation
 from voice_trio.calls.phrases import local_now
 from voice_trio.calls.playback import Playback
 from voice_trio.calls.registry import ActiveCall
-from voice_trio.calls.sentences import SentenceChunker
-from voice_trio.calls.speculation import (
-    ENDPOINT,
-    QUIET,
-    Speculation,
-    Speculator,
-    SpeechEndWatch,
-    normalize,
-)
+from voice_trio.calls.replies import Replies
+from voice_trio.calls.speculation import ENDPOINT, QUIET, Speculator, SpeechEndWatch
 from voice_trio.calls.stt_link import SttLink, SttLost, open_stt_link
-from voice_trio.calls.telnyx_speech import speak_language
-from voice_trio.calls.thinking import think_reply
-from voice_trio.calls.transfer import TRANSFERRED, hand_off
+from voice_trio.calls.transfer import TRANSFERRED
+from voice_trio.calls.turn_record import TurnRecord
 from voice_trio.calls.turns import CallerSpeaking, TurnDetector, UserTurn
-from voice_trio.calls.voicemail import MachineDetection, leave_voicemail
+from voice_trio.calls.voicemail import MachineDetection
 from voice_trio.providers.deepgram_stt import (
     SpeechStarted,
     Transcript,
     UtteranceEnd,
 )
-from voice_trio.providers.deepgram_tts import TtsError
-from voice_trio.providers.telnyx_control import TelnyxError, decode_client_state
+from voice_trio.providers.telnyx_control import decode_client_state
 from voice_trio.providers.telnyx_media import (
     Dtmf,
     FrameError,
@@ -80,8 +71,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("voice_trio.calls")
 
-SENTENCE_QUEUE = 8  # sentences waiting for TTS; the LLM is far ahead of speech anyway
-AUDIO_QUEUE = 32  # TTS chunks waiting for pacing; full = TTS waits (back-pressure)
 # End reason: the media socket closed without a ``stop`` frame. Telnyx sends ``stop`` when
 # the call ends, so the call may well be up still: it goes on in fallback mode.
 STREAM_LOST = "stream_lost"
@@ -90,61 +79,6 @@ STT_UNAVAILABLE = "stt_unavailable"
 # Voice-detector chunks end on 20 ms frame edges, Deepgram's times on its own: a transcript
 # that ends this close to the last voiced chunk still covers it.
 COVER_SLACK_S = 0.06
-
-
-@dataclass
-class TurnRecord:
-    """One bot turn: what was said, what was heard, and its latency ledger (DESIGN.md §5)."""
-
-    user_text: str
-    kind: str = "reply"  # reply | greeting | reprompt | goodbye | apology
-    bot_text: str = ""
-    heard_text: str = ""
-    interrupted: bool = False
-    t0: float | None = None  # turn end detected
-    t1: float | None = None  # LLM request sent
-    t2: float | None = None  # first LLM token
-    t2s: float | None = None  # the token that completed the first sentence
-    t3: float | None = None  # first sentence sent to TTS
-    t4: float | None = None  # first TTS audio
-    t5: float | None = None  # first audio frame written to Telnyx
-    tool_calls: list[str] = field(default_factory=list)
-    llm_input_tokens: int = 0  # every request of the turn (retries too), as reported
-    llm_output_tokens: int = 0
-    speculative: bool = False  # adopted a reply started before t0 (t1 < t0)
-
-    def count_usage(self, input_tokens: int, output_tokens: int) -> None:
-        self.llm_input_tokens += input_tokens
-        self.llm_output_tokens += output_tokens
-
-    def overhead(self) -> float | None:
-        """Time the server itself added: (t1-t0) + (t3-t2s) + (t5-t4).
-
-        DESIGN.md §5 writes (t3-t2); but from the first token to the end of the first
-        sentence the server only waits for Claude to write it, so that span is provider
-        time. ``t2s``, when the sentence's last token arrived, leaves only our own delay.
-        """
-        stamps = (self.t0, self.t1, self.t2s, self.t3, self.t4, self.t5)
-        if any(t is None for t in stamps):
-            return None
-        t0, t1, t2s, t3, t4, t5 = stamps  # type: ignore[misc]
-        # A speculative reply was asked before the turn ended: no wait of ours there.
-        return max(0.0, t1 - t0) + (t3 - t2s) + (t5 - t4)
-
-    def stages_ms(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        pairs = (
-            ("t0-t1", self.t0, self.t1),
-            ("t1-t2", self.t1, self.t2),
-            ("t2-t3", self.t2, self.t3),
-            ("t3-t4", self.t3, self.t4),
-            ("t4-t5", self.t4, self.t5),
-            ("t0-t5", self.t0, self.t5),
-        )
-        for name, a, b in pairs:
-            if a is not None and b is not None:
-                out[name] = round((b - a) * 1000, 1)
-        return out
 
 
 class CallSession:
@@ -161,25 +95,20 @@ class CallSession:
         self.conversation = Conversation()
         self.turns = TurnDetector(min_confidence=self.settings.transcription_min_confidence)
         self.playback = Playback(socket, center.metrics)
-        self.records: list[TurnRecord] = []
+        self.voice = BotVoice(center, call, self.playback, self.conversation)
+        self.records: list[TurnRecord] = self.voice.records  # the same list, for the record
         self._user_send, self._user_recv = trio.open_memory_channel[tuple[str, float]](16)
-        self._bot_scope: trio.CancelScope | None = None
-        self._barged_at: float | None = None
         self._silence_deadline = trio.current_time() + self.settings.silence_timeout_ms / 1000
         self._time_up = trio.Event()
         self._time_up_reason = "max_duration"
-        self.tts_characters = 0
         self._wait_scope = trio.CancelScope()
-        self._end_requested = False
         self.stt: SttLink | None = None
-        self.presses = PressDeduper()
-        self.keys = KeyCollector()
         self.transferring = False  # the transfer command went out: the leg is leaving us
-        self._pending: str | None = None  # transfer | end_call | voicemail (see ``act``)
-        self._cut_for_action = False
         amd = self.settings.answering_machine_detection
         outbound = context.get("dir") == "outbound"
-        self.amd = MachineDetection(amd) if outbound and amd != "disabled" else None
+        self.controls = CallControls(
+            self, MachineDetection(amd) if outbound and amd != "disabled" else None
+        )
         s = self.settings
         finalize_s = s.stt_finalize_silence_ms / 1000
         endpoint_s = s.stt_endpointing_ms / 1000
@@ -188,7 +117,20 @@ class CallSession:
         )
         outcomes = center.metrics.speculations
         self.speculator = Speculator(lambda outcome: outcomes.labels(outcome).inc())
+        self.replies = Replies(
+            center,
+            self.conversation,
+            self.voice,
+            self.controls,
+            self.speculator,
+            nombre=self.nombre,
+            contexto=self.contexto,
+        )
         self._awaiting_user = False  # converse waits in next_user_turn
+
+    @property
+    def tts_characters(self) -> int:
+        return self.voice.tts_characters
 
     async def run(self) -> None:
         s = self.settings
@@ -198,7 +140,8 @@ class CallSession:
             self.stt = stt
             log.info("🔌 Conectado a Deepgram WebSocket (%s)", stt.request_id or "-")
             ccid = self.call.call_control_id
-            self.center.signals.attach(ccid, self.on_signal)
+            on_signal = self.controls.on_signal
+            self.center.signals.attach(ccid, on_signal)
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.speculator.run)
@@ -206,9 +149,9 @@ class CallSession:
                     nursery.start_soon(self.listen, stt)
                     nursery.start_soon(self.converse)
                     nursery.start_soon(self.watch_duration)
-                    nursery.start_soon(self.keys.run, self.key_pressed, self.keys_entered)
+                    nursery.start_soon(self.controls.run)
             finally:
-                self.center.signals.detach(ccid, self.on_signal)
+                self.center.signals.detach(ccid, on_signal)
                 spent = self.speculator.take_unclaimed()
                 if self.records and any(spent):
                     self.records[-1].count_usage(*spent)  # billed all the same
@@ -248,76 +191,30 @@ class CallSession:
                 self.call.end(TRANSFERRED if self.transferring else "caller_hangup")
                 return
             elif isinstance(frame, Dtmf):
-                self.on_key(frame.digit, STREAM)
+                self.controls.on_key(frame.digit, STREAM)
             elif isinstance(frame, StreamError):
                 log.warning("Telnyx stream error %s %s: %s", frame.code, frame.title, frame.detail)
 
-    def on_signal(self, kind: str, payload: dict[str, Any]) -> None:
-        """A webhook fact for this call (``CallSignals``): never blocks."""
-        if kind == "call.dtmf.received":
-            digit = payload.get("digit")
-            if isinstance(digit, str) and digit:
-                self.on_key(digit, WEBHOOK)
-        elif self.amd is not None and self.amd.on_event(kind, payload):
-            log.info("📼 Answering machine detected (%s)", self.amd.result)
-            self.interrupt("voicemail")
-        elif self.amd is not None and kind.startswith("call.machine."):
-            log.info("📼 Answering machine detection: %s", payload.get("result"))
-
-    def on_key(self, key: str, source: str) -> None:
-        """A key press from either path; the second report of one press is dropped."""
-        if not self.presses.first_report(key, source, trio.current_time()):
-            return
-        action = self.settings.dtmf_actions.get(key)
-        log.info("🎤 DTMF %s%s", key, f" → {action}" if action else "")
-        if action is not None:
-            self.interrupt(action)
-        elif not self.keys.push(key):
-            log.warning("🎤 Too many keys waiting; dropped %s", key)
-
-    async def key_pressed(self, key: str) -> None:
-        now = trio.current_time()
+    async def caller_active(self, now: float) -> None:
+        """The caller spoke or pressed a key: the silence wait starts over and the bot's
+        turn is cut."""
         self._silence_deadline = now + self.settings.silence_timeout_ms / 1000
         await self.barge_in(now)
 
-    def keys_entered(self, keys: list[str]) -> None:
-        note = key_note(keys, self.settings.agent_language)
-        log.info("🎤 Caller: %s", note)
+    def add_user_turn(self, text: str, t0: float) -> bool:
+        """Queue a caller turn for ``converse``; False (dropped) if too many are waiting."""
         try:
-            self._user_send.send_nowait((note, trio.current_time()))
+            self._user_send.send_nowait((text, t0))
         except trio.WouldBlock:
-            log.warning("🎤 Too many caller turns waiting; dropped %s", note)
+            return False
+        return True
 
-    def interrupt(self, action: str) -> None:
-        """Cut the conversation short for ``action`` (transfer, end_call, voicemail): the
-        bot's turn stops (with a ``clear``) and the wait for the caller ends; ``converse``
-        carries the action out. The first action wins."""
-        if self._pending is not None:
-            return
-        self._pending = action
+    def cut_short(self) -> None:
+        """An action is pending (``controls.interrupt``): the wait for the caller ends, any
+        speculation is dropped, and the bot's turn stops with a ``clear``."""
         self._wait_scope.cancel()
         self.speculator.cancel()
-        scope = self._bot_scope
-        if scope is not None and not scope.cancel_called:
-            self._barged_at = trio.current_time()
-            self._cut_for_action = True
-            scope.cancel()
-
-    async def act(self) -> bool:
-        """Carry out the action that cut the conversation short, if any; True if the
-        conversation is over."""
-        action = self._pending
-        if action is None:
-            return False
-        if action == "voicemail" and self.amd is not None:
-            await leave_voicemail(self, self.amd)
-            return True
-        if action == "transfer":
-            over = await hand_off(self)
-            self._pending = None
-            return over
-        await self.finish("caller_ended", self.center.phrases_text.goodbye)
-        return True
+        self.voice.cut(trio.current_time(), for_action=True)
 
     def handover(self) -> Conversation:
         """The conversation so far, with caller turns not answered yet, for the fallback mode
@@ -343,7 +240,7 @@ class CallSession:
 
     async def _listen(self, stt: SttLink) -> None:
         async for event in stt.events():
-            if self._pending == "voicemail":
+            if self.controls.pending == "voicemail":
                 continue  # the machine's greeting is no turn, and must not cut the message
             if isinstance(event, Transcript):
                 signal = self.turns.on_transcript(
@@ -367,12 +264,10 @@ class CallSession:
 
     async def on_turn_signal(self, signal: CallerSpeaking | UserTurn) -> None:
         now = trio.current_time()
-        self._silence_deadline = now + self.settings.silence_timeout_ms / 1000
+        await self.caller_active(now)
         if isinstance(signal, CallerSpeaking):
-            await self.barge_in(now)
             self.consider_speculation()
         else:
-            await self.barge_in(now)
             log.info("🎤 Caller: %s", signal.text)
             self._user_send.send_nowait((signal.text, now))
 
@@ -381,7 +276,7 @@ class CallSession:
         Deepgram for the final now. Or ``STT_ENDPOINTING_MS`` ago (``ENDPOINT``): if the
         finals cover the voice, the turn is over (Deepgram may send no ``speech_final``
         for audio it flushed)."""
-        if self._pending == "voicemail":
+        if self.controls.pending == "voicemail":
             return
         if edge == QUIET:
             await stt.finalize()
@@ -393,65 +288,24 @@ class CallSession:
 
     def consider_speculation(self) -> None:
         """Start (or replace, or drop) the speculative reply; the rule is in
-        :mod:`~voice_trio.calls.speculation`: silence, and a transcript covering the voice."""
-        speculator = self.speculator
-        text = self.turns.candidate
-        current = speculator.current
-        if current is not None and current.key != normalize(text):
-            speculator.cancel()  # the caller said more, or something else
-            current = None
-        if (
-            current is not None
-            or not text
-            or not self.settings.speculative_replies
-            or not self.speech_end.quiet
-            or self.turns.covered_until + COVER_SLACK_S < self.speech_end.voiced_until
-            or not self._awaiting_user
-            or self._bot_scope is not None
-            or self._pending is not None
-            or self._time_up.is_set()
-            or self._user_recv.statistics().current_buffer_used
-        ):
-            return
-        future = copy.deepcopy(self.conversation)
-        future.add_user(text)
-        messages = future.window(self.settings.conversation_history_limit)
-        record = TurnRecord(user_text=text, speculative=True)
-        log.info("🔮 Speculative reply for: %s", text)
-        speculator.start(text, messages, record, self._think_ahead)
-
-    async def _think_ahead(
-        self,
-        sentence_send: trio.MemorySendChannel[str],
-        messages: list[dict[str, Any]],
-        record: TurnRecord,
-    ) -> None:
-        await self._ask_claude(sentence_send, record, messages)
-
-    async def _ask_claude(
-        self,
-        sentence_send: trio.MemorySendChannel[str],
-        record: TurnRecord,
-        messages: list[dict[str, Any]] | None = None,
-    ) -> None:
-        await think_reply(
-            self.center,
-            self.conversation,
-            sentence_send,
-            record,
-            nombre=self.nombre,
-            contexto=self.contexto,
-            can_transfer=bool(self.settings.transfer_number),
-            messages=messages,
+        :mod:`~voice_trio.calls.speculation`: silence, and a transcript covering the voice,
+        while the bot is idle and waiting for the caller."""
+        ready = (
+            self.settings.speculative_replies
+            and self.speech_end.quiet
+            and self.turns.covered_until + COVER_SLACK_S >= self.speech_end.voiced_until
+            and self._awaiting_user
+            and not self.voice.speaking
+            and self.controls.pending is None
+            and not self._time_up.is_set()
+            and not self._user_recv.statistics().current_buffer_used
         )
+        self.replies.speculate(self.turns.candidate, ready=ready)
 
     async def barge_in(self, now: float) -> None:
         """Caller speech while the bot is speaking (or about to): cut the bot's turn."""
-        scope = self._bot_scope
-        if scope is None or scope.cancel_called:
+        if not self.voice.cut(now):
             return
-        self._barged_at = now
-        scope.cancel()
         self.speculator.cancel()
         await self.playback.interrupt()
         self.center.metrics.barge_ins.inc()
@@ -462,18 +316,18 @@ class CallSession:
         greeting = phrases.greeting(
             nombre=self.nombre, saludo=self.saludo, now=local_now(self.settings.timezone)
         )
-        if self.amd is not None and self.settings.amd_wait_ms:
+        if self.controls.amd is not None and self.settings.amd_wait_ms:
             # Hold the greeting for the verdict: a machine should not hear a conversation.
-            await self.amd.wait_for_verdict(self.settings.amd_wait_ms / 1000)
-        if await self.act():
+            await self.controls.amd.wait_for_verdict(self.settings.amd_wait_ms / 1000)
+        if await self.controls.act():
             return
         await self.say(greeting, kind="greeting")
         reprompted = False
         while True:
-            if await self.act():
+            if await self.controls.act():
                 return
             turn = await self.next_user_turn()
-            if await self.act():
+            if await self.controls.act():
                 return
             if self._time_up.is_set():
                 await self.finish(self._time_up_reason, phrases.goodbye)
@@ -486,10 +340,10 @@ class CallSession:
                 await self.say(phrases.reprompt, kind="reprompt")
                 continue
             reprompted = False
-            await self.reply(*turn)
-            if await self.act():
+            await self.replies.reply(*turn)
+            if await self.controls.act():
                 return
-            if self._end_requested:
+            if self.replies.end_requested:
                 await self.finish("agent_ended", None)
                 return
 
@@ -500,7 +354,7 @@ class CallSession:
             self._silence_deadline,
             self.playback.speaking_until + self.settings.silence_timeout_ms / 1000,
         )
-        while not self._time_up.is_set() and self._pending is None:
+        while not self._time_up.is_set() and self.controls.pending is None:
             with trio.move_on_at(self._silence_deadline) as self._wait_scope:
                 self._awaiting_user = True
                 try:
@@ -514,7 +368,7 @@ class CallSession:
                     except trio.WouldBlock:
                         return text, t0
                     text = f"{text} {more}"
-            if self._time_up.is_set() or self._pending is not None:
+            if self._time_up.is_set() or self.controls.pending is not None:
                 return None
             if trio.current_time() >= self._silence_deadline and not self.turns.in_utterance:
                 return None
@@ -522,171 +376,7 @@ class CallSession:
 
     async def say(self, text: str, *, kind: str) -> TurnRecord:
         """Speak fixed text (cached audio where possible) as a bot turn."""
-        record = TurnRecord(user_text="", kind=kind, bot_text=text)
-        chunker = SentenceChunker()
-        sentences = chunker.push(text) + chunker.flush()
-
-        async def produce(audio_send: trio.MemorySendChannel[Any]) -> None:
-            async with audio_send:
-                for sentence in sentences:
-                    await self.synthesize_into(sentence, audio_send, record)
-
-        await self.bot_turn(record, produce)
-        return record
-
-    async def reply(self, user_text: str, t0: float) -> None:
-        self.conversation.add_user(user_text)
-        messages = self.conversation.window(self.settings.conversation_history_limit)
-        spec = self.speculator.take(user_text, messages)
-        if spec is not None:
-            await self.reply_adopted(spec, t0)
-            return
-        record = TurnRecord(user_text=user_text, t0=t0)
-        record.count_usage(*self.speculator.take_unclaimed())
-
-        async def produce(audio_send: trio.MemorySendChannel[Any]) -> None:
-            sentence_send, sentence_recv = trio.open_memory_channel[str](SENTENCE_QUEUE)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.think, sentence_send, record)
-                async with audio_send, sentence_recv:
-                    async for sentence in sentence_recv:
-                        await self.synthesize_into(sentence, audio_send, record)
-
-        await self.bot_turn(record, produce)
-
-    async def reply_adopted(self, spec: Speculation, t0: float) -> None:
-        """The turn ended as speculated: its buffered sentences go to TTS now. The
-        speculation's task is cancelled with the turn (barge-in, hang-up) like any reply."""
-        record: TurnRecord = spec.record
-        record.t0 = t0
-        record.count_usage(*self.speculator.take_unclaimed())
-        head = (t0 - record.t1) * 1000 if record.t1 is not None else 0.0
-        log.info("🔮 Speculative reply kept (asked %.0f ms before the turn ended)", head)
-
-        async def produce(audio_send: trio.MemorySendChannel[Any]) -> None:
-            try:
-                async with audio_send, spec.sentences:
-                    async for sentence in spec.sentences:
-                        await self.synthesize_into(sentence, audio_send, record)
-                await spec.done.wait()  # its tool calls are all in
-            finally:
-                spec.cancel()
-                self.note_tool_calls(record)
-
-        await self.bot_turn(record, produce)
-
-    def note_tool_calls(self, record: TurnRecord) -> None:
-        if "end_call" in record.tool_calls:
-            self._end_requested = True
-        if "transfer_call" in record.tool_calls and self._pending is None:
-            self._pending = "transfer"  # after the reply that announces it has played
-
-    async def think(self, sentence_send: trio.MemorySendChannel[str], record: TurnRecord) -> None:
-        """Claude's streamed reply, cut into sentences (at most MAX_RESPONSE_LENGTH)."""
-        try:
-            await self._ask_claude(sentence_send, record)
-        finally:
-            self.note_tool_calls(record)
-
-    async def synthesize_into(
-        self, sentence: str, audio_send: trio.MemorySendChannel[Any], record: TurnRecord
-    ) -> None:
-        """One sentence's audio into the turn's audio queue: cached, else streamed TTS."""
-        if record.t3 is None:
-            record.t3 = trio.current_time()
-        await audio_send.send(("sentence", sentence))
-        cached = self.center.phrase_cache.get(sentence)
-        if cached is not None:
-            record.t4 = record.t4 or trio.current_time()
-            await audio_send.send(("audio", cached))
-        else:
-            sent_audio = False
-            try:
-                async with self.center.tts.synthesize(sentence) as audio:
-                    async for chunk in audio:
-                        if record.t4 is None:
-                            record.t4 = trio.current_time()
-                        sent_audio = True
-                        await audio_send.send(("audio", chunk))
-                self.tts_characters += len(sentence)
-            except TtsError as exc:
-                log.warning("🔊 TTS failed for a sentence: %s", exc)
-                if not sent_audio:
-                    await self.speak_through_telnyx(sentence)
-        await audio_send.send(("end", sentence))
-
-    async def speak_through_telnyx(self, sentence: str) -> None:
-        """The voice provider failed: this sentence goes out through Telnyx ``speak``,
-        which plays into the same call."""
-        s = self.settings
-        try:
-            await self.center.telnyx.speak(
-                self.call.call_control_id,
-                sentence,
-                voice=s.telnyx_speak_voice,
-                language=speak_language(s.agent_language),
-            )
-            log.info("🔊 Sentence sent through Telnyx speak instead")
-        except TelnyxError as exc:
-            log.warning("🔊 Telnyx speak failed too: %s", exc)
-
-    async def bot_turn(self, record: TurnRecord, produce: Any) -> None:
-        """Run ``produce`` (which fills an audio queue) and pace its audio out, inside the
-        turn's own cancel scope; then record what the caller heard."""
-        first_sentence = len(self.playback.sentences)
-        self._barged_at = None
-        scope = trio.CancelScope()
-        try:
-            with scope:
-                self._bot_scope = scope
-                audio_send, audio_recv = trio.open_memory_channel[Any](AUDIO_QUEUE)
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(produce, audio_send)
-                    await self.pace(audio_recv, record)
-                await self.playback.wait_played()
-            if self._cut_for_action:
-                self._cut_for_action = False
-                await self.playback.interrupt()  # drop what Telnyx has queued of this turn
-        finally:
-            # Also when the whole call is being cancelled (hang-up mid-turn): the record
-            # keeps the turn, cut where the caller stopped hearing it.
-            self._bot_scope = None
-            at = self._barged_at if self._barged_at is not None else trio.current_time()
-            heard, cut = self.playback.heard_since(first_sentence, at)
-            record.heard_text = heard
-            record.interrupted = cut and (scope.cancel_called or self.call.end_reason is not None)
-            self.conversation.add_assistant(heard, interrupted=record.interrupted)
-            self.records.append(record)
-            self.report(record)
-
-    async def pace(self, audio_recv: trio.MemoryReceiveChannel[Any], record: TurnRecord) -> None:
-        sentence = None
-        async with audio_recv:
-            async for kind, value in audio_recv:
-                if kind == "sentence":
-                    sentence = self.playback.begin_sentence(value)
-                    log.info("💬 Bot: %s", value)
-                elif kind == "audio" and sentence is not None:
-                    sent = await self.playback.feed(sentence, value)
-                    if sent is not None and record.t5 is None:
-                        record.t5 = sent
-                elif kind == "end" and sentence is not None:
-                    sent = await self.playback.end_sentence(sentence)
-                    if sent is not None and record.t5 is None:
-                        record.t5 = sent
-
-    def report(self, record: TurnRecord) -> None:
-        metrics = self.center.metrics
-        stages = record.stages_ms()
-        for name, ms in stages.items():
-            metrics.turn_stage.labels(name).observe(max(0.0, ms) / 1000)
-        overhead = record.overhead()
-        if overhead is not None:
-            metrics.server_overhead.observe(overhead)
-        note = " (interrumpido)" if record.interrupted else ""
-        timing = " ".join(f"{k}={v:.0f}ms" for k, v in stages.items())
-        extra = f" overhead={overhead * 1000:.1f}ms" if overhead is not None else ""
-        log.info("🔊 Bot turn %s done%s: %s%s", record.kind, note, timing or "-", extra)
+        return await self.voice.say(text, kind=kind)
 
     async def finish(self, reason: str, goodbye: str | None) -> None:
         """Say goodbye (if any), hang up once, and end the call."""
@@ -703,6 +393,4 @@ class CallSession:
         self._time_up.set()
         self._wait_scope.cancel()
         self.speculator.cancel()
-        if self._bot_scope is not None:
-            self._bot_scope.cancel()
-            await self.playback.interrupt()
+        await self.voice.stop()

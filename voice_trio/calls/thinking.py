@@ -22,7 +22,7 @@ from voice_trio.providers.claude import LlmError
 
 if TYPE_CHECKING:
     from voice_trio.calls.center import CallCenter
-    from voice_trio.calls.session import TurnRecord
+    from voice_trio.calls.turn_record import TurnRecord
 
 log = logging.getLogger("voice_trio.calls")
 

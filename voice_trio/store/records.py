@@ -96,7 +96,7 @@ class CallRecord:
 
 
 class _TurnLike(Protocol):
-    """What ``TurnEntry.from_turn`` reads (``calls.session.TurnRecord`` has it)."""
+    """What ``TurnEntry.from_turn`` reads (``calls.turn_record.TurnRecord`` has it)."""
 
     kind: str
     user_text: str

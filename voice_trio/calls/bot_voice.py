@@ -1,0 +1,194 @@
+"""``BotVoice``: the bot's turns of a media call, from sentences to paced audio frames.
+
+A bot turn runs in its own cancel scope: whatever produces its audio (fixed text, Claude's
+streamed reply, an adopted speculation) fills a bounded audio queue, and ``pace`` writes
+that audio to Telnyx at playback speed. Barge-in, an action that cuts the conversation
+short and the end of the call's time cancel the scope (``cut``, ``stop``): Claude's
+stream, the TTS stream and the pacing stop together. Either way the turn's
+:class:`~voice_trio.calls.turn_record.TurnRecord` keeps what the caller actually heard.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from voice_trio.calls.history import Conversation
+from voice_trio.calls.playback import Playback
+from voice_trio.calls.registry import ActiveCall
+from voice_trio.calls.sentences import SentenceChunker
+from voice_trio.calls.telnyx_speech import speak_language
+from voice_trio.calls.turn_record import TurnRecord
+from voice_trio.providers.deepgram_tts import TtsError
+from voice_trio.providers.telnyx_control import TelnyxError
+
+if TYPE_CHECKING:
+    from voice_trio.calls.center import CallCenter
+
+log = logging.getLogger("voice_trio.calls")
+
+AUDIO_QUEUE = 32  # TTS chunks waiting for pacing; full = TTS waits (back-pressure)
+
+# Fills a turn's audio queue with ("sentence" | "audio" | "end", value) items and closes it.
+Produce = Callable[[trio.MemorySendChannel[Any]], Awaitable[None]]
+
+
+class BotVoice:
+    """Speaks one call's bot turns, one at a time, and keeps their records."""
+
+    def __init__(
+        self,
+        center: CallCenter,
+        call: ActiveCall,
+        playback: Playback,
+        conversation: Conversation,
+    ) -> None:
+        self.center = center
+        self.call = call
+        self.playback = playback
+        self.conversation = conversation
+        self.records: list[TurnRecord] = []
+        self.tts_characters = 0
+        self._scope: trio.CancelScope | None = None
+        self._barged_at: float | None = None
+        self._cut_for_action = False
+
+    @property
+    def speaking(self) -> bool:
+        """A bot turn is running (producing or pacing audio)."""
+        return self._scope is not None
+
+    def cut(self, now: float, *, for_action: bool = False) -> bool:
+        """Cancel the running turn as heard up to ``now``; False if none was left to cut.
+        ``for_action``: the turn also drops what Telnyx has queued of it (a ``clear``)."""
+        scope = self._scope
+        if scope is None or scope.cancel_called:
+            return False
+        self._barged_at = now
+        if for_action:
+            self._cut_for_action = True
+        scope.cancel()
+        return True
+
+    async def stop(self) -> None:
+        """The call's time is up: the running turn stops, and so does its audio."""
+        if self._scope is not None:
+            self._scope.cancel()
+            await self.playback.interrupt()
+
+    async def say(self, text: str, *, kind: str) -> TurnRecord:
+        """Speak fixed text (cached audio where possible) as a bot turn."""
+        record = TurnRecord(user_text="", kind=kind, bot_text=text)
+        chunker = SentenceChunker()
+        sentences = chunker.push(text) + chunker.flush()
+
+        async def produce(audio_send: trio.MemorySendChannel[Any]) -> None:
+            async with audio_send:
+                for sentence in sentences:
+                    await self.synthesize_into(sentence, audio_send, record)
+
+        await self.turn(record, produce)
+        return record
+
+    async def synthesize_into(
+        self, sentence: str, audio_send: trio.MemorySendChannel[Any], record: TurnRecord
+    ) -> None:
+        """One sentence's audio into the turn's audio queue: cached, else streamed TTS."""
+        if record.t3 is None:
+            record.t3 = trio.current_time()
+        await audio_send.send(("sentence", sentence))
+        cached = self.center.phrase_cache.get(sentence)
+        if cached is not None:
+            record.t4 = record.t4 or trio.current_time()
+            await audio_send.send(("audio", cached))
+        else:
+            sent_audio = False
+            try:
+                async with self.center.tts.synthesize(sentence) as audio:
+                    async for chunk in audio:
+                        if record.t4 is None:
+                            record.t4 = trio.current_time()
+                        sent_audio = True
+                        await audio_send.send(("audio", chunk))
+                self.tts_characters += len(sentence)
+            except TtsError as exc:
+                log.warning("🔊 TTS failed for a sentence: %s", exc)
+                if not sent_audio:
+                    await self.speak_through_telnyx(sentence)
+        await audio_send.send(("end", sentence))
+
+    async def speak_through_telnyx(self, sentence: str) -> None:
+        """The voice provider failed: this sentence goes out through Telnyx ``speak``,
+        which plays into the same call."""
+        s = self.center.settings
+        try:
+            await self.center.telnyx.speak(
+                self.call.call_control_id,
+                sentence,
+                voice=s.telnyx_speak_voice,
+                language=speak_language(s.agent_language),
+            )
+            log.info("🔊 Sentence sent through Telnyx speak instead")
+        except TelnyxError as exc:
+            log.warning("🔊 Telnyx speak failed too: %s", exc)
+
+    async def turn(self, record: TurnRecord, produce: Produce) -> None:
+        """Run ``produce`` (which fills an audio queue) and pace its audio out, inside the
+        turn's own cancel scope; then record what the caller heard."""
+        first_sentence = len(self.playback.sentences)
+        self._barged_at = None
+        scope = trio.CancelScope()
+        try:
+            with scope:
+                self._scope = scope
+                audio_send, audio_recv = trio.open_memory_channel[Any](AUDIO_QUEUE)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(produce, audio_send)
+                    await self.pace(audio_recv, record)
+                await self.playback.wait_played()
+            if self._cut_for_action:
+                self._cut_for_action = False
+                await self.playback.interrupt()  # drop what Telnyx has queued of this turn
+        finally:
+            # Also when the whole call is being cancelled (hang-up mid-turn): the record
+            # keeps the turn, cut where the caller stopped hearing it.
+            self._scope = None
+            at = self._barged_at if self._barged_at is not None else trio.current_time()
+            heard, cut = self.playback.heard_since(first_sentence, at)
+            record.heard_text = heard
+            record.interrupted = cut and (scope.cancel_called or self.call.end_reason is not None)
+            self.conversation.add_assistant(heard, interrupted=record.interrupted)
+            self.records.append(record)
+            self.report(record)
+
+    async def pace(self, audio_recv: trio.MemoryReceiveChannel[Any], record: TurnRecord) -> None:
+        sentence = None
+        async with audio_recv:
+            async for kind, value in audio_recv:
+                if kind == "sentence":
+                    sentence = self.playback.begin_sentence(value)
+                    log.info("💬 Bot: %s", value)
+                elif kind == "audio" and sentence is not None:
+                    sent = await self.playback.feed(sentence, value)
+                    if sent is not None and record.t5 is None:
+                        record.t5 = sent
+                elif kind == "end" and sentence is not None:
+                    sent = await self.playback.end_sentence(sentence)
+                    if sent is not None and record.t5 is None:
+                        record.t5 = sent
+
+    def report(self, record: TurnRecord) -> None:
+        metrics = self.center.metrics
+        stages = record.stages_ms()
+        for name, ms in stages.items():
+            metrics.turn_stage.labels(name).observe(max(0.0, ms) / 1000)
+        overhead = record.overhead()
+        if overhead is not None:
+            metrics.server_overhead.observe(overhead)
+        note = " (interrumpido)" if record.interrupted else ""
+        timing = " ".join(f"{k}={v:.0f}ms" for k, v in stages.items())
+        extra = f" overhead={overhead * 1000:.1f}ms" if overhead is not None else ""
+        log.info("🔊 Bot turn %s done%s: %s%s", record.kind, note, timing or "-", extra)

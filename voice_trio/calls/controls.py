@@ -1,0 +1,104 @@
+"""``CallControls``: what may cut a media call's conversation short, and carrying it out.
+
+Key presses arrive from two paths (``dtmf`` frames and ``call.dtmf.received``) and are
+counted once (:mod:`voice_trio.calls.dtmf`): a key with a configured action (``DTMF_ACTIONS``)
+interrupts, any other barges in and reaches the conversation as a bracketed note. Other
+webhook facts may interrupt too: an answering machine on an outbound call
+(:mod:`~voice_trio.calls.voicemail`). Claude's ``transfer_call`` tool
+(:mod:`~voice_trio.calls.transfer`) leaves its action ``pending`` after the reply that
+announces it.
+
+``interrupt`` never blocks: it notes the action (the first one wins) and has the session
+stop waiting and cut the bot's turn; ``converse`` carries the action out between turns
+(``act``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from voice_trio.calls.dtmf import WEBHOOK, KeyCollector, PressDeduper, key_note
+from voice_trio.calls.transfer import hand_off
+from voice_trio.calls.voicemail import MachineDetection, leave_voicemail
+
+if TYPE_CHECKING:
+    from voice_trio.calls.session import CallSession
+
+log = logging.getLogger("voice_trio.calls")
+
+
+class CallControls:
+    """Key presses and webhook facts of one session's call; owned by the session."""
+
+    def __init__(self, session: CallSession, amd: MachineDetection | None) -> None:
+        self.session = session
+        self.settings = session.settings
+        self.amd = amd  # answering machine detection, outbound calls only
+        self.presses = PressDeduper()
+        self.keys = KeyCollector()
+        self.pending: str | None = None  # transfer | end_call | voicemail (see ``act``)
+
+    async def run(self) -> None:
+        """Group the keys pressed (a task of the call's nursery)."""
+        await self.keys.run(self.key_pressed, self.keys_entered)
+
+    def on_signal(self, kind: str, payload: dict[str, Any]) -> None:
+        """A webhook fact for this call (``CallSignals``): never blocks."""
+        if kind == "call.dtmf.received":
+            digit = payload.get("digit")
+            if isinstance(digit, str) and digit:
+                self.on_key(digit, WEBHOOK)
+        elif self.amd is not None and self.amd.on_event(kind, payload):
+            log.info("📼 Answering machine detected (%s)", self.amd.result)
+            self.interrupt("voicemail")
+        elif self.amd is not None and kind.startswith("call.machine."):
+            log.info("📼 Answering machine detection: %s", payload.get("result"))
+
+    def on_key(self, key: str, source: str) -> None:
+        """A key press from either path; the second report of one press is dropped."""
+        if not self.presses.first_report(key, source, trio.current_time()):
+            return
+        action = self.settings.dtmf_actions.get(key)
+        log.info("🎤 DTMF %s%s", key, f" → {action}" if action else "")
+        if action is not None:
+            self.interrupt(action)
+        elif not self.keys.push(key):
+            log.warning("🎤 Too many keys waiting; dropped %s", key)
+
+    async def key_pressed(self, key: str) -> None:
+        await self.session.caller_active(trio.current_time())
+
+    def keys_entered(self, keys: list[str]) -> None:
+        note = key_note(keys, self.settings.agent_language)
+        log.info("🎤 Caller: %s", note)
+        if not self.session.add_user_turn(note, trio.current_time()):
+            log.warning("🎤 Too many caller turns waiting; dropped %s", note)
+
+    def interrupt(self, action: str) -> None:
+        """Cut the conversation short for ``action`` (transfer, end_call, voicemail): the
+        bot's turn stops (with a ``clear``) and the wait for the caller ends; ``converse``
+        carries the action out. The first action wins."""
+        if self.pending is not None:
+            return
+        self.pending = action
+        self.session.cut_short()
+
+    async def act(self) -> bool:
+        """Carry out the action that cut the conversation short, if any; True if the
+        conversation is over."""
+        action = self.pending
+        if action is None:
+            return False
+        session = self.session
+        if action == "voicemail" and self.amd is not None:
+            await leave_voicemail(session, self.amd)
+            return True
+        if action == "transfer":
+            over = await hand_off(session)
+            self.pending = None
+            return over
+        await session.finish("caller_ended", session.center.phrases_text.goodbye)
+        return True

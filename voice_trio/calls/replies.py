@@ -1,0 +1,152 @@
+"""``Replies``: the bot's answer to each caller turn of a media call, from Claude.
+
+A turn's reply is asked of Claude when the turn ends, or was asked before it ended: a
+speculative reply (:mod:`~voice_trio.calls.speculation`) started on a stable transcript is
+adopted when the turn ends with the same text, and its buffered sentences go to TTS at once.
+Either way the sentences become a bot turn (:class:`~voice_trio.calls.bot_voice.BotVoice`),
+and the tools Claude called are noted for ``converse``: ``end_call`` ends the call after
+the reply, ``transfer_call`` leaves a transfer pending (:mod:`~voice_trio.calls.controls`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from voice_trio.calls.bot_voice import BotVoice
+from voice_trio.calls.controls import CallControls
+from voice_trio.calls.history import Conversation
+from voice_trio.calls.speculation import Speculation, Speculator, normalize
+from voice_trio.calls.thinking import think_reply
+from voice_trio.calls.turn_record import TurnRecord
+
+if TYPE_CHECKING:
+    from voice_trio.calls.center import CallCenter
+
+log = logging.getLogger("voice_trio.calls")
+
+SENTENCE_QUEUE = 8  # sentences waiting for TTS; the LLM is far ahead of speech anyway
+
+
+class Replies:
+    """Claude's replies for one call: asked, or adopted from the ``speculator``."""
+
+    def __init__(
+        self,
+        center: CallCenter,
+        conversation: Conversation,
+        voice: BotVoice,
+        controls: CallControls,
+        speculator: Speculator,
+        *,
+        nombre: str,
+        contexto: str,
+    ) -> None:
+        self.center = center
+        self.settings = center.settings
+        self.conversation = conversation
+        self.voice = voice
+        self.controls = controls
+        self.speculator = speculator
+        self.nombre = nombre
+        self.contexto = contexto
+        self.end_requested = False  # Claude called ``end_call``
+
+    def speculate(self, text: str, *, ready: bool) -> None:
+        """Start (or replace, or drop) the speculative reply for the caller's ``text`` so
+        far; ``ready``: the session's side of the rule holds (see ``consider_speculation``)."""
+        speculator = self.speculator
+        current = speculator.current
+        if current is not None and current.key != normalize(text):
+            speculator.cancel()  # the caller said more, or something else
+            current = None
+        if current is not None or not text or not ready:
+            return
+        future = copy.deepcopy(self.conversation)
+        future.add_user(text)
+        messages = future.window(self.settings.conversation_history_limit)
+        record = TurnRecord(user_text=text, speculative=True)
+        log.info("🔮 Speculative reply for: %s", text)
+        speculator.start(text, messages, record, self._think_ahead)
+
+    async def _think_ahead(
+        self,
+        sentence_send: trio.MemorySendChannel[str],
+        messages: list[dict[str, Any]],
+        record: TurnRecord,
+    ) -> None:
+        await self._ask_claude(sentence_send, record, messages)
+
+    async def _ask_claude(
+        self,
+        sentence_send: trio.MemorySendChannel[str],
+        record: TurnRecord,
+        messages: list[dict[str, Any]] | None = None,
+    ) -> None:
+        await think_reply(
+            self.center,
+            self.conversation,
+            sentence_send,
+            record,
+            nombre=self.nombre,
+            contexto=self.contexto,
+            can_transfer=bool(self.settings.transfer_number),
+            messages=messages,
+        )
+
+    async def reply(self, user_text: str, t0: float) -> None:
+        self.conversation.add_user(user_text)
+        messages = self.conversation.window(self.settings.conversation_history_limit)
+        spec = self.speculator.take(user_text, messages)
+        if spec is not None:
+            await self.reply_adopted(spec, t0)
+            return
+        record = TurnRecord(user_text=user_text, t0=t0)
+        record.count_usage(*self.speculator.take_unclaimed())
+
+        async def produce(audio_send: trio.MemorySendChannel[Any]) -> None:
+            sentence_send, sentence_recv = trio.open_memory_channel[str](SENTENCE_QUEUE)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.think, sentence_send, record)
+                async with audio_send, sentence_recv:
+                    async for sentence in sentence_recv:
+                        await self.voice.synthesize_into(sentence, audio_send, record)
+
+        await self.voice.turn(record, produce)
+
+    async def reply_adopted(self, spec: Speculation, t0: float) -> None:
+        """The turn ended as speculated: its buffered sentences go to TTS now. The
+        speculation's task is cancelled with the turn (barge-in, hang-up) like any reply."""
+        record: TurnRecord = spec.record
+        record.t0 = t0
+        record.count_usage(*self.speculator.take_unclaimed())
+        head = (t0 - record.t1) * 1000 if record.t1 is not None else 0.0
+        log.info("🔮 Speculative reply kept (asked %.0f ms before the turn ended)", head)
+
+        async def produce(audio_send: trio.MemorySendChannel[Any]) -> None:
+            try:
+                async with audio_send, spec.sentences:
+                    async for sentence in spec.sentences:
+                        await self.voice.synthesize_into(sentence, audio_send, record)
+                await spec.done.wait()  # its tool calls are all in
+            finally:
+                spec.cancel()
+                self.note_tool_calls(record)
+
+        await self.voice.turn(record, produce)
+
+    def note_tool_calls(self, record: TurnRecord) -> None:
+        if "end_call" in record.tool_calls:
+            self.end_requested = True
+        if "transfer_call" in record.tool_calls and self.controls.pending is None:
+            self.controls.pending = "transfer"  # after the reply that announces it has played
+
+    async def think(self, sentence_send: trio.MemorySendChannel[str], record: TurnRecord) -> None:
+        """Claude's streamed reply, cut into sentences (at most MAX_RESPONSE_LENGTH)."""
+        try:
+            await self._ask_claude(sentence_send, record)
+        finally:
+            self.note_tool_calls(record)

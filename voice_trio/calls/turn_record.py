@@ -1,0 +1,64 @@
+"""``TurnRecord``: one bot turn's text and latency ledger, shared by both call modes.
+
+The media session and the fallback mode fill one per bot turn; the call record stores them
+(``store.records.TurnEntry.from_turn``) and ``/metrics`` observes their stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TurnRecord:
+    """One bot turn: what was said, what was heard, and its latency ledger (DESIGN.md §5)."""
+
+    user_text: str
+    kind: str = "reply"  # reply | greeting | reprompt | goodbye | apology
+    bot_text: str = ""
+    heard_text: str = ""
+    interrupted: bool = False
+    t0: float | None = None  # turn end detected
+    t1: float | None = None  # LLM request sent
+    t2: float | None = None  # first LLM token
+    t2s: float | None = None  # the token that completed the first sentence
+    t3: float | None = None  # first sentence sent to TTS
+    t4: float | None = None  # first TTS audio
+    t5: float | None = None  # first audio frame written to Telnyx
+    tool_calls: list[str] = field(default_factory=list)
+    llm_input_tokens: int = 0  # every request of the turn (retries too), as reported
+    llm_output_tokens: int = 0
+    speculative: bool = False  # adopted a reply started before t0 (t1 < t0)
+
+    def count_usage(self, input_tokens: int, output_tokens: int) -> None:
+        self.llm_input_tokens += input_tokens
+        self.llm_output_tokens += output_tokens
+
+    def overhead(self) -> float | None:
+        """Time the server itself added: (t1-t0) + (t3-t2s) + (t5-t4).
+
+        DESIGN.md §5 writes (t3-t2); but from the first token to the end of the first
+        sentence the server only waits for Claude to write it, so that span is provider
+        time. ``t2s``, when the sentence's last token arrived, leaves only our own delay.
+        """
+        stamps = (self.t0, self.t1, self.t2s, self.t3, self.t4, self.t5)
+        if any(t is None for t in stamps):
+            return None
+        t0, t1, t2s, t3, t4, t5 = stamps  # type: ignore[misc]
+        # A speculative reply was asked before the turn ended: no wait of ours there.
+        return max(0.0, t1 - t0) + (t3 - t2s) + (t5 - t4)
+
+    def stages_ms(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        pairs = (
+            ("t0-t1", self.t0, self.t1),
+            ("t1-t2", self.t1, self.t2),
+            ("t2-t3", self.t2, self.t3),
+            ("t3-t4", self.t3, self.t4),
+            ("t4-t5", self.t4, self.t5),
+            ("t0-t5", self.t0, self.t5),
+        )
+        for name, a, b in pairs:
+            if a is not None and b is not None:
+                out[name] = round((b - a) * 1000, 1)
+        return out
