@@ -1,6 +1,6 @@
 """``voice_trio.cli`` with one optimisation switched off, for before/after comparisons.
 
-    python scripts/_variant_serve.py --env-file ... serve      (VARIANT=no-stt-batching)
+    python scripts/_variant_serve.py --env-file ... serve      (VARIANT=no-stt-batching | hypercorn-reads)
 
 Used by ``scripts/loadtest.py --variant``; the variants are named in ``VARIANTS``.
 """
@@ -17,7 +17,15 @@ def no_stt_batching() -> None:
     stt_link.BATCH_SECONDS = 0.0  # one WebSocket message per 20 ms carrier frame
 
 
-VARIANTS = {"no-stt-batching": no_stt_batching}
+def hypercorn_reads() -> None:
+    from hypercorn.trio.tcp_server import TCPServer
+
+    from voice_trio.web import hypercorn_fixes
+
+    hypercorn_fixes._read_data = TCPServer._read_data  # a fresh fail_after and 64 KiB per read
+
+
+VARIANTS = {"no-stt-batching": no_stt_batching, "hypercorn-reads": hypercorn_reads}
 
 
 def main() -> None:

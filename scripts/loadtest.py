@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "--variant",
         default="",
         help="switch one optimisation off in the server, to compare "
-        "(scripts/_variant_serve.py: no-stt-batching)",
+        "(scripts/_variant_serve.py: no-stt-batching, hypercorn-reads)",
     )
     args = parser.parse_args(argv)
     levels = sorted({int(x) for x in str(args.levels).split(",") if x.strip()})

@@ -1,4 +1,4 @@
-"""Three small corrections to Hypercorn 0.18's trio worker, applied once at start-up.
+"""Four small corrections to Hypercorn 0.18's trio worker, applied once at start-up.
 
 1. **Close race** (research/trio-stack.md, gotcha 11). ``TCPServer._close`` calls
    ``send_eof`` without the connection's ``send_lock`` while ``protocol_send`` may be inside
@@ -21,11 +21,19 @@
    end is now closed, which wakes a put already waiting, and every later put drops its
    message: the reader answers the close handshake, honours the read timeout, and the
    connection ends normally. Messages for a finished app have no reader, so nothing is lost.
+4. **A leaner read loop.** Hypercorn enters a fresh ``fail_after(read_timeout)`` for every
+   read and asks the kernel for up to 64 KiB each time. On a media socket that is a new
+   cancel scope 50 times a second per call (4.4 % of the server's CPU in the round 2
+   profile), and a 64 KiB ``bytes`` allocated and shrunk per read. The loop now keeps one
+   cancel scope per connection and moves its deadline before each read (the same read
+   timeout, never counting time spent handing data to the protocol), and reads up to
+   ``READ_CHUNK``: a media frame is ~300 bytes, a large request body just takes more reads.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import types
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -34,9 +42,12 @@ from typing import Any
 import h11
 import hypercorn.protocol.h11 as hypercorn_h11
 import trio
+from hypercorn.events import Closed, RawData
 from hypercorn.trio import task_group as hypercorn_task_group
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
+
+READ_CHUNK = 16 * 1024
 
 _applied = False
 
@@ -49,6 +60,7 @@ def apply() -> None:
     _serialise_close()
     _add_reason_phrases()
     TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
+    TCPServer._read_data = _read_data  # type: ignore[method-assign]
 
 
 def _serialise_close() -> None:
@@ -128,3 +140,19 @@ async def _spawn_app(
     assert self._nursery is not None
     self._nursery.start_soon(run_app)
     return put
+
+
+async def _read_data(self: TCPServer) -> None:
+    timeout = self.config.read_timeout or math.inf
+    with trio.CancelScope() as reading:
+        while True:
+            reading.deadline = trio.current_time() + timeout
+            try:
+                data = await self.stream.receive_some(READ_CHUNK)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                break
+            reading.deadline = math.inf
+            await self.protocol.handle(RawData(bytes(data)))
+            if not data:
+                break
+    await self.protocol.handle(Closed())
