@@ -99,7 +99,7 @@ async def run(args: argparse.Namespace) -> None:
         server = _bench.ServerProcess(
             env, port, out / "server.log", [sys.executable, str(HERE / "_traced_serve.py")]
         )
-        await server.start(timeout=60)
+        await server.start(timeout=240)  # tracemalloc slows start-up several-fold
         client = httpx.AsyncClient(base_url=server.base_url, timeout=30, trust_env=False)
         try:
 

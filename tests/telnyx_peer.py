@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from asgi_lifespan import answer_lifespan
 
 
 @dataclass
@@ -44,13 +45,8 @@ class TelnyxPeer:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         raw = b""
         while True:
             message = await receive()

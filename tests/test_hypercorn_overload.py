@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 import trio_websocket
+from asgi_lifespan import answer_lifespan
 from conftest import task_names
 from hypercorn.config import Config
 from hypercorn.trio import serve
@@ -26,13 +27,8 @@ MESSAGES = 200
 
 async def finished_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send)
+        return
     assert (await receive())["type"] == "websocket.connect"
     await send({"type": "websocket.accept"})
     await trio.sleep(0.5)  # the peer floods meanwhile: the app queue (10) fills up

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import trio
 import trio_websocket
+from asgi_lifespan import answer_lifespan
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
@@ -23,13 +24,8 @@ READ_TIMEOUT = 0.4
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send)
+        return
     if scope["type"] == "http":
         size = 0
         while True:
