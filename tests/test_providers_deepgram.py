@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -14,6 +15,7 @@ import httpx
 import pytest
 import trio
 import trio_websocket
+from conftest import count_fds
 
 from voice_trio.providers.deepgram_stt import (
     SpeechStarted,
@@ -547,3 +549,23 @@ async def test_tts_unreachable_is_a_transport_tts_error() -> None:
             async with tts.synthesize("Hola"):
                 pytest.fail("connected to a closed port")
     assert info.value.status is None and info.value.retryable
+
+
+async def test_a_rejected_handshake_closes_its_socket_at_once(nursery: trio.Nursery) -> None:
+    """trio-websocket leaves a refused connection's socket to the garbage collector;
+    ``websocket_fixes`` closes it when the refusal is read, so a wrong key on every call
+    does not pile up descriptors between collections."""
+    fake = FakeListen(conversation)
+    base = await start_listen(nursery, fake)
+    gc.disable()
+    try:
+        await trio.sleep(0.05)
+        before = count_fds()
+        for _ in range(10):
+            with trio.fail_after(5), pytest.raises(SttRejected):
+                async with open_stt(base, "wrong-key", SttOptions()):
+                    pytest.fail("connected with a wrong key")
+        await trio.sleep(0.2)  # the fake server closes its side
+        assert count_fds() == before
+    finally:
+        gc.enable()

@@ -22,6 +22,9 @@ import trio
 import trio_websocket
 
 from voice_trio.observability import WIRE
+from voice_trio.providers import websocket_fixes
+
+websocket_fixes.apply()
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,10 @@ from typing import Any
 import trio
 import trio_websocket
 
+from voice_trio.providers import websocket_fixes
 from voice_trio.providers.deepgram_tts import TtsError
+
+websocket_fixes.apply()
 
 logger = logging.getLogger(__name__)
 
