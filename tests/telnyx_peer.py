@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from asgi_lifespan import answer_lifespan
+
+from voice_trio.sim._serve import answer_lifespan
 
 
 @dataclass

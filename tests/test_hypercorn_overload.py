@@ -14,12 +14,12 @@ from typing import Any
 
 import trio
 import trio_websocket
-from asgi_lifespan import answer_lifespan
 from conftest import task_names
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.trio.task_group import TaskGroup
 
+from voice_trio.sim._serve import answer_lifespan
 from voice_trio.web import hypercorn_fixes
 
 MESSAGES = 200

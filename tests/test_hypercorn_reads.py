@@ -13,10 +13,10 @@ from typing import Any
 import httpx
 import trio
 import trio_websocket
-from asgi_lifespan import answer_lifespan
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from voice_trio.sim._serve import answer_lifespan
 from voice_trio.web import hypercorn_fixes
 
 READ_TIMEOUT = 0.4

@@ -31,3 +31,14 @@ async def serve_asgi(
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(partial(serve, app, config, shutdown_trigger=never.wait))
         task_status.started(binds[0])
+
+
+async def answer_lifespan(receive: Any, send: Any) -> None:
+    """Complete an ASGI app's start-up and shut-down; returns when the server shuts down."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

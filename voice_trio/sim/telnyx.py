@@ -85,7 +85,7 @@ from urllib.parse import unquote
 import httpx
 import trio
 
-from voice_trio.sim._serve import serve_asgi
+from voice_trio.sim._serve import answer_lifespan, serve_asgi
 from voice_trio.sim.carrier import PLAYABLE_CODECS, AudioPort
 from voice_trio.sim.speech import DEFAULT_MS_PER_CHAR, encode_speech, silence
 from voice_trio.sim.telnyx_calls import COMMAND_ID_WINDOW_S, Callee, SimCall
@@ -295,13 +295,8 @@ class TelnyxSim:
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             await send({"type": "websocket.close", "code": 1003})
             return
