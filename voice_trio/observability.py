@@ -191,7 +191,7 @@ class Metrics:
         self.trio_tasks = Gauge("voice_trio_tasks", "Live Trio tasks in the server", registry=r)
         # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...
         ProcessCollector(registry=r)
-        r.register(_WireCollector())  # type: ignore[arg-type]
+        r.register(_WireCollector())
 
     def sample_runtime(self) -> None:
         """Refresh the gauges that are read at scrape time (call from the event loop)."""
@@ -204,6 +204,8 @@ def count_tasks() -> int:
     total = 0
     while pending:
         task = pending.pop()
+        if task is None:
+            continue
         total += 1
         for nursery in task.child_nurseries:
             pending.extend(nursery.child_tasks)

@@ -41,10 +41,9 @@ class TurnRecord:
         sentence the server only waits for Claude to write it, so that span is provider
         time. ``t2s``, when the sentence's last token arrived, leaves only our own delay.
         """
-        stamps = (self.t0, self.t1, self.t2s, self.t3, self.t4, self.t5)
-        if any(t is None for t in stamps):
+        t0, t1, t2s, t3, t4, t5 = self.t0, self.t1, self.t2s, self.t3, self.t4, self.t5
+        if t0 is None or t1 is None or t2s is None or t3 is None or t4 is None or t5 is None:
             return None
-        t0, t1, t2s, t3, t4, t5 = stamps  # type: ignore[misc]
         # A speculative reply was asked before the turn ended: no wait of ours there.
         return max(0.0, t1 - t0) + (t3 - t2s) + (t5 - t4)
 

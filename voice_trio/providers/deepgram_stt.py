@@ -206,7 +206,8 @@ def _parse_results(msg: dict[str, Any]) -> Transcript:
     alternatives = _field(channel, "alternatives", "Results.channel")
     if not isinstance(alternatives, list):
         raise SttProtocolError("Results.channel.alternatives must be a list")
-    text, confidence, words = "", 0.0, ()
+    text, confidence = "", 0.0
+    words: tuple[str, ...] = ()
     if alternatives:
         alt = _object(alternatives[0], "Results.channel.alternatives[0]")
         alt_where = "Results alternative"

@@ -93,7 +93,7 @@ class TtsAudio:
     Valid only inside the ``synthesize`` block that produced it.
     """
 
-    def __init__(self, chunks: AsyncGenerator[bytes] | None, request_id: str | None) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes] | None, request_id: str | None) -> None:
         self._chunks = chunks
         self.request_id = request_id
         self.bytes_received = 0
@@ -114,7 +114,7 @@ class TtsAudio:
                 return chunk
 
     async def _aclose(self) -> None:
-        if self._chunks is not None:
+        if isinstance(self._chunks, AsyncGenerator):
             await self._chunks.aclose()
 
 

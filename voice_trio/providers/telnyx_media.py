@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from binascii import a2b_base64, b2a_base64
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -299,7 +300,7 @@ def _text(value: object) -> str:
 
 _STOP = Stop()
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[dict[str, Any]], TelnyxFrame]] = {
     "connected": _parse_connected,
     "start": _parse_start,
     "dtmf": _parse_dtmf,

@@ -408,6 +408,7 @@ class AnthropicSim:
             return await error(400, "request body is not valid JSON")
         if problem := validate(body, version):
             return await error(400, problem)
+        assert isinstance(body, dict)  # validate() refuses anything else
 
         fault = self._faults.popleft() if self._faults else None
         record.fault = fault
@@ -524,6 +525,7 @@ class AnthropicSim:
         """The SSE events in order, each with its token cost if it is a delta."""
         yield {"type": "message_start", "message": self._message(body, usage, None)}, None
         for index, block in enumerate(self._content(output)):
+            start: dict[str, Any]
             if block["type"] == "text":
                 start = {"type": "text", "text": ""}
             elif block["type"] == "thinking":

@@ -135,7 +135,7 @@ class Playback:
         parts: list[bytes] = []
         need = size
         while need and items and isinstance(items[0], bytes):
-            chunk: bytes = items[0]  # type: ignore[assignment]
+            chunk = items[0]
             available = len(chunk) - self._offset
             if available <= need:
                 parts.append(chunk[self._offset :] if self._offset else chunk)

@@ -381,7 +381,7 @@ class SttTranscriber:
         speech_final: bool,
         from_finalize: bool,
     ) -> dict[str, Any]:
-        words = []
+        words: list[dict[str, Any]] = []
         for text, start, stop in tokens:
             word = plain_word(text)
             if not word:

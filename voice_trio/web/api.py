@@ -15,8 +15,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
-from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from quart import jsonify, request
@@ -63,12 +62,19 @@ def parse_call_request(item: Any) -> CallRequest:
     return CallRequest(telefono=telefono.strip(), **values)
 
 
+class HeaderLookup(Protocol):
+    """Request headers, looked up case-insensitively (Werkzeug's ``Headers``)."""
+
+    def get(self, key: str, default: str, /) -> str: ...
+    def __contains__(self, key: str, /) -> bool: ...
+
+
 PUBLIC_API = frozenset({"/api/health"})
 PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
 
 
 def api_refusal(
-    settings: Settings, path: str, headers: Mapping[str, str], client: str | None
+    settings: Settings, path: str, headers: HeaderLookup, client: str | None
 ) -> tuple[int, str, str] | None:
     """Why a request to ``path`` from ``client`` (an address) is refused, as (status,
     error, reason); None if it may go on (module docstring)."""

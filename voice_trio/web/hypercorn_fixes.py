@@ -95,7 +95,7 @@ def _add_reason_phrases() -> None:
     shim = types.SimpleNamespace(**{n: getattr(h11, n) for n in dir(h11) if not n.startswith("__")})
     shim.Response = _with_reason(h11.Response)
     shim.InformationalResponse = _with_reason(h11.InformationalResponse)
-    hypercorn_h11.h11 = shim  # type: ignore[attr-defined]
+    hypercorn_h11.h11 = shim  # type: ignore[assignment]
 
 
 async def _spawn_app(
