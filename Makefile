@@ -2,24 +2,51 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# uv installs exactly what uv.lock names. It lives in a venv of its own, so that syncing
+# .venv (which removes whatever the lock does not name) never removes uv itself.
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install test lint demo serve clean
+.PHONY: install lock upgrade lint typecheck check test demo serve clean
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e '.[dev]'
+$(STAMP): $(UV) pyproject.toml uv.lock
+	@$(UV) lock --check --quiet --python $(PYTHON) || { \
+	  echo "uv.lock does not match pyproject.toml: run 'make lock' and commit uv.lock." >&2; \
+	  exit 1; }
+	$(UV) sync --locked --extra dev --quiet --python $(PYTHON)
 	touch $(STAMP)
 
 install: $(STAMP)
 
-lint: install
-	$(BIN)/ruff check voice_trio tests $(wildcard scripts)
-	$(BIN)/ruff format --check voice_trio tests $(wildcard scripts)
+# Re-resolve after editing pyproject.toml, keeping every pin the new ranges still allow.
+lock: $(UV)
+	$(UV) lock --python $(PYTHON)
 
-# One file per worker (--dist loadfile): a file's tests share fixtures and run in order.
+# Move every dependency to the newest release its range allows: a deliberate commit.
+upgrade: $(UV)
+	$(UV) lock --upgrade --python $(PYTHON)
+
+lint: install
+	$(BIN)/ruff check voice_trio tests scripts
+	$(BIN)/ruff format --check voice_trio tests scripts
+	$(BIN)/mypy
+
+typecheck: install
+	$(BIN)/mypy
+
+# The fast loop: lint, types and the tests that need no real-time call (marked `e2e`).
+check: lint
+	$(BIN)/pytest -n 2 --dist loadfile -m "not e2e"
+
+# The whole suite; what CI runs. One file per worker (--dist loadfile): a file's tests
+# share fixtures and run in order.
 test: lint
 	$(BIN)/pytest -n 3 --dist loadfile
 
@@ -30,4 +57,4 @@ serve: install
 	$(BIN)/voice-trio serve
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache .mypy_cache build *.egg-info
