@@ -2,8 +2,11 @@
 
 One ``CallCenter`` per server. It owns the shared HTTP client, the Telnyx control client,
 the registry of running calls and the metrics. Webhook reactions run as background tasks
-in the server's nursery so the webhook itself is answered at once, and each reaction
-catches its own errors: a failing command for one call never disturbs another.
+in the center's own nursery so the webhook itself is answered at once, and each reaction
+catches its own errors: a failing command for one call never disturbs another. At the end
+that work is given ``BACKGROUND_GRACE_SECONDS`` to finish (then cancelled) *before* the
+store and the clients close, and webhooks that come later are refused (``accepting_work``)
+so that Telnyx retries them elsewhere instead of losing them.
 
 A call in fallback mode (``voice_trio.calls.degrade``) keeps its state in the store, so its
 webhooks may land on any instance; ``call.hangup`` ends any call here through the registry
@@ -47,6 +50,9 @@ from voice_trio.store import CallStore, StoreError, store_for
 
 log = logging.getLogger("voice_trio.calls")
 
+# What webhook reactions already running at shutdown get to finish (a hang-up, a record).
+BACKGROUND_GRACE_SECONDS = 5.0
+
 
 @dataclass(frozen=True, slots=True)
 class CallRequest:
@@ -86,6 +92,9 @@ class CallCenter:
         )
         self.http: httpx.AsyncClient | None = None
         self._nursery: trio.Nursery | None = None
+        self._stopping = trio.Event()
+        self._background_done = trio.Event()
+        self._stopped = trio.Event()
         # Set by start(); a CallCenter that has not started serves no call.
         self.telnyx: TelnyxControl = None  # type: ignore[assignment]
         self.tts: DeepgramTTS = None  # type: ignore[assignment]
@@ -100,9 +109,15 @@ class CallCenter:
     def uptime(self) -> float:
         return time.monotonic() - self.started_monotonic
 
+    @property
+    def accepting_work(self) -> bool:
+        """False once ``stop()`` has begun: new webhooks are refused with 503."""
+        return self._nursery is not None and not self._stopping.is_set()
+
     async def start(self, nursery: trio.Nursery) -> None:
-        """Open shared clients; background work goes into ``nursery`` (the server's)."""
-        self._nursery = nursery
+        """Open shared clients; the center's background work runs in a nursery of its own
+        inside ``nursery`` (the server's), which ``stop()`` winds down before closing them."""
+        await nursery.start(self._run_background)
         self.http = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
             timeout=httpx.Timeout(10.0, connect=3.0),
@@ -169,16 +184,36 @@ class CallCenter:
         with trio.move_on_after(2):
             await self.registry.wait_until_empty()
 
+    async def _run_background(self, *, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await self._stopping.wait()
+                nursery.cancel_scope.deadline = trio.current_time() + BACKGROUND_GRACE_SECONDS
+        finally:
+            self._nursery = None
+            self._background_done.set()
+
     async def stop(self) -> None:
+        """End whatever still runs, let background work finish (bounded), then close the
+        store and the clients: nothing started here outlives what it needs. Idempotent."""
+        if self._stopping.is_set():
+            await self._stopped.wait()
+            return
         self.going_away.set()
+        self._stopping.set()
         self.registry.end_all("shutdown")
         with trio.CancelScope(shield=True):
+            if self._nursery is not None:
+                await self._background_done.wait()
             if self.store is not None:
                 await self.store.aclose()
             if self.claude is not None:
                 await self.claude.aclose()
             if self.http is not None:
                 await self.http.aclose()
+        self._stopped.set()
 
     async def hang_up(self, call_control_id: str) -> None:
         """Hang a call up even while its task is being cancelled (shielded, at most 5 s);
@@ -191,6 +226,8 @@ class CallCenter:
 
     def spawn(self, fn: Any, *args: Any) -> None:
         """Run ``fn(*args)`` in the background; its errors are logged, never propagated."""
+        # During stop()'s grace this still runs (a reaction's follow-up, bounded by the
+        # same deadline); after it, nothing may start.
         if self._nursery is None:
             raise RuntimeError("call center is not running")
         self._nursery.start_soon(self._guarded, fn, args)

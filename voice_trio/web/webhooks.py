@@ -35,7 +35,7 @@ def register_webhooks(app: QuartTrio, center: CallCenter) -> None:
 
     @app.post("/webhook/telnyx")
     async def telnyx_webhook() -> Any:
-        body = await request.get_data(cache=False)
+        body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
         if verifier is not None:
             try:
                 verifier.verify(
@@ -48,6 +48,12 @@ def register_webhooks(app: QuartTrio, center: CallCenter) -> None:
                 metrics.webhooks.labels("unknown", "rejected").inc()
                 log.warning("📨 Webhook rejected: %s", exc)
                 return _json(401, error="invalid_signature", reason=str(exc))
+        if not center.accepting_work:
+            # The store and clients are closing: Telnyx retries a 5xx, here or elsewhere.
+            metrics.webhooks.labels("unknown", "refused").inc()
+            response = _json(503, error="shutting_down", reason="the server is shutting down")
+            response.headers["Retry-After"] = "1"
+            return response
         try:
             event = parse_webhook(body)
         except WebhookInvalid as exc:
