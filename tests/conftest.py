@@ -17,13 +17,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from telnyx_peer import TelnyxPeer
 
-from voice_trio.asgi import VoiceApp, build_app
 from voice_trio.calls import stream_token
 from voice_trio.config import Settings
 from voice_trio.server import reserve_listener
 from voice_trio.server import serve as serve_voice
 from voice_trio.sim._serve import serve_asgi
 from voice_trio.sim.lab import Lab, open_lab
+from voice_trio.web.dispatch import VoiceApp, build_app
 
 
 class Signer:
@@ -163,3 +163,11 @@ def task_names() -> list[str]:
 
 def count_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the simulator lab runs calls in real time: it is ``e2e`` (left out
+    of ``make check``). Tests that run processes are marked in their own files."""
+    for item in items:
+        if "lab" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)

@@ -14,8 +14,8 @@ import pytest
 import trio
 from conftest import make_settings, start_server
 
-from voice_trio.asgi import build_app
 from voice_trio.web.api import api_refusal, is_loopback
+from voice_trio.web.dispatch import build_app
 
 OUTSIDE = ("203.0.113.5", 1234)
 LOOPBACK = ("127.0.0.1", 40000)

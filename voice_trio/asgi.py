@@ -1,55 +1,29 @@
-"""The ASGI application: ``hypercorn -k trio voice_trio.asgi:app`` serves it directly.
+"""``hypercorn -k trio voice_trio.asgi:app``: the application, built from the environment.
 
-``/stream/media`` WebSockets go to a lean ASGI handler; everything else (HTTP routes and
-the lifespan) goes to the Quart-Trio app. Both share one ``CallCenter``.
+Hypercorn finds ``app`` by evaluating the name in this module's namespace, so it must be a
+plain attribute: importing this module reads the settings (environment, then ``.env`` in
+the working directory) and builds the app, in every worker process. A bad setting stops the
+process with exit code 2 and the message ``voice-trio check-config`` would print.
+Code that brings its own settings imports ``voice_trio.web.dispatch.build_app`` instead.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any
+import sys
 
-from voice_trio.calls.center import CallCenter
-from voice_trio.config import Settings
+from voice_trio.config import ConfigError, Settings
 from voice_trio.observability import setup_logging
-from voice_trio.web import hypercorn_fixes
-from voice_trio.web.app import create_app
-from voice_trio.web.media import serve_media_stream
-from voice_trio.web.media_socket import Receive, Scope, Send
-
-log = logging.getLogger("voice_trio")
-
-MEDIA_PATH = "/stream/media"
+from voice_trio.web.dispatch import VoiceApp, build_app
 
 
-class VoiceApp:
-    """ASGI dispatcher over the Quart app and the media-stream handler."""
-
-    def __init__(self, center: CallCenter) -> None:
-        self.center = center
-        self.quart = create_app(center)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket" and scope.get("path") == MEDIA_PATH:
-            await serve_media_stream(self.center, scope, receive, send)
-        else:
-            await self.quart(scope, receive, send)
-
-
-def build_app(settings: Settings, center: CallCenter | None = None) -> VoiceApp:
-    hypercorn_fixes.apply()
-    return VoiceApp(center or CallCenter(settings))
-
-
-def _from_environment() -> Any:
-    settings = Settings.load()
+def _from_environment() -> VoiceApp:
+    try:
+        settings = Settings.load()
+    except ConfigError as exc:
+        print(f"Configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     setup_logging(settings.log_level, settings.log_format, settings.secrets())
     return build_app(settings)
 
 
-def __getattr__(name: str) -> Any:
-    # Built on first access, so importing this module for build_app() reads no environment.
-    if name == "app":
-        globals()["app"] = _from_environment()
-        return globals()["app"]
-    raise AttributeError(name)
+app = _from_environment()

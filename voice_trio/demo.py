@@ -17,13 +17,13 @@ from functools import partial
 import httpx
 import trio
 
-from voice_trio.asgi import build_app
 from voice_trio.audio import BYTES_PER_MS, mulaw_to_linear
 from voice_trio.config import Settings
 from voice_trio.observability import setup_logging
 from voice_trio.server import reserve_listener, serve
 from voice_trio.sim.caller import CallerResults, ScriptedCaller
 from voice_trio.sim.lab import DEMO_SCRIPT, open_lab
+from voice_trio.web.dispatch import build_app
 
 log = logging.getLogger("voice_trio")
 

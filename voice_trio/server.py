@@ -12,8 +12,8 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
-from voice_trio.asgi import VoiceApp, build_app
 from voice_trio.config import Settings
+from voice_trio.web.dispatch import VoiceApp, build_app
 
 log = logging.getLogger("voice_trio")
 
