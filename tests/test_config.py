@@ -96,12 +96,12 @@ def test_bad_setting_stops_the_cli_with_the_name(tmp_path, capsys, monkeypatch) 
     assert "PORT: expected an integer" in capsys.readouterr().err
 
 
-def test_env_example_lists_every_setting() -> None:
+def test_env_example_lists_every_setting_with_its_default_and_meaning() -> None:
     from pathlib import Path
 
     text = (Path(__file__).parent.parent / ".env.example").read_text()
-    for name, _, _ in Settings.documented():
-        assert f"\n{name}=" in "\n" + text, name
+    for name, default, doc in Settings.documented():
+        assert f"# {doc}\n{name}={default}\n" in text, name
 
 
 def test_transfers_and_shortcuts() -> None:
@@ -117,3 +117,11 @@ def test_transfers_and_shortcuts() -> None:
     assert Settings.from_env({"DTMF_SHORTCUTS": ""}, None).dtmf_shortcuts == (("0", "transfer"),)
     documented = {name: default for name, default, _ in Settings.documented()}
     assert documented["DTMF_SHORTCUTS"] == "0=transfer"
+
+
+def test_the_default_drain_fits_a_kubernetes_grace_period() -> None:
+    from voice_trio.server import drain_bound
+
+    # Kubernetes' default terminationGracePeriodSeconds is 30 (docs/deployment.md).
+    assert drain_bound(Settings.from_env({}, None)) <= 26
+    assert drain_bound(Settings.from_env({"DRAIN_TIMEOUT": "0"}, None)) <= 10  # Docker's 10 s

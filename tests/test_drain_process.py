@@ -15,8 +15,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
+import pytest
 import trio
 from conftest import FAST_SPEECH_MS
 
@@ -175,3 +177,213 @@ async def _drain_with_calls_in_flight(lab, port: int, process, tmp_path) -> None
         assert rows[sim_call.call_control_id] == "drain"
         assert turns[sim_call.call_control_id] >= 2  # greeting and goodbye
     assert rows[sim_calls[-1].call_control_id] == "caller_hangup"
+
+
+async def _start_server(lab, tmp_path, drain_timeout: int, port: int | None = None):
+    if port is None:
+        with reserve_listener("127.0.0.1") as probe:
+            port = probe.getsockname()[1]
+    lab.telnyx.default_webhook_url = f"http://127.0.0.1:{port}/webhook/telnyx"
+    env = _server_env(lab, port, tmp_path) | {"DRAIN_TIMEOUT": str(drain_timeout)}
+    with (tmp_path / "server.log").open("wb") as log:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "voice_trio.cli", "--env-file", "/nonexistent", "serve"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as api:
+        with trio.fail_after(20):
+            while process.poll() is None:
+                try:
+                    if (await api.get("/health")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await trio.sleep(0.05)
+    assert process.poll() is None, (tmp_path / "server.log").read_text()
+    return process, port
+
+
+async def _calls_in_progress(lab, count: int):
+    parties = [
+        _caller([WaitForBot(min_ms_silence=300), Wait(60_000)], f"long-{i}") for i in range(count)
+    ]
+    sim_calls = [
+        lab.telnyx.place_inbound_call(f"+57300000001{i}", OUR_NUMBER, party)
+        for i, party in enumerate(parties)
+    ]
+    return parties, sim_calls
+
+
+def _end_reasons(tmp_path) -> dict[str, str]:
+    db = sqlite3.connect(tmp_path / "calls.sqlite3")
+    try:
+        return dict(
+            db.execute("SELECT call_control_id, end_reason FROM calls WHERE status = 'ended'")
+        )
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize(
+    ("signals", "said_last", "end_reason"),
+    [
+        # A second signal skips the rest of DRAIN_TIMEOUT: goodbyes at once.
+        (2, "Gracias por llamar.", "drain"),
+        # A third skips the goodbyes too: every call is hung up at once, and still recorded.
+        (3, None, "shutdown"),
+    ],
+)
+async def test_further_signals_shorten_the_drain_but_every_call_is_hung_up_and_recorded(
+    nursery, lab, tmp_path, signals: int, said_last: str | None, end_reason: str
+) -> None:
+    process, _ = await _start_server(lab, tmp_path, drain_timeout=60)
+    try:
+        parties, sim_calls = await _calls_in_progress(lab, 2)
+        async with trio.open_nursery() as callers:
+            for party in parties:
+                callers.start_soon(party.run)
+            with trio.fail_after(15):
+                for party in parties:  # every greeting has been heard in full
+                    while not party.results.bot_turns or (  # noqa: ASYNC110
+                        party.results.bot_turns[-1].ended_at is None
+                    ):
+                        await trio.sleep(0.05)
+            first_at = time.monotonic()
+            for _ in range(signals):
+                process.send_signal(signal.SIGTERM)
+                await trio.sleep(0.3)
+            with trio.fail_after(12):
+                for party in parties:
+                    while party.results.hangup_by is None:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+            callers.cancel_scope.cancel()
+        with trio.fail_after(15):
+            code = await process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            await process.wait()
+    output = (tmp_path / "server.log").read_text()
+    assert code == 0, output[-3000:]
+    assert time.monotonic() - first_at < 15  # far less than DRAIN_TIMEOUT's 60 s
+    assert output.count("Received SIGTERM again") == signals - 1, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    reasons = _end_reasons(tmp_path)
+    for party, sim_call in zip(parties, sim_calls, strict=True):
+        assert party.results.hangup_by == "bot", party.name
+        assert len(_commands(lab, sim_call.call_control_id, "hangup")) == 1, party.name
+        last = party.results.bot_turns[-1].text
+        if said_last:
+            assert said_last in last, party.name
+        else:
+            assert "Gracias por llamar." not in last, party.name
+        assert reasons[sim_call.call_control_id] == end_reason
+
+
+async def test_a_killed_servers_calls_are_ended_at_the_next_start(nursery, lab, tmp_path) -> None:
+    """kill -9 leaves the record of a live call ``active``; the next start on the same host
+    and port ends it as ``server_lost``, so ``/api/calls`` never shows a ghost call."""
+    process, port = await _start_server(lab, tmp_path, drain_timeout=0)
+    parties, sim_calls = await _calls_in_progress(lab, 1)
+    restarted = None
+    try:
+        async with trio.open_nursery() as callers:
+            callers.start_soon(parties[0].run)
+            with trio.fail_after(15):
+                while not parties[0].results.bot_turns:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            process.kill()  # SIGKILL: nothing of the drain runs
+            await process.wait()
+            callers.cancel_scope.cancel()
+        ccid = sim_calls[0].call_control_id
+        db = sqlite3.connect(tmp_path / "calls.sqlite3")
+        try:
+            (status,) = db.execute(
+                "SELECT status FROM calls WHERE call_control_id = ?", (ccid,)
+            ).fetchone()
+        finally:
+            db.close()
+        assert status == "active"  # the ghost the next start must end
+
+        restarted, _ = await _start_server(lab, tmp_path, drain_timeout=0, port=port)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as api:
+            call = (await api.get(f"/api/calls/{ccid}")).json()["call"]
+            active = (await api.get("/api/calls", params={"status": "active"})).json()
+        assert (call["status"], call["end_reason"]) == ("ended", "server_lost")
+        assert call["ended_at"] is not None
+        assert ccid not in [c["call_control_id"] for c in active["calls"]]
+        assert (
+            "ended (server_lost): the server that held it stopped"
+            in (tmp_path / "server.log").read_text()
+        )
+    finally:
+        for proc in (process, restarted):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                await proc.wait()
+
+
+async def test_under_hypercorns_own_command_line_a_stop_still_hangs_calls_up(
+    nursery, lab, tmp_path
+) -> None:
+    """``hypercorn … voice_trio.asgi:app`` has no drain of ours: Hypercorn cuts connections
+    after its graceful timeout. A call cut that way is still hung up and recorded."""
+    with reserve_listener("127.0.0.1") as probe:
+        port = probe.getsockname()[1]
+    lab.telnyx.default_webhook_url = f"http://127.0.0.1:{port}/webhook/telnyx"
+    with (tmp_path / "server.log").open("wb") as log:
+        process = await trio.lowlevel.open_process(
+            [
+                str(Path(sys.executable).parent / "hypercorn"),
+                "-k",
+                "trio",
+                "--graceful-timeout",
+                "1",
+                "-b",
+                f"127.0.0.1:{port}",
+                "voice_trio.asgi:app",
+            ],
+            env=_server_env(lab, port, tmp_path),
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as api:
+            with trio.fail_after(20):
+                while True:
+                    try:
+                        if (await api.get("/health")).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        await trio.sleep(0.1)
+        parties, sim_calls = await _calls_in_progress(lab, 1)
+        async with trio.open_nursery() as callers:
+            callers.start_soon(parties[0].run)
+            with trio.move_on_after(15):
+                while not parties[0].results.bot_turns:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert parties[0].results.bot_turns, (tmp_path / "server.log").read_text()[-3000:]
+            process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(15):
+                while parties[0].results.hangup_by is None:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert parties[0].results.hangup_by, (tmp_path / "server.log").read_text()[-3000:]
+            callers.cancel_scope.cancel()
+        with trio.fail_after(15):
+            code = await process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            await process.wait()
+    output = (tmp_path / "server.log").read_text()
+    assert code == 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    ccid = sim_calls[0].call_control_id
+    assert parties[0].results.hangup_by == "bot"
+    assert len(_commands(lab, ccid, "hangup")) == 1
+    assert _end_reasons(tmp_path)[ccid] == "shutdown"

@@ -499,3 +499,51 @@ async def test_postgres_store_reconnects_after_the_server_drops_it(pg_dsn: str) 
         assert await s.get_call(record().call_control_id) is not None
     finally:
         await s.aclose()
+
+
+async def test_calls_of_an_instance_that_died_are_ended_and_a_live_ones_are_kept(
+    make_store: StoreFactory,
+) -> None:
+    first, second = make_store(), make_store()
+    await first.open()
+    await second.open()
+    try:
+        await first.register_instance("dead", "host-a:3000")
+        await second.register_instance("alive", "host-b:3000")
+        await first.start_call(record("v3:held-by-dead", holder="dead"))
+        await first.start_call(record("v3:held-by-alive", holder="alive"))
+        await first.start_call(record("v3:held-by-unknown", holder="never-registered"))
+        await first.start_call(record("v3:shared-busy"))  # fallback mode: state is the truth
+        await first.save_state("v3:shared-busy", {"n": 1}, expected_version=None)
+        await first.start_call(record("v3:shared-gone"))
+        await first.save_call(ended(record("v3:over", holder="dead")), [])
+
+        # A restart on the same host and port: the earlier process is gone at once.
+        await first.register_instance("dead-restarted", "host-a:3000")
+        assert await second.end_orphaned_calls(stale_after=30, idle_after=900) == [
+            "v3:held-by-dead",
+            "v3:held-by-unknown",
+            "v3:shared-gone",
+        ]
+        for ccid in ("v3:held-by-dead", "v3:held-by-unknown", "v3:shared-gone"):
+            found = await second.get_call(ccid)
+            assert found is not None
+            rec = found[0]
+            assert (rec.status, rec.end_reason) == ("ended", "server_lost")
+            assert rec.ended_at is not None
+        for ccid in ("v3:held-by-alive", "v3:shared-busy"):
+            found = await second.get_call(ccid)
+            assert found is not None and found[0].status == "active"
+        over = await second.get_call("v3:over")
+        assert over is not None and over[0].end_reason == "caller_hangup"  # untouched
+        # Nothing left to end, until an instance stops being seen.
+        assert await second.end_orphaned_calls(stale_after=30, idle_after=900) == []
+        await trio.sleep(0.3)
+        await first.heartbeat("dead-restarted", "host-a:3000")
+        assert await second.end_orphaned_calls(stale_after=0.2, idle_after=900) == [
+            "v3:held-by-alive"
+        ]
+        await second.forget_instance("alive")
+    finally:
+        await first.aclose()
+        await second.aclose()

@@ -423,9 +423,9 @@ class Settings:
     )
     drain_timeout_s: int = _setting(
         "DRAIN_TIMEOUT",
-        30,
+        15,
         _int_range(0, 3600),
-        doc="on SIGTERM, seconds calls may finish before they are ended politely",
+        doc="on SIGTERM, seconds calls may finish on their own; the process exits within this + 10 s",
     )
 
     @classmethod

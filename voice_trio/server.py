@@ -1,4 +1,10 @@
-"""Run the server: Hypercorn's trio worker, signal-aware shutdown."""
+"""Run the server: Hypercorn's trio worker, signal-aware shutdown.
+
+SIGINT/SIGTERM are received for the whole life of the process: the first starts the drain
+(``CallCenter.shut_down``), each later one hurries it a stage (``CallCenter.hurry``) —
+never the default handler, which would kill the process with calls up and records
+unwritten. From the first signal the process exits within ``drain_bound()`` seconds.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +12,33 @@ import gc
 import logging
 import signal
 import socket
-from functools import partial
+from collections.abc import Awaitable, Callable
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
+from voice_trio.calls.center import (
+    BACKGROUND_GRACE_SECONDS,
+    GOODBYE_SECONDS,
+    HANG_UP_SECONDS,
+    CallCenter,
+)
 from voice_trio.config import Settings
 from voice_trio.web.dispatch import VoiceApp, build_app
 
 log = logging.getLogger("voice_trio")
 
-SHUTDOWN_GRACE_SECONDS = 5.0
+# After the drain, what HTTP requests still in flight get before their connections close.
+SHUTDOWN_GRACE_SECONDS = 1.0
 READ_TIMEOUT_SECONDS = 30
+
+
+def drain_bound(settings: Settings) -> float:
+    """Seconds from the first signal to the end of the process, at most (closing the store
+    and clients takes well under the second allowed for it)."""
+    tail = GOODBYE_SECONDS + HANG_UP_SECONDS + SHUTDOWN_GRACE_SECONDS + BACKGROUND_GRACE_SECONDS
+    return settings.drain_timeout_s + tail + 1.0
 
 
 def reserve_listener(host: str, port: int = 0) -> socket.socket:
@@ -48,35 +68,57 @@ def hypercorn_config(settings: Settings, listener: socket.socket | None = None) 
     return config
 
 
-async def wait_for_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("Received %s, shutting down", signal.Signals(signum).name)
-            return
+class Signals:
+    """SIGINT and SIGTERM, received until the server has finished (module docstring)."""
+
+    def __init__(self, center: CallCenter, bound: float) -> None:
+        self.center = center
+        self.bound = bound
+        self.first = trio.Event()
+
+    async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+            task_status.started()
+            async for signum in received:
+                name = signal.Signals(signum).name
+                if not self.first.is_set():
+                    log.info("Received %s, shutting down (exit within %.0f s)", name, self.bound)
+                    self.first.set()
+                else:
+                    log.warning("Received %s again: %s", name, self.center.hurry())
 
 
 async def serve(
     settings: Settings,
     *,
     app: VoiceApp | None = None,
-    shutdown_trigger: object = None,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     listener: socket.socket | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until ``shutdown_trigger`` (default: SIGINT/SIGTERM) returns, then end the
-    calls still running (each closes its socket politely) before Hypercorn stops."""
+    """Serve until ``shutdown_trigger`` (default: the first SIGINT/SIGTERM) returns, then
+    drain the calls still running before Hypercorn stops."""
     app = app or build_app(settings)
-    trigger = shutdown_trigger or wait_for_signal
-
-    async def shutdown() -> None:
-        await trigger()  # type: ignore[operator]
-        await app.center.shut_down(settings.drain_timeout_s)
-
+    center = app.center
     config = hypercorn_config(settings, listener)
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            partial(hypercorn_serve, app, config, shutdown_trigger=shutdown)
-        )
+        trigger: Callable[[], Awaitable[object]]
+        if shutdown_trigger is None:
+            signals = Signals(center, drain_bound(settings))
+            await nursery.start(signals.watch)
+            trigger = signals.first.wait
+        else:
+            trigger = shutdown_trigger
+
+        async def shutdown() -> None:
+            await trigger()
+            await center.shut_down(settings.drain_timeout_s)
+
+        async def run_hypercorn(*, task_status: trio.TaskStatus[list[str]]) -> None:
+            await hypercorn_serve(app, config, shutdown_trigger=shutdown, task_status=task_status)
+            nursery.cancel_scope.cancel()  # the signal watcher's work is over
+
+        binds = await nursery.start(run_hypercorn)
         address = binds[0].split("://", 1)[-1].replace("[::]", "0.0.0.0")
         log.info("Server listening on %s (mode: %s)", address, settings.mode)
         if not settings.telnyx_public_key:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -47,11 +48,21 @@ from voice_trio.providers.telnyx_control import (
 )
 from voice_trio.providers.telnyx_webhooks import WebhookEvent
 from voice_trio.store import CallStore, StoreError, store_for
+from voice_trio.store.records import SERVER_LOST
 
 log = logging.getLogger("voice_trio.calls")
 
 # What webhook reactions already running at shutdown get to finish (a hang-up, a record).
-BACKGROUND_GRACE_SECONDS = 5.0
+BACKGROUND_GRACE_SECONDS = 2.0
+# The drain after DRAIN_TIMEOUT: a goodbye, then a hang-up for whatever is left. With the
+# server's own closing (server.CLOSE_SECONDS) the process exits within DRAIN_TIMEOUT +
+# DRAIN_TAIL_SECONDS of the first signal (docs/deployment.md).
+GOODBYE_SECONDS = 4.0
+HANG_UP_SECONDS = 2.0
+# Liveness in the shared store: an instance not seen for STALE_AFTER is dead, and the calls
+# it held are ended (SERVER_LOST) by whichever instance notices first, or at the next start.
+HEARTBEAT_SECONDS = 10.0
+STALE_AFTER_SECONDS = 35.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +106,9 @@ class CallCenter:
         self._stopping = trio.Event()
         self._background_done = trio.Event()
         self._stopped = trio.Event()
+        self._hurried = 0
+        self._drained = False
+        self._stage_scope: trio.CancelScope | None = None
         # Set by start(); a CallCenter that has not started serves no call.
         self.telnyx: TelnyxControl = None  # type: ignore[assignment]
         self.tts: DeepgramTTS = None  # type: ignore[assignment]
@@ -104,6 +118,11 @@ class CallCenter:
         # Stream tokens must verify on every instance: set SERVER_SECRET when there are
         # several; a single instance can make up its own.
         self.stream_secret = (settings.server_secret or secrets.token_hex(32)).encode()
+        # This process in the store. A restart on the same host and port takes the same
+        # name, which tells the store that the previous process is gone (port 0: never).
+        self.instance_id = secrets.token_hex(8)
+        host = socket.gethostname()
+        self.instance_name = f"{host}:{settings.port or self.instance_id}"
 
     @property
     def uptime(self) -> float:
@@ -147,6 +166,32 @@ class CallCenter:
             self.store = store
         except StoreError as exc:
             log.error("Call records are not being kept: the store is unavailable (%s)", exc)
+            return
+        try:
+            await store.register_instance(self.instance_id, self.instance_name)
+            await self._end_orphaned_calls()
+        except StoreError as exc:
+            log.warning("Could not check for calls left by a stopped server: %s", exc)
+        self.spawn(self._keep_alive, store)
+
+    async def _keep_alive(self, store: CallStore) -> None:
+        """Heartbeat in the shared store, and end the calls of instances that died."""
+        while True:
+            with trio.move_on_after(HEARTBEAT_SECONDS):
+                await self._stopping.wait()
+                return  # not background work that stop() should wait for
+            try:
+                await store.heartbeat(self.instance_id, self.instance_name)
+                await self._end_orphaned_calls()
+            except StoreError as exc:
+                log.warning("Store heartbeat failed: %s", exc)
+
+    async def _end_orphaned_calls(self) -> None:
+        assert self.store is not None
+        idle = self.settings.max_call_seconds + STALE_AFTER_SECONDS
+        ended = await self.store.end_orphaned_calls(STALE_AFTER_SECONDS, idle)
+        for ccid in ended:
+            log.warning("📴 Call %s ended (%s): the server that held it stopped", ccid, SERVER_LOST)
 
     def _voice(self) -> Any:
         """The TTS client TTS_PROVIDER names; both yield mu-law 8 kHz audio."""
@@ -165,23 +210,59 @@ class CallCenter:
         async with self.tts.synthesize(text) as audio:
             return b"".join([chunk async for chunk in audio])
 
-    async def shut_down(self, drain_timeout: float, goodbye_grace: float = 10.0) -> None:
-        """Graceful drain: refuse new calls (inbound rejected, API 503), let the running
-        ones finish for up to ``drain_timeout``, then ask each to say goodbye and hang up;
-        whatever is still running after ``goodbye_grace`` is cut."""
+    async def shut_down(self, drain_timeout: float) -> None:
+        """Graceful drain, in three stages; ``hurry()`` (a further signal) skips the rest of
+        the stage under way:
+
+        1. new calls are refused (inbound rejected, API 503); running ones may finish on
+           their own for ``drain_timeout`` seconds;
+        2. each says goodbye and hangs up (``GOODBYE_SECONDS`` at most);
+        3. whatever still runs is ended (record: ``shutdown``) and hung up, shielded and
+           bounded (``HANG_UP_SECONDS``). No call is left up, whatever the signals.
+        """
         self.going_away.set()
         if len(self.registry):
             log.info(
                 "Draining: %d call(s) may finish within %ss", len(self.registry), drain_timeout
             )
-        with trio.move_on_after(drain_timeout):
-            await self.registry.wait_until_empty()
+        await self._drain_stage(1, drain_timeout)
         for call in self.registry:
             call.wind_down.set()
-        with trio.move_on_after(goodbye_grace):
+        await self._drain_stage(2, GOODBYE_SECONDS)
+        await self._hang_up_the_rest()
+        self._drained = True
+
+    def hurry(self) -> str:
+        """Skip the rest of the drain stage under way; say what happens now."""
+        self._hurried += 1
+        if self._stage_scope is not None:
+            self._stage_scope.cancel()
+        if not self.going_away.is_set():
+            return "not draining yet"
+        if self._drained:
+            return "every call has ended; the server is closing"
+        return {1: "saying goodbye on every call now"}.get(
+            self._hurried, "hanging up every call now"
+        )
+
+    async def _drain_stage(self, stage: int, seconds: float) -> None:
+        if self._hurried >= stage:
+            return
+        with trio.move_on_after(seconds) as self._stage_scope:
             await self.registry.wait_until_empty()
+        self._stage_scope = None
+
+    async def _hang_up_the_rest(self) -> None:
+        rest = list(self.registry)
+        if not rest:
+            return
+        log.warning("Hanging up %d call(s) still running", len(rest))
         self.registry.end_all("shutdown")
-        with trio.move_on_after(2):
+        async with trio.open_nursery() as nursery:
+            for call in rest:
+                if call.mode == "media":  # a fallback call's state decides its own end
+                    nursery.start_soon(self.hang_up, call.call_control_id, HANG_UP_SECONDS)
+        with trio.CancelScope(shield=True), trio.move_on_after(HANG_UP_SECONDS):
             await self.registry.wait_until_empty()
 
     async def _run_background(self, *, task_status: trio.TaskStatus[None]) -> None:
@@ -208,6 +289,11 @@ class CallCenter:
             if self._nursery is not None:
                 await self._background_done.wait()
             if self.store is not None:
+                with trio.move_on_after(2):
+                    try:
+                        await self.store.forget_instance(self.instance_id)
+                    except StoreError as exc:
+                        log.debug("Instance not forgotten: %s", exc)
                 await self.store.aclose()
             if self.claude is not None:
                 await self.claude.aclose()
@@ -215,10 +301,10 @@ class CallCenter:
                 await self.http.aclose()
         self._stopped.set()
 
-    async def hang_up(self, call_control_id: str) -> None:
-        """Hang a call up even while its task is being cancelled (shielded, at most 5 s);
-        a failure is logged, never raised: the call is ending either way."""
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
+    async def hang_up(self, call_control_id: str, within: float = 5.0) -> None:
+        """Hang a call up even while its task is being cancelled (shielded, at most
+        ``within`` seconds); a failure is logged, never raised: the call is ending anyway."""
+        with trio.CancelScope(shield=True), trio.move_on_after(within):
             try:
                 await self.telnyx.hangup(call_control_id)
             except Exception as exc:

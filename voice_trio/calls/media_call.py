@@ -93,7 +93,7 @@ async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
     center.fallback.stream_started(start.call_control_id)
     token = call_id_var.set(start.call_control_id)
     session: CallSession | None = None
-    record = call_record(start)
+    record = call_record(start, holder=center.instance_id)
     origin = trio.current_time()
     await keep_record(center, record, [], first=True)
     try:
@@ -116,6 +116,10 @@ async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
             log.exception("Call failed")
             await _hang_up(center, call, "error")
     finally:
+        if call.end_reason is None:
+            # Cut without a reason: by the server's own stop (Hypercorn's shutdown, outside
+            # voice-trio serve's drain). Never leave the caller on a line nobody answers.
+            await _hang_up(center, call, "shutdown")
         center.registry.remove(call)
         handed_over = (
             session is not None
@@ -149,7 +153,7 @@ async def _hang_up(center: CallCenter, call: ActiveCall, reason: str) -> None:
     await center.hang_up(call.call_control_id)
 
 
-def call_record(start: Start) -> CallRecord:
+def call_record(start: Start, holder: str) -> CallRecord:
     context = decode_client_state(start.client_state)
     return CallRecord(
         call_control_id=start.call_control_id,
@@ -161,6 +165,7 @@ def call_record(start: Start) -> CallRecord:
         contexto=str(context.get("contexto") or ""),
         answered_at=time.time(),
         mode="media",
+        holder=holder,
     )
 
 

@@ -12,7 +12,7 @@ was read at (``UPDATE ... WHERE version = %s``).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -24,6 +24,7 @@ from psycopg.types.json import Jsonb
 
 from voice_trio.store.records import (
     EVENT_TTL,
+    SERVER_LOST,
     STATE_TTL,
     CallQuery,
     CallRecord,
@@ -37,6 +38,7 @@ from voice_trio.store.schema import (
     CALL_COLUMNS,
     CALL_TIMES,
     CREATE_MIGRATIONS_TABLE,
+    END_ORPHANED_CALLS,
     MIGRATION_LOCK,
     TURN_COLUMNS,
     pending,
@@ -274,6 +276,59 @@ class PostgresStore(CallStore):
                 )
 
         await self._run(write)
+
+    async def register_instance(self, instance_id: str, name: str) -> None:
+        def write() -> None:
+            with self.pool.connection() as conn, conn.transaction():
+                conn.execute("DELETE FROM instances WHERE name = %s", (name,))
+                conn.execute(
+                    "INSERT INTO instances (instance_id, name, started_at, seen_at) "
+                    "VALUES (%s, %s, now(), now())",
+                    (instance_id, name),
+                )
+
+        await self._run(write)
+
+    async def heartbeat(self, instance_id: str, name: str) -> None:
+        def write() -> None:
+            with self.pool.connection() as conn:
+                conn.execute(
+                    "INSERT INTO instances (instance_id, name, started_at, seen_at) "
+                    "VALUES (%s, %s, now(), now()) "
+                    "ON CONFLICT (instance_id) DO UPDATE SET seen_at = excluded.seen_at",
+                    (instance_id, name),
+                )
+
+        await self._run(write)
+
+    async def forget_instance(self, instance_id: str) -> None:
+        def write() -> None:
+            with self.pool.connection() as conn:
+                conn.execute("DELETE FROM instances WHERE instance_id = %s", (instance_id,))
+
+        await self._run(write)
+
+    async def end_orphaned_calls(self, stale_after: float, idle_after: float) -> list[str]:
+        def write() -> list[str]:
+            with self.pool.connection() as conn, conn.transaction():
+                # One clock for the whole deployment: the database's.
+                (now,) = conn.execute("SELECT now()").fetchone()  # type: ignore[misc]
+                rows = conn.execute(
+                    END_ORPHANED_CALLS.format(p="%s"),
+                    (
+                        SERVER_LOST,
+                        now,
+                        now - timedelta(seconds=stale_after),
+                        now - timedelta(seconds=idle_after),
+                    ),
+                ).fetchall()
+                conn.execute(
+                    "DELETE FROM instances WHERE seen_at < %s",
+                    (now - timedelta(seconds=STATE_TTL),),
+                )
+            return sorted(row[0] for row in rows)
+
+        return await self._run(write)
 
 
 def _time(epoch: float | None) -> datetime | None:

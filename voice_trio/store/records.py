@@ -37,6 +37,7 @@ STAMPS = ("t0", "t1", "t2", "t2s", "t3", "t4", "t5")
 EVENT_TTL = 3600.0  # a webhook id is remembered this long; Telnyx retries within minutes
 STATE_TTL = 86400.0  # fallback state untouched this long belongs to a call that is gone
 HOUSEKEEPING_EVERY = 300.0  # seconds between sweeps of expired events and states
+SERVER_LOST = "server_lost"  # end reason of a call whose instance died (crash, kill -9)
 
 T = TypeVar("T")
 
@@ -76,6 +77,7 @@ class CallRecord:
     llm_input_tokens: int = 0
     llm_output_tokens: int = 0
     tts_characters: int = 0
+    holder: str | None = None  # the instance running it; None: its state is shared
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -335,6 +337,24 @@ class CallStore(ABC):
 
     @abstractmethod
     async def delete_state(self, call_control_id: str) -> None: ...
+
+    @abstractmethod
+    async def register_instance(self, instance_id: str, name: str) -> None:
+        """Record this instance as alive. Rows with the same ``name`` (earlier runs of this
+        instance: same host and port) are dropped: those processes are gone."""
+
+    @abstractmethod
+    async def heartbeat(self, instance_id: str, name: str) -> None:
+        """This instance is still alive (re-registers it if its row has gone)."""
+
+    @abstractmethod
+    async def forget_instance(self, instance_id: str) -> None: ...
+
+    @abstractmethod
+    async def end_orphaned_calls(self, stale_after: float, idle_after: float) -> list[str]:
+        """End (``SERVER_LOST``) the active calls nobody carries any more: held by an
+        instance not seen for ``stale_after`` seconds (or unknown), or shared (fallback
+        state) with no state touched for ``idle_after`` seconds. Returns their ids."""
 
 
 def state_json(state: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ CALL_COLUMNS = (
     "llm_input_tokens",
     "llm_output_tokens",
     "tts_characters",
+    "holder",
 )
 CALL_TIMES = ("created_at", "answered_at", "ended_at")
 
@@ -132,6 +133,34 @@ _INDEXES = (
     "CREATE INDEX calls_status ON calls (status, created_at DESC)",
 )
 
+
+def _instances(time: str) -> tuple[str, ...]:
+    # ``calls.holder``: the instance whose process runs the call (a media call); NULL when
+    # the call's state lives in ``call_states`` (fallback mode) and any instance carries it.
+    return (
+        "ALTER TABLE calls ADD COLUMN holder TEXT",
+        f"""
+CREATE TABLE instances (
+    instance_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    started_at {time} NOT NULL,
+    seen_at {time} NOT NULL
+)""",
+        "CREATE INDEX instances_name ON instances (name)",
+    )
+
+
+# ``CallStore.end_orphaned_calls``; ``{p}`` is the driver's placeholder.
+END_ORPHANED_CALLS = """
+UPDATE calls SET status = 'ended', end_reason = {p}, ended_at = {p}
+WHERE status = 'active' AND (
+    (holder IS NOT NULL AND holder NOT IN (SELECT instance_id FROM instances WHERE seen_at >= {p}))
+    OR (holder IS NULL AND NOT EXISTS (
+        SELECT 1 FROM call_states s
+        WHERE s.call_control_id = calls.call_control_id AND s.updated_at >= {p})))
+RETURNING call_control_id"""
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -148,6 +177,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             *_INDEXES,
             *_shared("TIMESTAMPTZ", "JSONB"),
         ),
+    ),
+    Migration(
+        2,
+        "instances and the calls they hold, so a dead instance's calls can be ended",
+        sqlite=_instances("REAL"),
+        postgres=_instances("TIMESTAMPTZ"),
     ),
 )
 

@@ -21,6 +21,7 @@ import trio
 
 from voice_trio.store.records import (
     EVENT_TTL,
+    SERVER_LOST,
     STATE_TTL,
     CallQuery,
     CallRecord,
@@ -34,6 +35,7 @@ from voice_trio.store.records import (
 from voice_trio.store.schema import (
     CALL_COLUMNS,
     CREATE_MIGRATIONS_TABLE,
+    END_ORPHANED_CALLS,
     TURN_COLUMNS,
     pending,
 )
@@ -240,6 +242,52 @@ class SqliteStore(CallStore):
                 )
 
         await self._run(write)
+
+    async def register_instance(self, instance_id: str, name: str) -> None:
+        def write() -> None:
+            now = time.time()
+            with _transaction(self.conn) as conn:
+                conn.execute("DELETE FROM instances WHERE name = ?", (name,))
+                conn.execute(
+                    "INSERT INTO instances (instance_id, name, started_at, seen_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (instance_id, name, now, now),
+                )
+
+        await self._run(write)
+
+    async def heartbeat(self, instance_id: str, name: str) -> None:
+        def write() -> None:
+            now = time.time()
+            with _transaction(self.conn) as conn:
+                conn.execute(
+                    "INSERT INTO instances (instance_id, name, started_at, seen_at) "
+                    "VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (instance_id) DO UPDATE SET seen_at = excluded.seen_at",
+                    (instance_id, name, now, now),
+                )
+
+        await self._run(write)
+
+    async def forget_instance(self, instance_id: str) -> None:
+        def write() -> None:
+            with _transaction(self.conn) as conn:
+                conn.execute("DELETE FROM instances WHERE instance_id = ?", (instance_id,))
+
+        await self._run(write)
+
+    async def end_orphaned_calls(self, stale_after: float, idle_after: float) -> list[str]:
+        def write() -> list[str]:
+            now = time.time()
+            with _transaction(self.conn) as conn:
+                rows = conn.execute(
+                    END_ORPHANED_CALLS.format(p="?"),
+                    (SERVER_LOST, now, now - stale_after, now - idle_after),
+                ).fetchall()
+                conn.execute("DELETE FROM instances WHERE seen_at < ?", (now - STATE_TTL,))
+            return sorted(row[0] for row in rows)
+
+        return await self._run(write)
 
 
 @contextmanager
