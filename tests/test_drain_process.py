@@ -92,7 +92,9 @@ async def test_sigterm_drains_calls_in_flight_and_exits_zero(nursery, lab, tmp_p
 
 async def _drain_with_calls_in_flight(lab, port: int, process, tmp_path) -> None:
     base = f"http://127.0.0.1:{port}"
-    async with httpx.AsyncClient(base_url=base, timeout=5, trust_env=False) as api:
+    async with httpx.AsyncClient(
+        base_url=base, timeout=5, trust_env=False, headers=lab.api_auth
+    ) as api:
         with trio.fail_after(20):
             while process.poll() is None:
                 try:
