@@ -74,8 +74,14 @@ async def telnyx_peer(nursery: trio.Nursery) -> AsyncIterator[tuple[TelnyxPeer, 
     yield peer, base
 
 
+API_TOKEN = "test-api-token-0123456789"
+
+
 def make_settings(**overrides: Any) -> Settings:
+    """Settings for a test server: every provider on loopback, and an ``API_TOKEN``, which
+    ``start_server``'s client sends (``API_TOKEN=""`` for a server without one)."""
     env = {
+        "API_TOKEN": API_TOKEN,
         "TELNYX_API_KEY": "KEY_telnyx_secret_123",
         "TELNYX_CONNECTION_ID": "1684641123236054244",
         "TELNYX_PHONE_NUMBER": "+5716000000",
@@ -129,7 +135,8 @@ async def start_server(nursery: trio.Nursery, settings: Settings | dict[str, Any
     base = await nursery.start(
         partial(serve_voice, settings, app=app, listener=listener, shutdown_trigger=trigger)
     )
-    client = httpx.AsyncClient(base_url=base, timeout=10)
+    auth = {"Authorization": f"Bearer {settings.api_token}"} if settings.api_token else {}
+    client = httpx.AsyncClient(base_url=base, timeout=10, headers=auth)
     return LiveServer(app, base, client, stop)
 
 

@@ -96,6 +96,41 @@ def test_bad_setting_stops_the_cli_with_the_name(tmp_path, capsys, monkeypatch) 
     assert "PORT: expected an integer" in capsys.readouterr().err
 
 
+def test_a_short_api_token_or_a_bad_proxy_list_stops_start_up_by_name(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"API_TOKEN": "changeme"}, None)
+    assert str(err.value) == "API_TOKEN: expected a random string of at least 16 characters"
+    assert Settings.from_env({"API_TOKEN": "x" * 16}, None).api_token == "x" * 16
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("API_TOKEN", "letmein")
+    assert main(["serve"]) == 2
+    err_text = capsys.readouterr().err
+    assert "API_TOKEN: expected a random string of at least 16" in err_text
+    assert "letmein" not in err_text  # a secret is not echoed, even a bad one
+    monkeypatch.delenv("API_TOKEN")
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "127.0.0.1, nginx")
+    assert main(["check-config"]) == 2
+    assert "FORWARDED_ALLOW_IPS: expected addresses or networks" in capsys.readouterr().err
+
+
+def test_forwarded_allow_ips_default_and_shown_value() -> None:
+    s = Settings.from_env({}, None)
+    assert "127.0.0.1" in s.forwarded_allow_ips and "::1" not in s.forwarded_allow_ips
+    assert not s.api_loopback_without_token
+    assert s.missing()["api"] == ["API_TOKEN"]
+    s = Settings.from_env(
+        {"FORWARDED_ALLOW_IPS": "10.0.0.0/8,::1", "API_LOOPBACK_WITHOUT_TOKEN": "1"}, None
+    )
+    shown = {name: value for name, value, _ in s.describe()}
+    assert shown["FORWARDED_ALLOW_IPS"] == "10.0.0.0/8,::1"
+    assert s.missing()["api"] == []
+    documented = {name: default for name, default, _ in Settings.documented()}
+    assert documented["FORWARDED_ALLOW_IPS"] == "127.0.0.1"
+    assert documented["API_LOOPBACK_WITHOUT_TOKEN"] == "false"
+
+
 def test_env_example_lists_every_setting_with_its_default_and_meaning() -> None:
     from pathlib import Path
 

@@ -94,7 +94,9 @@ async def test_sigterm_drains_calls_in_flight_and_exits_zero(nursery, lab, tmp_p
 
 async def _drain_with_calls_in_flight(lab, port: int, process, tmp_path) -> None:
     base = f"http://127.0.0.1:{port}"
-    async with httpx.AsyncClient(base_url=base, timeout=5, trust_env=False) as api:
+    async with httpx.AsyncClient(
+        base_url=base, timeout=5, trust_env=False, headers=lab.api_auth
+    ) as api:
         with trio.fail_after(20):
             while process.poll() is None:
                 try:
@@ -309,7 +311,9 @@ async def test_a_killed_servers_calls_are_ended_at_the_next_start(nursery, lab, 
         assert status == "active"  # the ghost the next start must end
 
         restarted, _ = await _start_server(lab, tmp_path, drain_timeout=0, port=port)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as api:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", trust_env=False, headers=lab.api_auth
+        ) as api:
             call = (await api.get(f"/api/calls/{ccid}")).json()["call"]
             active = (await api.get("/api/calls", params={"status": "active"})).json()
         assert (call["status"], call["end_reason"]) == ("ended", "server_lost")

@@ -39,20 +39,31 @@ async def test_errors_are_json(nursery: trio.Nursery) -> None:
 
 
 async def test_api_token_is_required_when_set(nursery: trio.Nursery) -> None:
-    server = await start_server(nursery, make_settings(API_TOKEN="s3cret-token"))
+    server = await start_server(nursery, make_settings(API_TOKEN="s3cret-token-0123456789"))
     c = server.client
-    r = await c.get("/api/sessions/stats")
+    r = await c.get("/api/sessions/stats", headers={"Authorization": ""})
     assert r.status_code == 401 and r.json()["error"] == "unauthorized"
     assert "s3cret-token" not in r.text
     r = await c.get("/api/sessions/stats", headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401
-    r = await c.get("/api/sessions/stats", headers={"Authorization": "Bearer s3cret-token"})
+    r = await c.get(
+        "/api/sessions/stats", headers={"Authorization": "Bearer s3cret-token-0123456789"}
+    )
     assert r.status_code == 200
-    assert (await c.get("/api/health")).status_code == 200  # health stays public
+    health = await c.get("/api/health", headers={"Authorization": ""})
+    assert health.status_code == 200  # health stays public
     server.stop.set()
 
 
-async def test_without_token_loopback_clients_are_served(nursery: trio.Nursery) -> None:
-    server = await start_server(nursery, make_settings())
-    assert (await server.client.get("/api/sessions/stats")).status_code == 200
-    server.stop.set()
+async def test_without_a_token_the_api_is_closed_and_only_the_opt_in_opens_loopback(
+    nursery: trio.Nursery,
+) -> None:
+    closed = await start_server(nursery, make_settings(API_TOKEN=""))
+    r = await closed.client.get("/api/sessions/stats")
+    assert r.status_code == 403 and "API_TOKEN is not set" in r.json()["reason"]
+    closed.stop.set()
+    local = await start_server(
+        nursery, make_settings(API_TOKEN="", API_LOOPBACK_WITHOUT_TOKEN="true")
+    )
+    assert (await local.client.get("/api/sessions/stats")).status_code == 200
+    local.stop.set()

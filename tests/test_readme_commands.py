@@ -6,7 +6,7 @@ the README. (``make demo`` and ``make test`` are ``voice-trio demo`` and this su
 |---------------------------------------------------------|-----------------------------------|
 | ``voice-trio demo`` (``make demo``), ``--wav call.wav`` | test_demo_…                       |
 | ``voice-trio sim all --write-env .env``, ``serve``,     | test_the_simulator_walk_…         |
-| ``curl -X POST …/api/call/initiate``                    |                                   |
+| ``curl -X POST …/api/call/initiate`` with the token     |                                   |
 | ``cp .env.example .env``; ``voice-trio check-config``   | test_check_config_…               |
 | ``voice-trio serve``; SIGTERM                           | test_serve_…                      |
 | ``hypercorn -k trio -b … voice_trio.asgi:app`` (-w 2)   | test_hypercorn_…                  |
@@ -70,6 +70,7 @@ async def test_check_config_on_the_example_settings_names_what_is_missing(
     assert re.search(r"^AGENT_LANGUAGE\s+es\s", out, re.M)
     assert "media: missing TELNYX_API_KEY" in out
     assert "webhook signatures: missing TELNYX_PUBLIC_KEY" in out
+    assert "api: missing API_TOKEN" in out
 
 
 async def test_check_config_refuses_a_bad_setting_by_name(tmp_path: Path) -> None:
@@ -101,10 +102,15 @@ async def test_the_simulator_walk_sim_all_serve_and_an_outbound_call(tmp_path: P
         env_file = (tmp_path / ".env").read_text()
         assert f"WEBHOOK_BASE_URL=http://127.0.0.1:{port}\n" in env_file
         assert re.search(r"^TELNYX_PUBLIC_KEY=\S+$", env_file, re.M)
+        # The walk's curl reads the token as the README says: sed -n 's/^API_TOKEN=//p' .env
+        found = re.search(r"^API_TOKEN=(\S{16,})$", env_file, re.M)
+        assert found, env_file
+        token = found.group(1)
 
         check = _run(tmp_path, "check", str(BIN / "voice-trio"), "check-config")
         assert await check.wait(30) == 0
         assert "media: ready" in check.output() and "fallback: ready" in check.output()
+        assert "api: ready" in check.output()
 
         server = _run(
             tmp_path, "serve", str(BIN / "voice-trio"), "serve", HOST="127.0.0.1", PORT=str(port)
@@ -113,6 +119,9 @@ async def test_the_simulator_walk_sim_all_serve_and_an_outbound_call(tmp_path: P
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10
         ) as api:
+            call = {"telefono": "+573001234567", "nombre": "Ana"}
+            assert (await api.post("/api/call/initiate", json=call)).status_code == 401
+            api.headers["Authorization"] = f"Bearer {token}"
             r = await api.post(
                 "/api/call/initiate",
                 json={"telefono": "+573001234567", "nombre": "Ana", "contexto": "Cita del viernes"},

@@ -19,6 +19,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dotenv import dotenv_values
 
+from voice_trio.web.forwarded import TrustedProxies
+
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -135,6 +137,14 @@ def _secret_key(name: str, raw: str) -> str:
     if len(value) < 16:
         raise ConfigError(name, "a random string of at least 16 characters")
     return value
+
+
+def _trusted_proxies(name: str, raw: str) -> TrustedProxies:
+    try:
+        return TrustedProxies.parse(raw)
+    except ValueError:
+        expected = "addresses or networks separated by commas (e.g. 127.0.0.1,10.0.0.0/8), or *"
+        raise ConfigError(name, expected, raw) from None
 
 
 def _database_url(name: str, raw: str) -> str:
@@ -285,9 +295,23 @@ class Settings:
     api_token: str = _setting(
         "API_TOKEN",
         "",
-        _str,
+        _secret_key,
         secret=True,
-        doc="bearer token for /api/*; empty: loopback clients only",
+        doc="bearer token for /api/* (at least 16 characters); empty: /api/* is closed",
+    )
+    api_loopback_without_token: bool = _setting(
+        "API_LOOPBACK_WITHOUT_TOKEN",
+        False,
+        _bool,
+        doc="with API_TOKEN empty, serve /api/* to clients on this machine without a token"
+        " (unsafe behind a local proxy that sends no X-Forwarded-For)",
+    )
+    forwarded_allow_ips: TrustedProxies = _setting(  # noqa: RUF009 (a frozen value)
+        "FORWARDED_ALLOW_IPS",
+        TrustedProxies.parse("127.0.0.1"),
+        _trusted_proxies,
+        doc="proxies whose Forwarded/X-Forwarded-For/X-Real-IP are believed: addresses or"
+        " networks, comma-separated; * for any",
     )
     log_format: str = _setting(
         "LOG_FORMAT", "human", _choice("human", "json"), doc="human or json (one object per line)"
@@ -505,7 +529,13 @@ class Settings:
         if not self.stream_url and "WEBHOOK_BASE_URL" not in media:
             media.append("WS_STREAM_URL")
         security = [] if self.telnyx_public_key else ["TELNYX_PUBLIC_KEY"]
-        return {"media": media, "fallback": telnyx + claude, "webhook signatures": security}
+        api = [] if self.api_token or self.api_loopback_without_token else ["API_TOKEN"]
+        return {
+            "media": media,
+            "fallback": telnyx + claude,
+            "webhook signatures": security,
+            "api": api,
+        }
 
     def describe(self) -> list[tuple[str, str, str]]:
         """(variable, effective value with secrets masked, meaning) for every setting."""

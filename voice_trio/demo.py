@@ -99,7 +99,7 @@ async def run_demo(user_settings: Settings, wav: str | None = None) -> int:
         )
         patient = RecordingCaller(DEMO_SCRIPT, timeout_s=120, name="Ana")
         lab.telnyx.answer_with(PATIENT_NUMBER, patient)
-        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        async with httpx.AsyncClient(base_url=base, timeout=10, headers=lab.api_auth) as client:
             response = await client.post(
                 "/api/call/initiate",
                 json={

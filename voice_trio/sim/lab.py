@@ -9,10 +9,12 @@ scripts (which run the lab in one process and the server in another).
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from functools import partial
 
 import trio
+from dotenv import dotenv_values
 
 from voice_trio.sim import anthropic, deepgram, elevenlabs, telnyx
 from voice_trio.sim.caller import BargeIn, Say, ScriptedCaller, Step, WaitForBot
@@ -48,10 +50,18 @@ class Lab:
     deepgram_url: str
     anthropic_url: str
     elevenlabs_url: str
+    # The server's /api is closed without a token; a new one per lab, never a published one.
+    api_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+
+    @property
+    def api_auth(self) -> dict[str, str]:
+        """The header a client of the lab's server sends to ``/api/*``."""
+        return {"Authorization": f"Bearer {self.api_token}"}
 
     def server_env(self) -> dict[str, str]:
         """Settings (as environment variables) for a server that uses this lab."""
         return {
+            "API_TOKEN": self.api_token,
             "TELNYX_API_KEY": TELNYX_KEY,
             "TELNYX_CONNECTION_ID": CONNECTION_ID,
             "TELNYX_PHONE_NUMBER": OUR_NUMBER,
@@ -134,6 +144,9 @@ async def run_from_args(args: argparse.Namespace) -> None:
         print(f"Deepgram simulator listening on {lab.deepgram_url}")
         print(f"Anthropic simulator listening on {lab.anthropic_url}")
         print(f"ElevenLabs simulator listening on {lab.elevenlabs_url}")
+        if args.write_env:
+            # A server started earlier from this file keeps working with its token.
+            lab.api_token = _kept_token(args.write_env) or lab.api_token
         webhook_base = args.webhook_url.removesuffix("/webhook/telnyx")
         env = lab.server_env() | {"WEBHOOK_BASE_URL": webhook_base}
         lines = [f"{name}={value}" for name, value in env.items()]
@@ -143,3 +156,12 @@ async def run_from_args(args: argparse.Namespace) -> None:
             header = "# Written by `voice-trio sim all`: the server talks to the simulators.\n"
             await trio.Path(args.write_env).write_text(header + "\n".join(lines) + "\n")
             print(f"(written to {args.write_env})", flush=True)
+
+
+def _kept_token(path: str) -> str | None:
+    """``API_TOKEN`` of an env file written before, if it is one the server accepts."""
+    try:
+        token = dotenv_values(path).get("API_TOKEN") or ""
+    except OSError:
+        return None
+    return token.strip() if len(token.strip()) >= 16 else None

@@ -3,19 +3,23 @@ dialing is the call center's job.
 
 The API places calls that cost money (DESIGN.md §6). With ``API_TOKEN`` set every ``/api/*``
 route but ``/api/health`` wants ``Authorization: Bearer <API_TOKEN>`` (401 otherwise).
-Without it, only a client on this machine is served (403 otherwise), and the server says so
-at start-up. A request that a proxy forwarded (``Forwarded``, ``X-Forwarded-For``,
-``X-Real-IP``) is not a loopback client even when the proxy is: a tunnel such as ngrok in
-front of Telnyx's webhooks connects from 127.0.0.1 on behalf of the whole internet. Those
-headers are only ever used to refuse, never to grant.
+Without it, ``/api/*`` is closed to everyone (403), and the server says so at start-up.
+
+Why not "loopback clients only" without a token: a reverse proxy on this machine connects
+from 127.0.0.1 on behalf of the whole internet, and nginx's bare ``proxy_pass`` adds no
+header that says so (no ``X-Forwarded-For``, HTTP/1.0, ``Host`` of the upstream): such a
+request cannot be told from ``curl`` on this machine. So serving loopback without a token is
+an operator's explicit choice, ``API_LOOPBACK_WITHOUT_TOKEN=true``, warned about at start-up.
+Then the client is found with ``web.forwarded`` (headers believed from ``FORWARDED_ALLOW_IPS``
+only), which holds behind a proxy that names its client — Caddy's ``reverse_proxy`` by
+default, nginx with ``X-Forwarded-For`` — but not behind a bare ``proxy_pass``.
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 from quart import jsonify, request
@@ -24,6 +28,7 @@ from quart_trio import QuartTrio
 from voice_trio.calls.center import CallCenter, CallRequest
 from voice_trio.config import E164, Settings
 from voice_trio.providers.telnyx_control import TelnyxError
+from voice_trio.web.forwarded import HeaderLookup, request_origin
 
 log = logging.getLogger("voice_trio.web")
 
@@ -62,22 +67,19 @@ def parse_call_request(item: Any) -> CallRequest:
     return CallRequest(telefono=telefono.strip(), **values)
 
 
-class HeaderLookup(Protocol):
-    """Request headers, looked up case-insensitively (Werkzeug's ``Headers``)."""
-
-    def get(self, key: str, default: str, /) -> str: ...
-    def __contains__(self, key: str, /) -> bool: ...
-
-
 PUBLIC_API = frozenset({"/api/health"})
-PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+CLOSED = (
+    "API_TOKEN is not set: /api is closed"
+    " (set API_TOKEN, or API_LOOPBACK_WITHOUT_TOKEN=true for clients on this machine)"
+)
+NOT_HERE = "API_TOKEN is not set: only clients on this machine may call /api"
 
 
 def api_refusal(
-    settings: Settings, path: str, headers: HeaderLookup, client: str | None
+    settings: Settings, path: str, headers: HeaderLookup, peer: str | None
 ) -> tuple[int, str, str] | None:
-    """Why a request to ``path`` from ``client`` (an address) is refused, as (status,
-    error, reason); None if it may go on (module docstring)."""
+    """Why a request to ``path`` from ``peer`` (the connected address) is refused, as
+    (status, error, reason); None if it may go on (module docstring)."""
     if not path.startswith("/api/") or path in PUBLIC_API:
         return None
     if settings.api_token:
@@ -86,29 +88,34 @@ def api_refusal(
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
             return 401, "unauthorized", "a valid 'Authorization: Bearer' token is required"
         return None
-    if not is_loopback(client) or any(h in headers for h in PROXY_HEADERS):
-        return 403, "forbidden", "API_TOKEN is not set: only loopback clients may call /api"
+    if not settings.api_loopback_without_token:
+        return 403, "forbidden", CLOSED
+    if not request_origin(peer, headers, settings.forwarded_allow_ips).on_this_machine:
+        return 403, "forbidden", NOT_HERE
     return None
 
 
-def is_loopback(address: str | None) -> bool:
-    """``address`` is this machine (127.0.0.0/8, ::1, or ::ffff:127.x.y.z)."""
-    if not address:
-        return False
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+def warn_about_access(settings: Settings) -> None:
+    """Say at start-up how ``/api`` is reachable when no token guards it."""
+    if settings.api_token:
+        if settings.api_loopback_without_token:
+            log.warning("API_LOOPBACK_WITHOUT_TOKEN is ignored: API_TOKEN is set")
+        return
+    if not settings.api_loopback_without_token:
+        log.warning("⚠️ API_TOKEN is not set: /api/* is closed (403) until it is")
+        return
+    log.warning(
+        "⚠️ API_TOKEN is not set and API_LOOPBACK_WITHOUT_TOKEN=true: /api/* places calls for"
+        " any client on this machine without a token. A reverse proxy on this machine that"
+        " does not send X-Forwarded-For (nginx's bare proxy_pass) opens it to everyone it"
+        " serves. Set API_TOKEN."
+    )
 
 
 def register_api(app: QuartTrio, center: CallCenter) -> None:
     @app.before_serving
     async def warn_if_open() -> None:
-        if not center.settings.api_token:
-            log.warning("⚠️ API_TOKEN is not set: /api/* accepts loopback clients only")
+        warn_about_access(center.settings)
 
     def not_ready() -> Any:
         if center.going_away.is_set():

@@ -16,6 +16,7 @@ from voice_trio.calls.center import CallCenter
 from voice_trio.observability import watch_loop_lag
 from voice_trio.web.api import api_refusal, register_api
 from voice_trio.web.calls_api import register_calls_api
+from voice_trio.web.forwarded import request_origin
 from voice_trio.web.webhooks import register_webhooks
 
 log = logging.getLogger("voice_trio.web")
@@ -52,10 +53,21 @@ def create_app(center: CallCenter) -> QuartTrio:
 
     @app.before_request
     async def guard_api() -> Any:
-        refusal = api_refusal(settings, request.path, request.headers, request.remote_addr)
+        client = request.scope.get("client")
+        peer = client[0] if client else None
+        refusal = api_refusal(settings, request.path, request.headers, peer)
         if refusal is None:
             return None
         status, error, reason = refusal
+        origin = request_origin(peer, request.headers, settings.forwarded_allow_ips)
+        log.warning(
+            "🚫 %s %s refused (%d %s): client %s",
+            request.method,
+            request.path,
+            status,
+            error,
+            origin.describe(),
+        )
         response = _error(status, error, reason)
         if status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
