@@ -96,6 +96,8 @@ def make_settings(**overrides: Any) -> Settings:
         "ANTHROPIC_BASE_URL": "http://127.0.0.1:9",
         "SQLITE_PATH": ":memory:",
         "DRAIN_TIMEOUT": "0",
+        # Tests that sign their webhooks set TELNYX_PUBLIC_KEY; the others post them bare.
+        "ALLOW_UNSIGNED_WEBHOOKS": "true",
     }
     env.update({k: str(v) for k, v in overrides.items()})
     return Settings.from_env(env, env_file=None)

@@ -313,6 +313,32 @@ class Settings:
         doc="proxies whose Forwarded/X-Forwarded-For/X-Real-IP are believed: addresses or"
         " networks, comma-separated; * for any",
     )
+    allow_unsigned_webhooks: bool = _setting(
+        "ALLOW_UNSIGNED_WEBHOOKS",
+        False,
+        _bool,
+        doc="with TELNYX_PUBLIC_KEY empty, accept webhooks without a signature (anyone could"
+        " hang up your calls); false: they are refused",
+    )
+    max_connections: int = _setting(
+        "MAX_CONNECTIONS",
+        1000,
+        _int_range(1, 100000),
+        doc="open connections at most (HTTP and media); more get 503 and are closed",
+    )
+    max_connections_per_client: int = _setting(
+        "MAX_CONNECTIONS_PER_CLIENT",
+        200,
+        _int_range(1, 100000),
+        doc="open connections at most from one address (a proxy or Telnyx's media servers"
+        " count as one)",
+    )
+    request_timeout_s: int = _setting(
+        "REQUEST_TIMEOUT",
+        10,
+        _int_range(1, 600),
+        doc="seconds an HTTP request body may take to arrive whole; then 408 and close",
+    )
     log_format: str = _setting(
         "LOG_FORMAT", "human", _choice("human", "json"), doc="human or json (one object per line)"
     )
@@ -528,7 +554,8 @@ class Settings:
             media.append("DEEPGRAM_API_KEY")
         if not self.stream_url and "WEBHOOK_BASE_URL" not in media:
             media.append("WS_STREAM_URL")
-        security = [] if self.telnyx_public_key else ["TELNYX_PUBLIC_KEY"]
+        signed = self.telnyx_public_key or self.allow_unsigned_webhooks
+        security = [] if signed else ["TELNYX_PUBLIC_KEY"]
         api = [] if self.api_token or self.api_loopback_without_token else ["API_TOKEN"]
         return {
             "media": media,

@@ -56,8 +56,32 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+# A logged value from outside (a caller's name, a call id, an event type, an error text)
+# is cut to this many characters and its control characters are escaped: a newline in it
+# cannot forge a log line, and a 200 KB value cannot write a 200 KB line.
+MAX_LOGGED_VALUE = 300
+_ESCAPES = {
+    c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))
+} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def loggable(value: object, limit: int = MAX_LOGGED_VALUE) -> str:
+    """``value`` as one bounded line of text (see ``MAX_LOGGED_VALUE``)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        text = f"{text[:limit]}…(+{len(text) - limit} chars)"
+    return text.translate(_ESCAPES)
+
+
+def _loggable_arg(value: object) -> object:
+    if value is None or isinstance(value, int | float):
+        return value  # numbers keep their %d / %.1f formats
+    return loggable(value)
+
+
 class ContextFilter(logging.Filter):
-    """Stamps the call id and removes secret values from every record."""
+    """Stamps the call id, makes every argument a bounded single line (``loggable``), and
+    removes secret values from every record."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
@@ -65,7 +89,12 @@ class ContextFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "call_id"):
-            record.call_id = call_id_var.get()
+            record.call_id = loggable(call_id_var.get(), 100)
+        args = record.args
+        if isinstance(args, tuple):
+            record.args = tuple(_loggable_arg(a) for a in args)
+        elif isinstance(args, dict):
+            record.args = {k: _loggable_arg(v) for k, v in args.items()}
         if self.secrets:
             message = record.getMessage()
             for secret in self.secrets:

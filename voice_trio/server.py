@@ -121,8 +121,6 @@ async def serve(
         binds = await nursery.start(run_hypercorn)
         address = binds[0].split("://", 1)[-1].replace("[::]", "0.0.0.0")
         log.info("Server listening on %s (mode: %s)", address, settings.mode)
-        if not settings.telnyx_public_key:
-            log.warning("⚠️ TELNYX_PUBLIC_KEY is not set: webhook signatures are NOT verified")
         # Objects alive now (imports, app, clients) live as long as the process: keep them
         # out of the cyclic collector, whose full passes over them paused the event loop
         # for 100-200 ms under load and made outbound frames late (docs/benchmarks.md).

@@ -254,7 +254,7 @@ def parse_stt_message(text: str) -> SttEvent | None:
     """
     try:
         decoded = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise SttProtocolError(f"not JSON: {exc}") from None
     msg = _object(decoded, "STT message")
     kind = _field(msg, "type", "STT message")

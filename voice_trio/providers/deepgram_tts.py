@@ -68,7 +68,7 @@ def parse_tts_error(status: int, body: bytes, request_id: str | None = None) -> 
     err_msg = body.decode("utf-8", "replace").strip()[:500]
     try:
         decoded: Any = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         decoded = None
     if isinstance(decoded, dict):
         code = decoded.get("err_code")

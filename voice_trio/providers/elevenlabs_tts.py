@@ -177,7 +177,7 @@ def parse_server_message(raw: str | bytes) -> ServerMessage | None:
         return None
     try:
         decoded = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(decoded, dict):
         return None

@@ -56,7 +56,7 @@ def decode_client_state(value: str | None) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(base64.b64decode(value, validate=True))
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -20,6 +20,37 @@ TOLERANCE_SECONDS = 300
 SIGNATURE_HEADER = "telnyx-signature-ed25519"
 TIMESTAMP_HEADER = "telnyx-timestamp"
 
+# Call Control events a voice agent's connection receives (protocols/telnyx.md §2). Metrics
+# name these and put every other ``event_type`` under ``other``: a label per distinct
+# string from the wire would let any sender grow ``/metrics`` without bound.
+KNOWN_EVENTS = frozenset(
+    {
+        "call.initiated",
+        "call.answered",
+        "call.hangup",
+        "call.bridged",
+        "call.dtmf.received",
+        "call.machine.detection.ended",
+        "call.machine.greeting.ended",
+        "call.machine.premium.detection.ended",
+        "call.machine.premium.greeting.ended",
+        "call.playback.started",
+        "call.playback.ended",
+        "call.speak.started",
+        "call.speak.ended",
+        "call.transcription",
+        "call.transcription.partial",
+        "streaming.started",
+        "streaming.stopped",
+        "streaming.failed",
+    }
+)
+
+
+def event_label(event_type: str) -> str:
+    """The metric label for an event type: itself if known, else ``other``."""
+    return event_type if event_type in KNOWN_EVENTS else "other"
+
 
 class WebhookRejected(ValueError):
     """The request is not a genuine, fresh Telnyx webhook."""
@@ -75,8 +106,8 @@ class WebhookEvent:
 def parse_webhook(body: bytes) -> WebhookEvent:
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise WebhookInvalid("body is not JSON") from None
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply to parse
+        raise WebhookInvalid("body is not JSON (or is nested too deeply)") from None
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, dict):
         raise WebhookInvalid("missing 'data' object (Telnyx v2 envelope)")

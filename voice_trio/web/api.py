@@ -18,6 +18,7 @@ default, nginx with ``X-Forwarded-For`` — but not behind a bare ``proxy_pass``
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from typing import Any
 
@@ -43,6 +44,18 @@ class InvalidRequest(ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+async def json_body() -> Any:
+    """The request body as JSON, or ``InvalidRequest`` saying why it is not. (Quart's
+    ``get_json(silent=True)`` lets a ``RecursionError`` from deeply nested input escape.)"""
+    raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise InvalidRequest("body", "must be a JSON object") from None
+    except RecursionError:
+        raise InvalidRequest("body", "is nested too deeply") from None
 
 
 def parse_call_request(item: Any) -> CallRequest:
@@ -143,9 +156,8 @@ def register_api(app: QuartTrio, center: CallCenter) -> None:
         refusal = not_ready()
         if refusal is not None:
             return refusal
-        body = await request.get_json(force=True, silent=True)
         try:
-            call = parse_call_request(body)
+            call = parse_call_request(await json_body())
         except InvalidRequest as exc:
             return _json(422, error="validation_failed", field=exc.field, reason=exc.reason)
         try:
@@ -173,7 +185,10 @@ def register_api(app: QuartTrio, center: CallCenter) -> None:
         refusal = not_ready()
         if refusal is not None:
             return refusal
-        body = await request.get_json(force=True, silent=True)
+        try:
+            body = await json_body()
+        except InvalidRequest as exc:
+            return _json(422, error="validation_failed", field=exc.field, reason=exc.reason)
         calls = body.get("calls") if isinstance(body, dict) else None
         if not isinstance(calls, list) or not calls:
             return _json(

@@ -14,6 +14,7 @@ from quart import jsonify, request
 from quart_trio import QuartTrio
 
 from voice_trio.calls.center import CallCenter
+from voice_trio.config import Settings
 from voice_trio.observability import call_id_var
 from voice_trio.providers.telnyx_webhooks import (
     SIGNATURE_HEADER,
@@ -21,6 +22,7 @@ from voice_trio.providers.telnyx_webhooks import (
     WebhookInvalid,
     WebhookRejected,
     WebhookVerifier,
+    event_label,
     parse_webhook,
 )
 from voice_trio.store import StoreError
@@ -28,9 +30,31 @@ from voice_trio.store import StoreError
 log = logging.getLogger("voice_trio.web")
 
 
+def warn_about_signatures(settings: Settings) -> None:
+    """Say at start-up, loudly, when webhooks are not verified or not accepted at all."""
+    if settings.telnyx_public_key:
+        return
+    if settings.allow_unsigned_webhooks:
+        log.warning(
+            "⚠️ ALLOW_UNSIGNED_WEBHOOKS=true and no TELNYX_PUBLIC_KEY: webhooks are accepted"
+            " WITHOUT a signature; anyone who can reach /webhook/telnyx can hang up or steer"
+            " your calls. Set TELNYX_PUBLIC_KEY."
+        )
+    else:
+        log.error(
+            "⚠️ TELNYX_PUBLIC_KEY is not set: every webhook is refused (401), so no call can"
+            " be answered. Set it (Telnyx portal: Keys & Credentials → Public Key)."
+        )
+
+
 def register_webhooks(app: QuartTrio, center: CallCenter) -> None:
+    @app.before_serving
+    async def warn_if_unverified() -> None:
+        warn_about_signatures(center.settings)
+
     key = center.settings.telnyx_public_key
     verifier = WebhookVerifier(key) if key else None
+    unsigned_ok = center.settings.allow_unsigned_webhooks
     metrics = center.metrics
 
     @app.post("/webhook/telnyx")
@@ -48,6 +72,14 @@ def register_webhooks(app: QuartTrio, center: CallCenter) -> None:
                 metrics.webhooks.labels("unknown", "rejected").inc()
                 log.warning("📨 Webhook rejected: %s", exc)
                 return _json(401, error="invalid_signature", reason=str(exc))
+        elif not unsigned_ok:
+            metrics.webhooks.labels("unknown", "rejected").inc()
+            return _json(
+                401,
+                error="signature_not_configured",
+                reason="TELNYX_PUBLIC_KEY is not set, so no webhook can be verified "
+                "(ALLOW_UNSIGNED_WEBHOOKS=true accepts them unsigned)",
+            )
         if not center.accepting_work:
             # The store and clients are closing: Telnyx retries a 5xx, here or elsewhere.
             metrics.webhooks.labels("unknown", "refused").inc()
@@ -62,10 +94,10 @@ def register_webhooks(app: QuartTrio, center: CallCenter) -> None:
         token = call_id_var.set(event.call_control_id or "-")
         try:
             if not await first_time(center, event.id):
-                metrics.webhooks.labels(event.event_type, "duplicate").inc()
+                metrics.webhooks.labels(event_label(event.event_type), "duplicate").inc()
                 log.debug("📨 Duplicate webhook %s ignored", event.id)
                 return _json(200, status="duplicate")
-            metrics.webhooks.labels(event.event_type, "accepted").inc()
+            metrics.webhooks.labels(event_label(event.event_type), "accepted").inc()
             log.info("📨 Webhook recibido: %s", event.event_type)
         finally:
             call_id_var.reset(token)
