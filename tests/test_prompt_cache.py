@@ -52,9 +52,10 @@ def blocks(persona: str, cache: bool) -> list[dict[str, object]]:
     )
 
 
+@pytest.mark.parametrize("language", ["es", "en"])
 @pytest.mark.parametrize("can_transfer", [False, True])
-def test_the_built_in_persona_is_not_marked_on_haiku_4_5(can_transfer: bool) -> None:
-    persona = load_persona("")
+def test_the_built_in_persona_is_not_marked_on_haiku_4_5(language: str, can_transfer: bool) -> None:
+    persona = load_persona("", language)
     assert not persona_is_cacheable("claude-haiku-4-5", persona, can_transfer=can_transfer)
     assert tokens_at_least(tools_for(can_transfer=can_transfer), [persona]) < 300
     assert all("cache_control" not in block for block in blocks(persona, False))
@@ -69,6 +70,11 @@ def test_a_persona_past_the_minimum_is_marked_and_the_call_facts_never_are() -> 
     medium = "Eres Sofía, recepcionista. " * 350  # 1 050 words
     assert persona_is_cacheable("claude-sonnet-4-5", medium, can_transfer=False)
     assert not persona_is_cacheable("claude-haiku-4-5", medium, can_transfer=False)
+
+
+def test_the_built_in_persona_speaks_the_agents_language() -> None:
+    assert "Responde en español" in load_persona("", "es-419")
+    assert "Answer in English" in load_persona("", "en-US")
 
 
 def test_metrics_count_each_kind_as_reported() -> None:

@@ -84,7 +84,7 @@ class CallCenter:
         self.started_monotonic = time.monotonic()
         self.going_away = trio.Event()
         self.phrases_text = phrases_for(settings.agent_language)
-        self.persona = load_persona(settings.persona_prompt_file)
+        self.persona = load_persona(settings.persona_prompt_file, settings.agent_language)
         # Whether the persona gets a prompt-cache breakpoint, by whether transfer_call is
         # offered (the tools come before it in the cached prefix).
         self.cache_persona = {

@@ -48,16 +48,13 @@ def tools_for(*, can_transfer: bool) -> list[dict[str, Any]]:
     return [END_CALL_TOOL, TRANSFER_TOOL] if can_transfer else [END_CALL_TOOL]
 
 
-def load_persona(path: str = "") -> str:
-    """The persona prompt: ``PERSONA_PROMPT_FILE`` if set, else the built-in receptionist."""
+def load_persona(path: str = "", language: str = "es") -> str:
+    """The persona prompt: ``PERSONA_PROMPT_FILE`` if set, else the built-in receptionist in
+    the agent's language (English for ``en``/``en-*``, else Spanish, as its phrases)."""
     if path:
         return Path(path).read_text(encoding="utf-8").strip()
-    return (
-        resources.files("voice_trio.prompts")
-        .joinpath("receptionist_es.txt")
-        .read_text(encoding="utf-8")
-        .strip()
-    )
+    name = "receptionist_en.txt" if language.lower().startswith("en") else "receptionist_es.txt"
+    return resources.files("voice_trio.prompts").joinpath(name).read_text(encoding="utf-8").strip()
 
 
 def persona_is_cacheable(model: str, persona: str, *, can_transfer: bool) -> bool:
