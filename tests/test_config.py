@@ -43,6 +43,11 @@ def test_claude_api_key_is_an_alias() -> None:
         ("DTMF_SHORTCUTS", "0=transfer,0=end_call", "key=action pairs"),
         ("ANSWERING_MACHINE_DETECTION", "yes", "one of disabled, detect"),
         ("AMD_WAIT_MS", "20000", "an integer from 0 to 10000"),
+        (
+            "AGENT_LANGUAGE",
+            "es-CO",
+            "DEEPGRAM_STT_MODEL=nova-3 takes: one of es, es-419, en, en-US",
+        ),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(name: str, value: str, expected: str) -> None:
@@ -160,3 +165,76 @@ def test_the_default_drain_fits_a_kubernetes_grace_period() -> None:
     # Kubernetes' default terminationGracePeriodSeconds is 30 (docs/deployment.md).
     assert drain_bound(Settings.from_env({}, None)) <= 26
     assert drain_bound(Settings.from_env({"DRAIN_TIMEOUT": "0"}, None)) <= 10  # Docker's 10 s
+
+
+@pytest.mark.parametrize(
+    ("env", "accepted"),
+    [
+        # Colombian Spanish is not a code nova-3 has: every call would lose Deepgram.
+        ({"AGENT_LANGUAGE": "es-CO"}, "one of es, es-419, en, en-US"),
+        # nova-3 has French, but the agent's phrases and persona do not exist in French.
+        ({"AGENT_LANGUAGE": "fr"}, "one of es, es-419, en, en-US"),
+        ({"DEEPGRAM_STT_MODEL": "nova-3-medical"}, "one of en, en-US"),  # English only
+        ({"AGENT_LANGUAGE": "en-GB"}, "one of es, es-419, en, en-US"),
+        ({"AGENT_LANGUAGE": "fr", "DEEPGRAM_STT_MODEL": "nova-2-clinic"}, "es or en"),
+    ],
+)
+def test_agent_language_must_be_spoken_by_the_agent_and_taken_by_the_stt_model(
+    env: dict[str, str], accepted: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env(env, env_file=None)
+    message = str(err.value)
+    assert err.value.name == "AGENT_LANGUAGE"
+    assert message.startswith("AGENT_LANGUAGE: expected a language the agent speaks")
+    assert f"DEEPGRAM_STT_MODEL={env.get('DEEPGRAM_STT_MODEL', 'nova-3')}" in message
+    assert accepted in message
+
+
+@pytest.mark.parametrize(
+    ("env", "language"),
+    [
+        ({"AGENT_LANGUAGE": "es-419"}, "es-419"),
+        ({"AGENT_LANGUAGE": "ES-419"}, "es-419"),  # spelt as Deepgram spells it
+        ({"AGENT_LANGUAGE": "en-gb", "DEEPGRAM_STT_MODEL": "nova-2"}, "en-GB"),
+        # A model whose list is not known here: only the agent's side is checked.
+        ({"AGENT_LANGUAGE": "es-CO", "DEEPGRAM_STT_MODEL": "nova-2-clinic"}, "es-CO"),
+        # No Deepgram in fallback mode (Telnyx transcribes).
+        ({"AGENT_LANGUAGE": "es-CO", "USE_MEDIA_STREAMS": "false"}, "es-CO"),
+    ],
+)
+def test_agent_languages_that_work(env: dict[str, str], language: str) -> None:
+    assert Settings.from_env(env, env_file=None).agent_language == language
+
+
+def test_every_accepted_language_has_the_agents_phrases_and_persona() -> None:
+    from voice_trio.calls.dtmf import key_note
+    from voice_trio.calls.persona import load_persona
+    from voice_trio.calls.phrases import ENGLISH, SPANISH, phrases_for
+    from voice_trio.languages import STT_LANGUAGES
+
+    for model, codes in STT_LANGUAGES.items():
+        for code in codes:
+            english = code.startswith("en")
+            assert phrases_for(code) is (ENGLISH if english else SPANISH), (model, code)
+            persona = load_persona("", code)
+            assert ("Answer in English" in persona) is english, (model, code)
+            assert key_note(["1"], code).startswith("[the caller" if english else "[la persona")
+
+
+def test_check_config_names_a_language_the_stt_model_lacks(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AGENT_LANGUAGE", "es-CO")
+    assert main(["check-config"]) == 2
+    err = capsys.readouterr().err
+    assert "AGENT_LANGUAGE: expected" in err and "DEEPGRAM_STT_MODEL=nova-3" in err
+    assert "one of es, es-419, en, en-US (got 'es-CO')" in err
+    monkeypatch.setenv("AGENT_LANGUAGE", "es-419")
+    assert main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "language: es-419 (Spanish phrases, Spanish persona); DEEPGRAM_STT_MODEL=nova-3 takes es, es-419, en, en-US"
+        in out
+    )
+    assert "prompt caching: off (tools + persona at least" in out
+    assert "claude-haiku-4-5 caches 4096 or more" in out

@@ -387,3 +387,32 @@ async def test_timeout_and_connection_errors_are_retryable(nursery: trio.Nursery
         "connection",
         True,
     )
+
+
+async def test_usage_sink_gets_each_report_by_kind_without_double_counting(
+    nursery: trio.Nursery,
+) -> None:
+    """message_delta repeats the input side cumulatively: the sink sees increases only, so
+    what it adds up is what the API reported (no cache read it did not report)."""
+    delta_with_input = {
+        "type": "message_delta",
+        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+        "usage": {"output_tokens": 6, "input_tokens": 11, "cache_read_input_tokens": 4200},
+    }
+    events = [
+        message_start(input_tokens=11, cache_read=4200),
+        *text_block(0, "Claro."),
+        delta_with_input,
+        {"type": "message_stop"},
+    ]
+    _, base = await start_fake(nursery, Scripted(events=events))
+    seen: list[LlmUsage] = []
+    with trio.fail_after(5):
+        async with client(base, usage_sink=seen.append) as claude:
+            async with claude.stream_reply(SYSTEM_BLOCKS, HISTORY) as reply:
+                _ = [delta async for delta in reply]
+    assert seen == [
+        LlmUsage(input_tokens=11, output_tokens=1, cache_read_input_tokens=4200),
+        LlmUsage(output_tokens=5),
+    ]
+    assert reply.usage == LlmUsage(11, 6, 4200, 0)

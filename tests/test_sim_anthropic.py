@@ -366,10 +366,11 @@ async def test_thinking_knob_leads_with_a_thinking_block(
 
 
 async def test_prompt_caching_creates_then_reads(http: httpx.AsyncClient) -> None:
+    # 4 200 words (tokens here): above Claude Haiku 4.5's minimum of 4 096.
     system = [
         {
             "type": "text",
-            "text": "Eres una recepcionista " * 20,
+            "text": "Eres una recepcionista " * 1400,
             "cache_control": {"type": "ephemeral"},
         }
     ]
@@ -377,20 +378,76 @@ async def test_prompt_caching_creates_then_reads(http: httpx.AsyncClient) -> Non
     second = (
         await http.post("/v1/messages", headers=HEADERS, json=body("otra", system=system))
     ).json()
-    assert first["usage"]["cache_creation_input_tokens"] == 60
+    assert first["usage"]["cache_creation_input_tokens"] == 4200
     assert first["usage"]["cache_read_input_tokens"] == 0
     assert second["usage"]["cache_creation_input_tokens"] == 0
-    assert second["usage"]["cache_read_input_tokens"] == 60
+    assert second["usage"]["cache_read_input_tokens"] == 4200
     assert second["usage"]["input_tokens"] == first["usage"]["input_tokens"] - 3
-    other = [{**system[0], "text": "Otro prompt"}]
+    other = [{**system[0], "text": "Otro prompt " * 2100}]
     third = (await http.post("/v1/messages", headers=HEADERS, json=body(system=other))).json()
-    assert third["usage"]["cache_creation_input_tokens"] == 2
+    assert third["usage"]["cache_creation_input_tokens"] == 4200
     plain = (await http.post("/v1/messages", headers=HEADERS, json=body())).json()
     assert (
         plain["usage"]["cache_creation_input_tokens"]
         == 0
         == plain["usage"]["cache_read_input_tokens"]
     )
+
+
+def marked_system(words: int) -> list[dict[str, Any]]:
+    return [{"type": "text", "text": "palabra " * words, "cache_control": {"type": "ephemeral"}}]
+
+
+async def test_a_prefix_below_the_models_minimum_is_not_cached(
+    http: httpx.AsyncClient, sim: AnthropicSim
+) -> None:
+    """Claude Haiku 4.5 caches only prefixes of at least 4 096 tokens: a receptionist's
+    persona of a few hundred is processed in full on every request, with no cache read."""
+    short = body(system=marked_system(600))
+    for _ in range(2):
+        usage = (await http.post("/v1/messages", headers=HEADERS, json=short)).json()["usage"]
+        assert usage["cache_creation_input_tokens"] == 0 == usage["cache_read_input_tokens"]
+        assert usage["input_tokens"] == 600 + 4  # the whole prompt, every time
+    assert not sim.prompt_cache
+    assert sim.requests[-1].usage == {
+        "input_tokens": 604,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
+    # The minimum is the model's: 1 100 tokens cache on Sonnet 4.5 (1 024), not on Haiku 4.5.
+    prefix = marked_system(1100)
+    sonnet = body(system=prefix, model="claude-sonnet-4-5-20250929")
+    haiku = body(system=prefix, model="claude-haiku-4-5-20251001")
+    for request, cached in ((sonnet, 1100), (haiku, 0)):
+        for _ in range(2):
+            await http.post("/v1/messages", headers=HEADERS, json=request)
+        usage = (await http.post("/v1/messages", headers=HEADERS, json=request)).json()["usage"]
+        assert usage["cache_read_input_tokens"] == cached, request["model"]
+    # Longest prefix wins: Opus 4.5 (4 096) is not Opus 4 (1 024).
+    assert sim.cache_minimum("claude-opus-4-5-20251101") == 4096
+    assert sim.cache_minimum("claude-opus-4-20250514") == 1024
+    assert sim.cache_minimum("claude-haiku-4-5") == 4096
+    assert sim.cache_minimum("claude-haiku-5-5") == 1024  # not listed: the default
+
+
+async def test_cache_minimums_and_the_short_prefix_answer_are_knobs(
+    http: httpx.AsyncClient, sim: AnthropicSim
+) -> None:
+    """Where the sources disagree the simulator is told: a minimum per model, and whether a
+    breakpoint below it is silently uncached (today's docs) or a 400 (the API in 2024)."""
+    sim.cache_minimums["claude-haiku-4-5"] = 500
+    request = body(system=marked_system(600))
+    await http.post("/v1/messages", headers=HEADERS, json=request)
+    usage = (await http.post("/v1/messages", headers=HEADERS, json=request)).json()["usage"]
+    assert usage["cache_read_input_tokens"] == 600
+    sim.cache_minimums["claude-haiku-4-5"] = 4096
+    sim.short_cache_prefix = "error"
+    answer = await http.post("/v1/messages", headers=HEADERS, json=request)
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "at least 4096 tokens. Found: 600." in error["message"]
+    assert (await http.post("/v1/messages", headers=HEADERS, json=body())).status_code == 200
 
 
 async def test_http_faults_queue(http: httpx.AsyncClient, sim: AnthropicSim) -> None:
@@ -628,7 +685,13 @@ async def test_sdk_ttft_is_roughly_respected(
 async def test_cli_serves_and_announces(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--ttft-ms", "0", "--tokens-per-second", "0", "--api-key", "k"])
+    cache = ["--cache-minimum", "claude-haiku-4-5=2", "--short-cache-prefix", "error"]
+    args = parser.parse_args(
+        ["--ttft-ms", "0", "--tokens-per-second", "0", "--api-key", "k", *cache]
+    )
+    assert args.cache_minimum == [("claude-haiku-4-5", 2)]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cache-minimum", "claude-haiku-4-5"])
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_from_args, args)
         with trio.fail_after(5):

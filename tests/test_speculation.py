@@ -147,7 +147,7 @@ def caller(script: list[Any]) -> ScriptedCaller:
     return ScriptedCaller(script, ms_per_char=FAST_SPEECH_MS, turn_gap_ms=300, timeout_s=30)
 
 
-async def test_a_speculative_reply_is_heard_sooner_and_prompt_is_cached(nursery, lab) -> None:
+async def test_a_speculative_reply_is_heard_sooner(nursery, lab) -> None:
     """Real time: one reply with speculation, one without, with the demo's 400 ms LLM."""
     lab.anthropic.ttft = 0.4
     script = [WaitForBot(300), Say("Quiero una cita para el lunes.", 100), WaitForBot(300)]
@@ -168,10 +168,11 @@ async def test_a_speculative_reply_is_heard_sooner_and_prompt_is_cached(nursery,
         metrics = (await server.client.get("/metrics")).text
         # Exactly one Claude request for the reply: a kept speculation is not asked twice.
         (request,) = lab.anthropic.requests
-        system = request.body["system"]
-        assert system[0]["cache_control"] == {"type": "ephemeral"}
+        # Tools + persona are far below Haiku 4.5's minimum cacheable prefix (4 096 tokens):
+        # no breakpoint is claimed, and none could have made a cache entry.
+        assert not any("cache_control" in block for block in request.body["system"])
         assert [tool["name"] for tool in request.body["tools"]] == ["end_call"]
-        assert lab.anthropic.prompt_cache  # the breakpoint made a cache entry (tools + persona)
+        assert not lab.anthropic.prompt_cache
         if enabled == "true":
             assert 'voice_speculations_total{outcome="started"} 1.0' in metrics
             assert 'voice_speculations_total{outcome="kept"} 1.0' in metrics

@@ -11,6 +11,7 @@ import trio
 
 from voice_trio import __version__
 from voice_trio.config import ConfigError, Settings
+from voice_trio.languages import AGENT_LANGUAGES, accepted_languages
 from voice_trio.observability import setup_logging
 
 SIMULATORS = {
@@ -86,7 +87,44 @@ def check_config(settings: Settings) -> int:
     for mode, missing in settings.missing().items():
         status = "ready" if not missing else "missing " + ", ".join(missing)
         print(f"{mode}: {status}")
+    print(language_line(settings))
+    print(prompt_caching_line(settings))
     return 0
+
+
+def language_line(settings: Settings) -> str:
+    """AGENT_LANGUAGE and the values that would work with the STT model."""
+    language = settings.agent_language
+    spoken = AGENT_LANGUAGES[language.split("-")[0].lower()]
+    persona = "PERSONA_PROMPT_FILE" if settings.persona_prompt_file else f"{spoken} persona"
+    line = f"language: {language} ({spoken} phrases, {persona})"
+    model = settings.deepgram_stt_model
+    if not settings.use_media_streams:
+        return f"{line}; Deepgram STT not used (USE_MEDIA_STREAMS=false)"
+    accepted = accepted_languages(model)
+    if accepted is None:
+        return f"{line}; the languages of DEEPGRAM_STT_MODEL={model} are not known here"
+    return f"{line}; DEEPGRAM_STT_MODEL={model} takes " + ", ".join(accepted)
+
+
+def prompt_caching_line(settings: Settings) -> str:
+    """Whether the persona gets a prompt-cache breakpoint with this model, and why."""
+    from voice_trio.calls.persona import load_persona, persona_is_cacheable, tools_for
+    from voice_trio.providers.claude_cache import min_cacheable_tokens, tokens_at_least
+
+    can_transfer = bool(settings.transfer_number)
+    persona = load_persona(settings.persona_prompt_file, settings.agent_language)
+    tokens = tokens_at_least(tools_for(can_transfer=can_transfer), [persona])
+    minimum = min_cacheable_tokens(settings.claude_model)
+    state = (
+        "on"
+        if persona_is_cacheable(settings.claude_model, persona, can_transfer=can_transfer)
+        else "off"
+    )
+    return (
+        f"prompt caching: {state} (tools + persona at least {tokens} tokens; "
+        f"{settings.claude_model} caches {minimum} or more)"
+    )
 
 
 if __name__ == "__main__":

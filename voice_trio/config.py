@@ -11,7 +11,7 @@ import binascii
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dotenv import dotenv_values
 
+from voice_trio.languages import agent_language
 from voice_trio.web.forwarded import TrustedProxies
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
@@ -346,7 +347,11 @@ class Settings:
         "LOG_LEVEL", "INFO", _choice(*LOG_LEVELS, upper=True), doc="DEBUG, INFO, WARNING or ERROR"
     )
     agent_language: str = _setting(
-        "AGENT_LANGUAGE", "es", _str, doc="language of the agent and of STT (es, es-419, en, ...)"
+        "AGENT_LANGUAGE",
+        "es",
+        _str,
+        doc="language of the agent and of STT: es or en as DEEPGRAM_STT_MODEL spells it "
+        "(nova-3: es, es-419, en, en-US)",
     )
     timezone: str = _setting(
         "TIMEZONE", "America/Bogota", _timezone, doc="time zone for greetings and timestamps"
@@ -500,7 +505,18 @@ class Settings:
             if raw is None or raw.strip() == "":
                 continue
             values[f.name] = meta["parse"](meta["env"], raw)
-        return cls(**values)
+        return cls(**values).with_checked_language()
+
+    def with_checked_language(self) -> Settings:
+        """These settings with ``AGENT_LANGUAGE`` checked against the languages the agent
+        speaks and, when calls use media streams, against what ``DEEPGRAM_STT_MODEL`` takes
+        (voice_trio/languages.py); spelt as the model spells it."""
+        model = self.deepgram_stt_model if self.use_media_streams else None
+        try:
+            code = agent_language(self.agent_language, model)
+        except ValueError as exc:
+            raise ConfigError("AGENT_LANGUAGE", str(exc), self.agent_language) from None
+        return self if code == self.agent_language else replace(self, agent_language=code)
 
     @property
     def stream_url(self) -> str:

@@ -12,10 +12,14 @@ import logging
 import sys
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily
+
+if TYPE_CHECKING:
+    from voice_trio.providers.claude import LlmUsage
 
 call_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("call_id", default="-")
 
@@ -60,9 +64,10 @@ class JsonFormatter(logging.Formatter):
 # is cut to this many characters and its control characters are escaped: a newline in it
 # cannot forge a log line, and a 200 KB value cannot write a 200 KB line.
 MAX_LOGGED_VALUE = 300
-_ESCAPES = {
-    c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))
-} | {0x2028: "\\u2028", 0x2029: "\\u2029"}
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
 
 
 def loggable(value: object, limit: int = MAX_LOGGED_VALUE) -> str:
@@ -217,10 +222,28 @@ class Metrics:
             "Deepgram STT reconnects (counted when the call ends)",
             registry=r,
         )
+        self.llm_tokens = Counter(
+            "voice_llm_tokens",
+            "Claude tokens as the API reported them, by kind (input: uncached input; "
+            "cache_read, cache_write: prompt-cache reads and writes; output)",
+            ["kind"],
+            registry=r,
+        )
         self.trio_tasks = Gauge("voice_trio_tasks", "Live Trio tasks in the server", registry=r)
         # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...
         ProcessCollector(registry=r)
         r.register(_WireCollector())
+
+    def count_llm_usage(self, usage: LlmUsage) -> None:
+        """Add one usage report (an increase) of a Claude reply."""
+        for kind, tokens in (
+            ("input", usage.input_tokens),
+            ("cache_read", usage.cache_read_input_tokens),
+            ("cache_write", usage.cache_creation_input_tokens),
+            ("output", usage.output_tokens),
+        ):
+            if tokens > 0:
+                self.llm_tokens.labels(kind).inc(tokens)
 
     def sample_runtime(self) -> None:
         """Refresh the gauges that are read at scrape time (call from the event loop)."""

@@ -27,7 +27,7 @@ import trio
 
 from voice_trio.calls import stream_token
 from voice_trio.calls.degrade import FallbackCalls
-from voice_trio.calls.persona import load_persona
+from voice_trio.calls.persona import load_persona, persona_is_cacheable, tools_for
 from voice_trio.calls.phrases import PhraseCache, local_now, phrases_for
 from voice_trio.calls.registry import CallRegistry, SeenEvents
 from voice_trio.calls.sentences import SentenceChunker
@@ -35,6 +35,7 @@ from voice_trio.calls.signals import SIGNAL_EVENTS, CallSignals
 from voice_trio.config import Settings
 from voice_trio.observability import Metrics, call_id_var
 from voice_trio.providers.claude import ClaudeClient
+from voice_trio.providers.claude_cache import min_cacheable_tokens, tokens_at_least
 from voice_trio.providers.deepgram_stt import SttOptions
 from voice_trio.providers.deepgram_tts import DeepgramTTS
 from voice_trio.providers.elevenlabs_tts import ElevenLabsTTS
@@ -94,7 +95,15 @@ class CallCenter:
         self.started_monotonic = time.monotonic()
         self.going_away = trio.Event()
         self.phrases_text = phrases_for(settings.agent_language)
-        self.persona = load_persona(settings.persona_prompt_file)
+        self.persona = load_persona(settings.persona_prompt_file, settings.agent_language)
+        # Whether the persona gets a prompt-cache breakpoint, by whether transfer_call is
+        # offered (the tools come before it in the cached prefix).
+        self.cache_persona = {
+            can_transfer: persona_is_cacheable(
+                settings.claude_model, self.persona, can_transfer=can_transfer
+            )
+            for can_transfer in (False, True)
+        }
         self.stt_options = SttOptions(
             model=settings.deepgram_stt_model,
             language=settings.agent_language,
@@ -156,7 +165,9 @@ class CallCenter:
             model=self.settings.claude_model,
             max_tokens=max(64, self.settings.max_response_length // 2 + 64),
             timeout=10.0,
+            usage_sink=self.metrics.count_llm_usage,
         )
+        self._log_prompt_caching()
         self.phrase_cache = PhraseCache(self._synthesize)
         if self.settings.deepgram_api_key or self.settings.elevenlabs_api_key:
             self.spawn(self.phrase_cache.warm, self.phrases_text.fixed())
@@ -192,6 +203,21 @@ class CallCenter:
         ended = await self.store.end_orphaned_calls(STALE_AFTER_SECONDS, idle)
         for ccid in ended:
             log.warning("📴 Call %s ended (%s): the server that held it stopped", ccid, SERVER_LOST)
+
+    def _log_prompt_caching(self) -> None:
+        s = self.settings
+        tools = tools_for(can_transfer=bool(s.transfer_number))
+        tokens = tokens_at_least(tools, [self.persona])
+        minimum = min_cacheable_tokens(s.claude_model)
+        if self.cache_persona[bool(s.transfer_number)]:
+            log.info("⚡ Prompt caching on: tools + persona ≥ %d tokens", tokens)
+        else:
+            log.info(
+                "⚡ Prompt caching off: tools + persona ≈ %d+ tokens, %s caches %d or more",
+                tokens,
+                s.claude_model,
+                minimum,
+            )
 
     def _voice(self) -> Any:
         """The TTS client TTS_PROVIDER names; both yield mu-law 8 kHz audio."""

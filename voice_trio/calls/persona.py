@@ -1,4 +1,5 @@
-"""The system prompt and the tools Claude may use on a call."""
+"""The system prompt and the tools Claude may use on a call, and whether its fixed part is
+worth a prompt-cache breakpoint."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from voice_trio.providers.claude_cache import breakpoint_engages
 
 END_CALL_TOOL: dict[str, Any] = {
     "name": "end_call",
@@ -45,23 +48,39 @@ def tools_for(*, can_transfer: bool) -> list[dict[str, Any]]:
     return [END_CALL_TOOL, TRANSFER_TOOL] if can_transfer else [END_CALL_TOOL]
 
 
-def load_persona(path: str = "") -> str:
-    """The persona prompt: ``PERSONA_PROMPT_FILE`` if set, else the built-in receptionist."""
+def load_persona(path: str = "", language: str = "es") -> str:
+    """The persona prompt: ``PERSONA_PROMPT_FILE`` if set, else the built-in receptionist in
+    the agent's language (English for ``en``/``en-*``, else Spanish, as its phrases)."""
     if path:
         return Path(path).read_text(encoding="utf-8").strip()
-    return (
-        resources.files("voice_trio.prompts")
-        .joinpath("receptionist_es.txt")
-        .read_text(encoding="utf-8")
-        .strip()
-    )
+    name = "receptionist_en.txt" if language.lower().startswith("en") else "receptionist_es.txt"
+    return resources.files("voice_trio.prompts").joinpath(name).read_text(encoding="utf-8").strip()
+
+
+def persona_is_cacheable(model: str, persona: str, *, can_transfer: bool) -> bool:
+    """Whether a cache breakpoint after the persona can engage on ``model``: the prefix it
+    closes (the tools, then the persona) must reach the model's minimum cacheable length.
+
+    Claude Haiku 4.5 caches only prefixes of at least 4 096 tokens; the built-in persona and
+    tools are a few hundred, so with the default model there is no breakpoint (a breakpoint
+    that cannot engage would only claim a cache that is not there). A long
+    ``PERSONA_PROMPT_FILE`` or a model with a lower minimum turns it on. Padding the prompt up
+    to the minimum would not pay: see docs/protocols/anthropic.md, "Prompt caching".
+    """
+    return breakpoint_engages(model, tools_for(can_transfer=can_transfer), [persona])
 
 
 def system_blocks(
-    persona: str, *, nombre: str, contexto: str, now: datetime, max_chars: int
+    persona: str,
+    *,
+    nombre: str,
+    contexto: str,
+    now: datetime,
+    max_chars: int,
+    cache_persona: bool = False,
 ) -> list[dict[str, Any]]:
-    """System prompt as blocks: the persona (cacheable, identical on every call) first,
-    then what is particular to this call."""
+    """System prompt as blocks: the persona (identical on every call, so cacheable: marked
+    when ``cache_persona``) first, then what is particular to this call."""
     facts = [f"Fecha y hora local: {now:%Y-%m-%d %H:%M} ({now.tzname()})."]
     if nombre:
         facts.append(f"La persona en la llamada se llama {nombre}.")
@@ -69,7 +88,7 @@ def system_blocks(
         facts.append(f"Contexto de la llamada: {contexto}")
     facts.append(f"Cada respuesta debe tener como máximo {max_chars} caracteres.")
     facts.append(KEYS_FACT)
-    return [
-        {"type": "text", "text": persona, "cache_control": {"type": "ephemeral"}},
-        {"type": "text", "text": "\n".join(facts)},
-    ]
+    persona_block: dict[str, Any] = {"type": "text", "text": persona}
+    if cache_persona:
+        persona_block["cache_control"] = {"type": "ephemeral"}
+    return [persona_block, {"type": "text", "text": "\n".join(facts)}]

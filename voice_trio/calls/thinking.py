@@ -61,6 +61,7 @@ async def think_reply(
         contexto=contexto,
         now=local_now(s.timezone),
         max_chars=s.max_response_length,
+        cache_persona=center.cache_persona[can_transfer],
     )
     if messages is None:
         messages = conversation.window(s.conversation_history_limit)

@@ -90,9 +90,19 @@ class LlmUsage:
         those after the last cache breakpoint, cache reads and writes come on top."""
         return self.input_tokens + self.cache_read_input_tokens + self.cache_creation_input_tokens
 
+    def __sub__(self, other: LlmUsage) -> LlmUsage:
+        return LlmUsage(
+            self.input_tokens - other.input_tokens,
+            self.output_tokens - other.output_tokens,
+            self.cache_read_input_tokens - other.cache_read_input_tokens,
+            self.cache_creation_input_tokens - other.cache_creation_input_tokens,
+        )
+
 
 # Told (input, output) tokens as they are reported: the increase since the last report.
 UsageHook = Callable[[int, int], None]
+# Told every usage report as it arrives, split by kind: the increase since the last report.
+UsageSink = Callable[[LlmUsage], None]
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -154,9 +164,15 @@ class ClaudeReply:
     ends without ``message_stop`` (cut off) raises ``LlmError(kind="incomplete_stream")``.
     """
 
-    def __init__(self, sdk_stream: Any, on_usage: UsageHook | None = None) -> None:
+    def __init__(
+        self,
+        sdk_stream: Any,
+        on_usage: UsageHook | None = None,
+        usage_sink: UsageSink | None = None,
+    ) -> None:
         self._sdk_stream = sdk_stream
         self._on_usage = on_usage
+        self._usage_sink = usage_sink
         self._blocks: list[dict[str, Any]] = []
         self._text_parts: list[str] = []
         self._usage = LlmUsage()
@@ -260,12 +276,14 @@ class ClaudeReply:
                 "cache_creation_input_tokens", old.cache_creation_input_tokens
             ),
         )
+        # As it arrives: a reply cut off by barge-in or hang-up still counts its tokens.
         if self._on_usage is not None:
-            # As it arrives: a reply cut off by barge-in or hang-up still counts its tokens.
             self._on_usage(
                 new.total_input_tokens - old.total_input_tokens,
                 new.output_tokens - old.output_tokens,
             )
+        if self._usage_sink is not None:
+            self._usage_sink(new - old)
 
 
 class ClaudeClient:
@@ -274,7 +292,8 @@ class ClaudeClient:
     ``timeout`` bounds each request (and each wait for the next streamed chunk);
     ``connect_timeout`` is kept short so a dead endpoint fails fast. ``thinking`` is sent
     as given when set (e.g. ``{"type": "disabled"}`` for lowest latency on models that
-    think by default).
+    think by default). ``usage_sink`` is told every usage report of every reply, split into
+    uncached input, cache reads, cache writes and output, exactly as the API reported them.
     """
 
     def __init__(
@@ -288,8 +307,10 @@ class ClaudeClient:
         connect_timeout: float = 3.0,
         max_retries: int = 0,
         thinking: Mapping[str, Any] | None = None,
+        usage_sink: UsageSink | None = None,
     ) -> None:
         self.model = model
+        self._usage_sink = usage_sink
         self.max_tokens = max_tokens
         self._thinking = dict(thinking) if thinking is not None else None
         self._sdk = anthropic.AsyncAnthropic(
@@ -348,7 +369,7 @@ class ClaudeClient:
         try:
             async with self._sdk.messages.stream(**params) as sdk_stream:
                 entered = True
-                yield ClaudeReply(sdk_stream, on_usage)
+                yield ClaudeReply(sdk_stream, on_usage, self._usage_sink)
         except _MAPPED_ERRORS as exc:
             if entered:
                 raise

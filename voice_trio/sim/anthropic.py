@@ -16,7 +16,11 @@ What is simulated (``shared/docs/protocols/anthropic.md``):
   with ``stop_reason: "max_tokens"``; ``stop_sequences`` are honoured. ``cache_control``
   breakpoints on tools, system or message blocks create a prompt-cache entry (keyed by a
   hash of the model and the prefix) reported as ``cache_creation_input_tokens`` the first
-  time and ``cache_read_input_tokens`` afterwards; there is no minimum length and no TTL.
+  time and ``cache_read_input_tokens`` afterwards. A breakpoint engages only when the prompt
+  up to and including its block has at least the model's minimum cacheable length
+  (:data:`CACHE_MINIMUMS`, docs/protocols/anthropic.md); a shorter one is processed without
+  caching (usage 0 and 0), or, with ``short_cache_prefix="error"``, refused with a 400 the
+  way the API once did. There is no TTL.
 
 The reply rule lives in :func:`default_reply` (replace it with ``sim.reply_fn``): the last
 user message is quoted back in Spanish; a farewell with an ``end_call`` tool on offer, or a
@@ -27,7 +31,10 @@ is ignored, so replies depend only on the conversation and the tools.
 Knobs on :class:`AnthropicSim`: ``api_key`` (``None`` accepts any key), ``ttft`` (seconds
 before the first delta, default 0.4), ``tokens_per_second`` (default 80, must be > 0;
 ``math.inf`` for no pacing), ``words_per_delta``, ``thinking`` (text of a leading thinking
-block, skipped when the request sends ``thinking: {"type": "disabled"}``), ``reply_fn``.
+block, skipped when the request sends ``thinking: {"type": "disabled"}``), ``reply_fn``,
+``cache_minimums`` (model id prefix -> minimum cacheable tokens; the longest matching prefix
+wins), ``cache_minimum_default`` (for a model not listed) and ``short_cache_prefix``
+(``"ignore"`` or ``"error"``). The sources disagree on some minimums: set them here.
 Faults queue up with :meth:`AnthropicSim.inject` and apply to the next requests that pass
 auth and validation, one fault per request.
 """
@@ -80,6 +87,31 @@ _RECORDED_HEADERS = (
 _BLOCK_TYPES = frozenset(
     {"text", "tool_use", "tool_result", "thinking", "redacted_thinking", "image", "document"}
 )
+# Minimum cacheable prompt length per model id prefix, as Anthropic's prompt-caching page
+# gives it in 2026 (docs/protocols/anthropic.md lists the sources and where they disagree).
+CACHE_MINIMUMS: dict[str, int] = {
+    "claude-opus-5": 512,
+    "claude-fable-5": 512,
+    "claude-mythos-5": 512,
+    "claude-opus-4-8": 1024,
+    "claude-sonnet-5": 1024,
+    "claude-sonnet-4-6": 1024,
+    "claude-sonnet-4-5": 1024,
+    "claude-opus-4-1": 1024,
+    "claude-opus-4": 1024,
+    "claude-sonnet-4": 1024,
+    "claude-3-7-sonnet": 1024,
+    "claude-3-5-sonnet": 1024,
+    "claude-3-opus": 1024,
+    "claude-opus-4-7": 2048,
+    "claude-mythos-preview": 2048,
+    "claude-3-5-haiku": 2048,
+    "claude-3-haiku": 2048,
+    "claude-opus-4-6": 4096,
+    "claude-opus-4-5": 4096,
+    "claude-haiku-4-5": 4096,
+}
+CACHE_MINIMUM_DEFAULT = 1024  # a model the sources do not list [unconfirmed]
 _FAREWELL = re.compile(r"\b(adios|chao|hasta luego|eso es todo|goodbye)\b")
 _TRANSFER = re.compile(r"\btransferir|\bhablar con una persona\b")
 
@@ -145,6 +177,7 @@ class RecordedRequest:
     request_id: str
     status: int = 0
     fault: Fault | None = None
+    usage: dict[str, int] | None = None  # the input side of the usage reported, if answered
 
 
 def default_reply(request: Mapping[str, Any]) -> Reply:
@@ -327,6 +360,9 @@ class AnthropicSim:
     words_per_delta: int = 3
     thinking: str | None = None
     reply_fn: Callable[[dict[str, Any]], Reply] = default_reply
+    cache_minimums: dict[str, int] = field(default_factory=lambda: dict(CACHE_MINIMUMS))
+    cache_minimum_default: int = CACHE_MINIMUM_DEFAULT
+    short_cache_prefix: str = "ignore"  # or "error": a 400, as the API answered in 2024
     history: int = HISTORY
     requests: deque[RecordedRequest] = field(init=False)
     request_count: int = field(init=False, default=0)
@@ -409,6 +445,8 @@ class AnthropicSim:
         if problem := validate(body, version):
             return await error(400, problem)
         assert isinstance(body, dict)  # validate() refuses anything else
+        if self.short_cache_prefix == "error" and (problem := self._short_prefix_problem(body)):
+            return await error(400, problem)
 
         fault = self._faults.popleft() if self._faults else None
         record.fault = fault
@@ -420,13 +458,25 @@ class AnthropicSim:
         if fault and fault.error_after is not None and not streaming:
             return await error(529, fault=fault)
         usage = self._input_usage(body)
+        record.usage = usage
         output = self._plan(body)
         if streaming:
             await self._stream(send, record, body, usage, output, fault)
         else:
             await self._send_message(send, record, body, usage, output, fault)
 
-    def _input_usage(self, body: Mapping[str, Any]) -> dict[str, int]:
+    def cache_minimum(self, model: str) -> int:
+        """The minimum cacheable prompt length for ``model``: the longest listed prefix."""
+        matches = [
+            (len(prefix), tokens)
+            for prefix, tokens in self.cache_minimums.items()
+            if model == prefix or model.startswith(prefix + "-")
+        ]
+        return max(matches)[1] if matches else self.cache_minimum_default
+
+    def _breakpoints(self, body: Mapping[str, Any]) -> tuple[int, list[tuple[str, int]]]:
+        """The prompt's length and, per ``cache_control`` breakpoint, its cache key and the
+        length of the prefix it closes."""
         digest = hashlib.sha256(body["model"].encode())
         total, breakpoints = 0, []
         for segment, tokens, marked in _prompt_segments(body):
@@ -434,6 +484,24 @@ class AnthropicSim:
             total += tokens
             if marked:
                 breakpoints.append((digest.copy().hexdigest(), total))
+        return total, breakpoints
+
+    def _short_prefix_problem(self, body: Mapping[str, Any]) -> str | None:
+        """With ``short_cache_prefix="error"``: the 400 message for a breakpoint too early."""
+        minimum = self.cache_minimum(body["model"])
+        for _, upto in self._breakpoints(body)[1]:
+            if upto < minimum:
+                return (
+                    "The message up to and including the first cache-control block must be "
+                    f"at least {minimum} tokens. Found: {upto}."
+                )
+        return None
+
+    def _input_usage(self, body: Mapping[str, Any]) -> dict[str, int]:
+        total, marked = self._breakpoints(body)
+        # A prefix shorter than the model's minimum is processed without caching.
+        minimum = self.cache_minimum(body["model"])
+        breakpoints = [(key, upto) for key, upto in marked if upto >= minimum]
         read = next((upto for key, upto in reversed(breakpoints) if key in self.prompt_cache), 0)
         created = breakpoints[-1][1] - read if breakpoints else 0
         for key, upto in breakpoints:
@@ -667,6 +735,13 @@ async def serve(
     await serve_asgi(sim, host=host, port=port, task_status=task_status)
 
 
+def _model_minimum(text: str) -> tuple[str, int]:
+    model, _, tokens = text.partition("=")
+    if not model.strip() or not tokens.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected MODEL=TOKENS, got {text!r}")
+    return model.strip(), int(tokens)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
@@ -675,6 +750,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens-per-second", type=float, default=80.0)
     parser.add_argument("--words-per-delta", type=int, default=3)
     parser.add_argument("--thinking", default=None, help="text of a leading thinking block")
+    parser.add_argument(
+        "--cache-minimum",
+        action="append",
+        default=[],
+        type=_model_minimum,
+        metavar="MODEL=TOKENS",
+        help="minimum cacheable prompt length for a model id prefix (repeatable)",
+    )
+    parser.add_argument(
+        "--short-cache-prefix",
+        choices=("ignore", "error"),
+        default="ignore",
+        help="a cache breakpoint below the minimum: processed uncached, or a 400",
+    )
 
 
 async def run_from_args(args: argparse.Namespace) -> None:
@@ -684,7 +773,9 @@ async def run_from_args(args: argparse.Namespace) -> None:
         tokens_per_second=args.tokens_per_second if args.tokens_per_second > 0 else math.inf,
         words_per_delta=args.words_per_delta,
         thinking=args.thinking,
+        short_cache_prefix=args.short_cache_prefix,
     )
+    sim.cache_minimums.update(args.cache_minimum)
     async with trio.open_nursery() as nursery:
         base_url = await nursery.start(partial(serve, sim, host=args.host, port=args.port))
         print(f"Anthropic simulator listening on {base_url}", flush=True)
