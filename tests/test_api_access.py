@@ -16,9 +16,9 @@ import trio
 from conftest import make_settings, start_server
 from werkzeug.datastructures import Headers
 
+from voice_trio.forwarded import is_loopback
 from voice_trio.web.api import api_refusal
 from voice_trio.web.dispatch import build_app
-from voice_trio.web.forwarded import is_loopback
 
 OUTSIDE = ("203.0.113.5", 1234)
 LOOPBACK = ("127.0.0.1", 40000)

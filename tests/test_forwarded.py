@@ -1,4 +1,4 @@
-"""``web.forwarded``: whose word about the client is taken, and what it says.
+"""``forwarded``: whose word about the client is taken, and what it says.
 
 The header combinations are those proxies really send: nginx's bare ``proxy_pass`` (none),
 nginx with ``$proxy_add_x_forwarded_for`` (appends the peer it saw to what the client
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from werkzeug.datastructures import Headers
 
-from voice_trio.web.forwarded import RequestOrigin, TrustedProxies, request_origin
+from voice_trio.forwarded import RequestOrigin, TrustedProxies, request_origin
 
 LOCAL = TrustedProxies.parse("127.0.0.1")
 

@@ -19,8 +19,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dotenv import dotenv_values
 
+from voice_trio.forwarded import TrustedProxies
 from voice_trio.languages import agent_language
-from voice_trio.web.forwarded import TrustedProxies
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 _TRUE = {"1", "true", "yes", "on"}

@@ -10,7 +10,7 @@ from 127.0.0.1 on behalf of the whole internet, and nginx's bare ``proxy_pass`` 
 header that says so (no ``X-Forwarded-For``, HTTP/1.0, ``Host`` of the upstream): such a
 request cannot be told from ``curl`` on this machine. So serving loopback without a token is
 an operator's explicit choice, ``API_LOOPBACK_WITHOUT_TOKEN=true``, warned about at start-up.
-Then the client is found with ``web.forwarded`` (headers believed from ``FORWARDED_ALLOW_IPS``
+Then the client is found with ``forwarded`` (headers believed from ``FORWARDED_ALLOW_IPS``
 only), which holds behind a proxy that names its client — Caddy's ``reverse_proxy`` by
 default, nginx with ``X-Forwarded-For`` — but not behind a bare ``proxy_pass``.
 """
@@ -28,8 +28,8 @@ from quart_trio import QuartTrio
 
 from voice_trio.calls.center import CallCenter, CallRequest
 from voice_trio.config import E164, Settings
+from voice_trio.forwarded import HeaderLookup, request_origin
 from voice_trio.providers.telnyx_control import TelnyxError
-from voice_trio.web.forwarded import HeaderLookup, request_origin
 
 log = logging.getLogger("voice_trio.web")
 

@@ -13,10 +13,10 @@ from werkzeug.exceptions import HTTPException
 
 from voice_trio import __version__
 from voice_trio.calls.center import CallCenter
+from voice_trio.forwarded import request_origin
 from voice_trio.observability import watch_loop_lag
 from voice_trio.web.api import api_refusal, register_api
 from voice_trio.web.calls_api import register_calls_api
-from voice_trio.web.forwarded import request_origin
 from voice_trio.web.webhooks import register_webhooks
 
 log = logging.getLogger("voice_trio.web")
