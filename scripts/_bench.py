@@ -265,6 +265,10 @@ def server_env(
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if "MAX_CONNECTIONS_PER_CLIENT" in names:
+        # Every simulated carrier connects from 127.0.0.1: one client, hundreds of calls.
+        env["MAX_CONNECTIONS_PER_CLIENT"] = "5000"
+        env["MAX_CONNECTIONS"] = "5000"
     env.update(extra or {})
     return env
 

@@ -5,11 +5,13 @@ metric that grows without bound."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import logging
 
 import pytest
+import trio
 from conftest import Signer, start_server, webhook_body
 from telnyx_peer import TelnyxPeer
 
@@ -121,4 +123,110 @@ async def test_deeply_nested_json_is_a_4xx_with_a_reason_everywhere(nursery) -> 
     r = await server.client.post("/webhook/telnyx", content=body, headers=signer.headers(body))
     assert r.status_code == 200
     assert json.loads((await server.client.get("/health")).content)["status"] == "ok"
+    server.stop.set()
+
+
+async def _raw_request(port: int, head: bytes, *, source: str = "127.0.0.1"):
+    sock = trio.socket.socket()
+    await sock.bind((source, 0))
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+    if head:
+        await stream.send_all(head)
+    return stream
+
+
+async def _read_all(stream, within: float) -> bytes:
+    """Everything the server sends until it closes the connection (fails if it does not)."""
+    received = b""
+    with trio.fail_after(within):
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    return received
+
+
+def _port(server) -> int:
+    return int(server.base.rsplit(":", 1)[1])
+
+
+async def test_a_body_sent_a_byte_at_a_time_gets_408_and_loses_its_connection(nursery) -> None:
+    server = await start_server(nursery, {"REQUEST_TIMEOUT": "1"})
+    head = (
+        b"POST /webhook/telnyx HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: 1000\r\n\r\n{"
+    )
+    stream = await _raw_request(_port(server), head)
+    started = trio.current_time()
+
+    async def trickle() -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                await trio.sleep(0.2)
+                await stream.send_all(b" ")
+
+    async with trio.open_nursery() as sending:
+        sending.start_soon(trickle)
+        reply = await _read_all(stream, within=5)
+        sending.cancel_scope.cancel()
+    assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+    assert b'"error":"request_timeout"' in reply.replace(b" ", b"")
+    assert trio.current_time() - started < 4
+    server.stop.set()
+
+
+async def test_a_request_head_sent_a_byte_at_a_time_loses_its_connection(
+    nursery, monkeypatch
+) -> None:
+    monkeypatch.setattr("voice_trio.server.KEEP_ALIVE_SECONDS", 1.0)
+    server = await start_server(nursery, {})
+    stream = await _raw_request(_port(server), b"GET /health HTTP/1.1\r\n")
+    started = trio.current_time()
+
+    async def trickle() -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                await trio.sleep(0.2)
+                await stream.send_all(b"X")
+
+    async with trio.open_nursery() as sending:
+        sending.start_soon(trickle)
+        assert await _read_all(stream, within=5) == b""  # closed, nothing served
+        sending.cancel_scope.cancel()
+    assert trio.current_time() - started < 3
+    server.stop.set()
+
+
+async def _kept_alive(port: int, source: str = "127.0.0.1"):
+    """A connection that made one request and stays open (keep-alive)."""
+    stream = await _raw_request(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", source=source)
+    with trio.fail_after(5):
+        assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 200 ")
+    return stream
+
+
+async def test_connections_over_the_limits_get_503_and_are_closed(nursery) -> None:
+    server = await start_server(
+        nursery, {"MAX_CONNECTIONS": "4", "MAX_CONNECTIONS_PER_CLIENT": "3"}
+    )
+    port = _port(server)
+    held = [await _kept_alive(port) for _ in range(3)]
+    refused = await _read_all(await _raw_request(port, b""), within=3)
+    assert refused.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), refused
+    assert b'"error": "too_many_connections_from_client"' in refused
+    held.append(await _kept_alive(port, source="127.0.0.2"))
+    refused = await _read_all(await _raw_request(port, b"", source="127.0.0.2"), within=3)
+    assert b'"error": "too_many_connections"' in refused
+    # A connection that ends frees its place.
+    await held.pop(0).aclose()
+    await held.pop().aclose()
+    await trio.sleep(0.2)
+    r = await server.client.get("/health")
+    assert r.status_code == 200, r.text
+    metrics = (await server.client.get("/metrics")).text
+    assert 'voice_connections_refused_total{reason="too_many_connections_from_client"} 1.0' in (
+        metrics
+    )
+    assert 'voice_connections_refused_total{reason="too_many_connections"} 1.0' in metrics
+    for stream in held:
+        await stream.aclose()
     server.stop.set()

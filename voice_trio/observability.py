@@ -229,6 +229,12 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.connections_refused = Counter(
+            "voice_connections_refused",
+            "Connections refused at the limits (MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT)",
+            ["reason"],
+            registry=r,
+        )
         self.trio_tasks = Gauge("voice_trio_tasks", "Live Trio tasks in the server", registry=r)
         # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...
         ProcessCollector(registry=r)

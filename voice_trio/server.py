@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import resource
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -26,11 +27,15 @@ from voice_trio.calls.center import (
 )
 from voice_trio.config import Settings
 from voice_trio.web.dispatch import VoiceApp, build_app
+from voice_trio.web.hypercorn_fixes import ConnectionLimits
 
 log = logging.getLogger("voice_trio")
 
 # After the drain, what HTTP requests still in flight get before their connections close.
 SHUTDOWN_GRACE_SECONDS = 1.0
+# A connection may be idle, or send its request head, this long (Hypercorn's keep-alive
+# timer runs from connect or the last response until a request head is complete).
+KEEP_ALIVE_SECONDS = 5.0
 READ_TIMEOUT_SECONDS = 30
 
 
@@ -50,14 +55,20 @@ def reserve_listener(host: str, port: int = 0) -> socket.socket:
     return sock
 
 
-def hypercorn_config(settings: Settings, listener: socket.socket | None = None) -> Config:
+def hypercorn_config(
+    settings: Settings,
+    listener: socket.socket | None = None,
+    limits: ConnectionLimits | None = None,
+) -> Config:
     config = Config()
+    config.connection_limits = limits  # type: ignore[attr-defined]  # hypercorn_fixes, fix 5
     if listener is not None:
         config.bind = [f"fd://{listener.detach()}"]
     else:
         config.bind = [f"{settings.host}:{settings.port}"]
     config.accesslog = None
     config.graceful_timeout = SHUTDOWN_GRACE_SECONDS
+    config.keep_alive_timeout = KEEP_ALIVE_SECONDS
     config.websocket_ping_interval = None
     # A connection that sends nothing for this long is closed: a live call's media socket
     # carries a frame every 20 ms, so this reaps half-closed peers and idle keep-alive
@@ -66,6 +77,26 @@ def hypercorn_config(settings: Settings, listener: socket.socket | None = None) 
     # Telnyx frames are small JSON; nothing legitimate comes near this.
     config.websocket_max_message_size = 256 * 1024
     return config
+
+
+def fit_descriptor_limit(connections: int) -> None:
+    """Raise this process's descriptor limit towards what ``connections`` media calls need
+    (each holds the carrier's socket and one to Deepgram), or say it is too low."""
+    wanted = 2 * connections + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        log.warning(
+            "Open-file limit %d is below the %d that MAX_CONNECTIONS=%d may need: lower it"
+            " or raise the limit (ulimit -n, LimitNOFILE=)",
+            target,
+            wanted,
+            connections,
+        )
 
 
 class Signals:
@@ -100,7 +131,14 @@ async def serve(
     drain the calls still running before Hypercorn stops."""
     app = app or build_app(settings)
     center = app.center
-    config = hypercorn_config(settings, listener)
+    refused = center.metrics.connections_refused
+    limits = ConnectionLimits(
+        settings.max_connections,
+        settings.max_connections_per_client,
+        on_refused=lambda reason: refused.labels(reason).inc(),
+    )
+    fit_descriptor_limit(settings.max_connections)
+    config = hypercorn_config(settings, listener, limits)
     async with trio.open_nursery() as nursery:
         trigger: Callable[[], Awaitable[object]]
         if shutdown_trigger is None:

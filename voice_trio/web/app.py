@@ -40,6 +40,9 @@ def create_app(center: CallCenter) -> QuartTrio:
     app = QuartTrio("voice_trio")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = 2
+    # A body that trickles in (a byte every few seconds) may not hold its connection:
+    # reading it is bounded as a whole, then 408 (hypercorn_fixes, fix 5).
+    app.config["BODY_TIMEOUT"] = center.settings.request_timeout_s
     settings = center.settings
 
     @app.before_serving
@@ -113,6 +116,7 @@ def create_app(center: CallCenter) -> QuartTrio:
     async def http_error(exc: HTTPException) -> Any:
         reason = {
             413: "request body too large",
+            408: "the request body did not arrive in time",
             404: "no such route",
             405: "method not allowed",
         }.get(exc.code or 500, exc.description or "error")

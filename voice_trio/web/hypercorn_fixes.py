@@ -1,4 +1,4 @@
-"""Four small corrections to Hypercorn 0.18's trio worker, applied once at start-up.
+"""Five small corrections to Hypercorn 0.18's trio worker, applied once at start-up.
 
 1. **Close race** (research/trio-stack.md, gotcha 11). ``TCPServer._close`` calls
    ``send_eof`` without the connection's ``send_lock`` while ``protocol_send`` may be inside
@@ -28,14 +28,26 @@
    cancel scope per connection and moves its deadline before each read (the same read
    timeout, never counting time spent handing data to the protocol), and reads up to
    ``READ_CHUNK``: a media frame is ~300 bytes, a large request body just takes more reads.
+5. **Connection limits.** Hypercorn serves every connection it accepts; a client opening
+   thousands (or holding each with a body sent a byte at a time) takes the descriptors and
+   memory of every call. With ``ConnectionLimits`` on the config (``server.py`` sets it from
+   ``MAX_CONNECTIONS`` and ``MAX_CONNECTIONS_PER_CLIENT``) a connection over either limit
+   is answered ``503`` with a JSON reason and closed before any protocol work. The per-client
+   count is by peer address: behind a proxy, or for Telnyx's media servers, one address
+   carries many clients, which is why its default is high. (How long a request may take is
+   bounded elsewhere: its head by Hypercorn's ``keep_alive_timeout``, which runs until the
+   head is complete, and its body by Quart's ``BODY_TIMEOUT``, ``REQUEST_TIMEOUT`` here.)
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 import types
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -61,6 +73,80 @@ def apply() -> None:
     _add_reason_phrases()
     TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
     TCPServer._read_data = _read_data  # type: ignore[method-assign]
+    _limit_connections()
+
+
+@dataclass
+class ConnectionLimits:
+    """Open connections, counted per peer address; see fix 5 in the module docstring."""
+
+    total: int
+    per_client: int
+    on_refused: Callable[[str], None] = lambda reason: None
+    _open: Counter[str] = field(default_factory=Counter, init=False)
+    _count: int = field(default=0, init=False)
+
+    def admit(self, client: str) -> str | None:
+        """Count a new connection from ``client``; the reason it is refused, if it is."""
+        if self._count >= self.total:
+            return "too_many_connections"
+        if self._open[client] >= self.per_client:
+            return "too_many_connections_from_client"
+        self._open[client] += 1
+        self._count += 1
+        return None
+
+    def release(self, client: str) -> None:
+        self._count -= 1
+        self._open[client] -= 1
+        if not self._open[client]:
+            del self._open[client]
+
+    @property
+    def open(self) -> int:
+        return self._count
+
+
+def _refusal(reason: str) -> bytes:
+    body = json.dumps(
+        {"error": reason, "reason": "the server has as many connections as it takes; retry"}
+    ).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nretry-after: 1\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _limit_connections() -> None:
+    original = TCPServer.run
+
+    @functools.wraps(original)
+    async def run(self: TCPServer) -> None:
+        limits: ConnectionLimits | None = getattr(self.config, "connection_limits", None)
+        if limits is None:
+            await original(self)
+            return
+        try:
+            client = str(self.stream.socket.getpeername()[0])
+        except (AttributeError, OSError):
+            client = "-"
+        refused = limits.admit(client)
+        if refused is None:
+            try:
+                await original(self)
+            finally:
+                limits.release(client)
+            return
+        limits.on_refused(refused)
+        with trio.move_on_after(1):
+            try:
+                await self.stream.send_all(_refusal(refused))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await self.stream.aclose()
+
+    TCPServer.run = run  # type: ignore[method-assign]
 
 
 def _serialise_close() -> None:
