@@ -79,6 +79,26 @@ async def test_malformed_frames_are_dropped_and_counted_while_the_call_goes_on(
     server.stop.set()
 
 
+async def test_a_start_with_odd_fields_the_server_does_not_use_still_opens_the_call(
+    nursery, lab
+) -> None:
+    """Fields the server does not rely on never fail the ``start`` frame: the call is up
+    (greeting audio on the socket), not refused or left to fall back after seconds."""
+    server = await start_lab_server(nursery, lab)
+    frame = json.loads(start_frame("v3:odd-start"))
+    frame.pop("stream_id")
+    frame["start"].update(custom_parameters="customer_123", tags="TAG1", user_id=7)
+    frame["start"]["media_format"].update(sample_rate="8 kHz", channels="mono")
+    async with trio_websocket.open_websocket_url(server.media_url("v3:odd-start")) as ws:
+        await ws.send_message(json.dumps({"event": "connected", "version": 1}))
+        await ws.send_message(json.dumps(frame))
+        with trio.fail_after(5):
+            assert json.loads(await ws.get_message())["event"] == "media"
+    metrics = (await server.client.get("/metrics")).text
+    assert "voice_frames_dropped_total{" not in metrics
+    server.stop.set()
+
+
 async def test_a_call_that_fails_unexpectedly_ends_alone(nursery, lab, monkeypatch) -> None:
     from voice_trio.calls import session as session_module
 

@@ -6,9 +6,13 @@ them is thin. ``parse_frame`` runs ~50 times a second per call, so the ``media``
 
 Leniency follows the protocol notes: counters may be strings or numbers, the codec may be
 spelled ``PCMU`` or ``audio/x-mulaw``, and an ``error`` frame may carry its object under
-``error`` or ``payload``. Anything else that is wrong raises :class:`FrameError` with a short
-reason the caller logs and counts; unknown event types parse to ``None`` so a newer Telnyx
-feature never breaks a call.
+``error`` or ``payload``. A ``start`` frame fails only for what the call cannot do without
+(the ``start`` object, ``call_control_id``, a codec it can name): a field the server does not
+rely on (``stream_id``, ``custom_parameters``, ``tags``, ``sample_rate``, ...) or an optional
+one of the wrong type is taken as absent, since one odd field must never cost the caller the
+media stream. Anything else that is wrong raises :class:`FrameError` with a short reason the
+caller logs and counts; unknown event types parse to ``None`` so a newer Telnyx feature never
+breaks a call.
 """
 
 from __future__ import annotations
@@ -66,10 +70,11 @@ class Start:
 
     ``client_state`` is the raw base64 string Telnyx echoes back; decoding it is the
     session's business. ``call_session_id``, ``from_`` and ``to`` are absent in older
-    Telnyx payloads, hence optional.
+    Telnyx payloads, hence optional; so is everything else but the call id and the codec
+    (None when absent or of the wrong type, see the module docstring).
     """
 
-    stream_id: str
+    stream_id: str | None
     call_control_id: str
     call_session_id: str | None
     from_: str | None
@@ -77,7 +82,7 @@ class Start:
     client_state: str | None
     custom_parameters: dict[str, Any]
     encoding: Encoding
-    sample_rate: int
+    sample_rate: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,28 +225,15 @@ def _required_str(obj: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _optional_str(obj: dict[str, Any], key: str, where: str) -> str | None:
-    value = obj.get(key)
-    if value is not None and type(value) is not str:
-        raise FrameError(f"{where}{key} is not a string")
-    return value
-
-
 def _parse_connected(msg: dict[str, Any]) -> Connected:
-    return Connected(_optional_str(msg, "version", ""))
+    return Connected(_lenient_str(msg, "version"))
 
 
 def _parse_start(msg: dict[str, Any]) -> Start:
     start = _object(msg, "start")
     # stream_id is top-level per the docs; some clients read it from `start`, so accept both.
-    stream_id = msg.get("stream_id", start.get("stream_id"))
-    if type(stream_id) is not str or not stream_id:
-        raise FrameError("stream_id is missing or not a string")
+    stream_id = _lenient_str(msg, "stream_id") or _lenient_str(start, "stream_id")
     custom = start.get("custom_parameters")
-    if custom is None:
-        custom = {}
-    elif type(custom) is not dict:
-        raise FrameError("start.custom_parameters is not an object")
     media_format = start.get("media_format")
     if type(media_format) is not dict:
         raise FrameError("start.media_format is missing")
@@ -251,22 +243,30 @@ def _parse_start(msg: dict[str, Any]) -> Start:
     encoding = _ENCODINGS.get(codec.upper())
     if encoding is None:
         raise FrameError(f"unsupported codec {codec[:32]!r}")
-    rate = media_format.get("sample_rate", 8000)
-    if type(rate) is not int:
-        rate = _counter(rate, "start.media_format.sample_rate")
-    if rate <= 0:
-        raise FrameError("start.media_format.sample_rate is not positive")
     return Start(
         stream_id=stream_id,
         call_control_id=_required_str(start, "call_control_id", "start."),
-        call_session_id=_optional_str(start, "call_session_id", "start."),
-        from_=_optional_str(start, "from", "start."),
-        to=_optional_str(start, "to", "start."),
-        client_state=_optional_str(start, "client_state", "start."),
-        custom_parameters=custom,
+        call_session_id=_lenient_str(start, "call_session_id"),
+        from_=_lenient_str(start, "from"),
+        to=_lenient_str(start, "to"),
+        client_state=_lenient_str(start, "client_state"),
+        custom_parameters=custom if type(custom) is dict else {},
         encoding=encoding,
-        sample_rate=rate,
+        sample_rate=_lenient_rate(media_format.get("sample_rate")),
     )
+
+
+def _lenient_str(obj: dict[str, Any], key: str) -> str | None:
+    """An optional string field: absent, empty or of another type is None."""
+    value = obj.get(key)
+    return value if type(value) is str and value else None
+
+
+def _lenient_rate(value: object) -> int | None:
+    """``media_format.sample_rate`` (a number or a numeric string); None if unusable."""
+    if type(value) is str and value.isdigit():
+        value = int(value)
+    return value if type(value) is int and value > 0 else None
 
 
 def _parse_dtmf(msg: dict[str, Any]) -> Dtmf:
