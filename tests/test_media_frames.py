@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from voice_trio.providers.telnyx_media import (
+    G711_CODECS,
     Connected,
     Dtmf,
     FrameError,
@@ -118,10 +119,30 @@ def test_start_stream_id_inside_start_is_accepted() -> None:
     assert parsed.stream_id == "32DE0DEA-53CB-4B21-89A4-9E1819C043BC"
 
 
-@pytest.mark.parametrize("codec", ["G722", "OPUS", "L16", "AMR-WB"])
-def test_start_unsupported_codec(codec: str) -> None:
-    with pytest.raises(FrameError, match="unsupported codec"):
-        parse_frame(start_frame(encoding=codec, sample_rate=16000))
+@pytest.mark.parametrize("codec", ["G722", "OPUS", "L16", "AMR-WB", "opus"])
+def test_a_start_names_a_codec_the_media_path_cannot_carry(codec: str) -> None:
+    """Telnyx streams the call's own codec when it cannot transcode: the frame says which,
+    so that the call can be carried another way (not dropped as malformed)."""
+    frame = parse_frame(start_frame(encoding=codec, sample_rate=16000))
+    assert isinstance(frame, Start)
+    assert frame.encoding == codec.upper() and frame.encoding not in G711_CODECS
+    assert frame.call_control_id and frame.sample_rate == 16000
+
+
+@pytest.mark.parametrize(
+    "media_format", [None, [], {}, {"encoding": 7}, {"encoding": ""}, {"sample_rate": 8000}]
+)
+def test_a_start_without_a_codec_names_none(media_format: object) -> None:
+    frame = json.loads(START)
+    frame["start"]["media_format"] = media_format
+    parsed = parse_frame(json.dumps(frame))
+    assert isinstance(parsed, Start) and parsed.encoding is None
+
+
+def test_a_codec_name_is_bounded() -> None:
+    frame = parse_frame(start_frame(encoding="X" * 10_000))
+    assert isinstance(frame, Start)
+    assert frame.encoding is not None and len(frame.encoding) <= 24
 
 
 def test_media_documented_example() -> None:
@@ -187,8 +208,7 @@ def test_unknown_event_is_ignored() -> None:
         ('{"event": "media", "media": {"payload": "", "timestamp": 1.5}}', "timestamp"),
         ('{"event": "media", "media": {"payload": "", "chunk": true}}', "chunk"),
         ('{"event": "start"}', "no start object"),
-        ('{"event": "start", "stream_id": "s", "start": {"media_format": {}}}', "encoding"),
-        ('{"event": "start", "stream_id": "s", "start": {}}', "media_format"),
+        ('{"event": "start", "stream_id": "s", "start": {"media_format": {}}}', "call_control_id"),
         ('{"event": "dtmf", "dtmf": {}}', "dtmf.digit"),
         ('{"event": "mark", "mark": {"name": 3}}', "mark.name"),
         ('{"event": "mark"}', "no mark object"),

@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any
 
 import httpx
+import pytest
 import trio
 import trio_websocket
 from test_sim_telnyx import (
@@ -164,6 +165,35 @@ async def test_pcma_stream_carries_the_callers_words(nursery) -> None:
     assert all(len(p) == 160 for p in payloads)
     assert payloads[0] == b"\xd5" * 160  # A-law silence
     assert decode_speech(alaw_to_mulaw(b"".join(payloads))) == "hola mundo"
+
+
+@pytest.mark.parametrize(
+    ("call_codec", "asked", "forced", "streamed", "rate"),
+    [
+        ("PCMU", "PCMU", None, "PCMU", 8000),
+        ("PCMA", "PCMU", None, "PCMU", 8000),  # transcoded: PCMU <-> PCMA is supported
+        ("PCMU", "PCMA", None, "PCMA", 8000),
+        ("PCMA", "default", None, "PCMA", 8000),
+        ("G722", "PCMU", None, "G722", 16000),  # not transcodable: the call's codec
+        ("OPUS", "PCMU", None, "OPUS", 48000),  # a WebRTC leg
+        ("PCMU", "PCMU", "PCMA", "PCMA", 8000),  # the knob: whatever was asked
+    ],
+)
+async def test_the_stream_codec_is_telnyxs_documented_choice(
+    nursery, call_codec, asked, forced, streamed, rate
+) -> None:
+    """The asked codec if the call has it or it transcodes (PCMU <-> PCMA), else the call's
+    own; the knob forces one. Every one streams (streamed_call waits for streaming.started),
+    those the sim cannot encode with placeholder payloads."""
+    c = await streamed_call(
+        nursery, knobs={"call_codec": call_codec, "stream_codec": forced}, stream_codec=asked
+    )
+    await c.server.wait_for("media", 3)
+    media_format = c.server.of("start")[0]["start"]["media_format"]
+    assert media_format == {"encoding": streamed, "sample_rate": rate, "channels": 1}
+    payloads = [base64.b64decode(f["media"]["payload"]) for f in c.server.of("media")]
+    assert all(len(p) == 160 for p in payloads)
+    assert c.stream.params.codec == streamed
 
 
 async def test_out_of_order_knob_swaps_adjacent_frames(nursery) -> None:

@@ -2,12 +2,14 @@
 
 A call is in fallback mode from its start with ``USE_MEDIA_STREAMS=false`` (mode
 ``fallback``), or because its media stream failed (mode ``degraded``). A stream fails in
-one of three ways:
+one of four ways:
 
 - Telnyx says so: a ``streaming.failed`` webhook.
 - It never comes: no media socket with a ``start`` frame ``STREAM_CONNECT_TIMEOUT_MS`` after
   ``streaming_start`` was sent. A ``streaming_stop`` follows, and a socket that still turns
   up later finds the call registered and is refused.
+- It comes in a codec the media path cannot carry (Telnyx streams the call's own codec when
+  it cannot transcode to PCMU: G722, OPUS): at once, with ``streaming_stop``.
 - It drops: the socket closes without a ``stop`` frame (:data:`STREAM_LOST`). Telnyx sends
   ``stop`` on hang-up, but it may be lost too, so the degraded call first waits
   ``STREAM_LOST_GRACE_MS`` for a ``call.hangup`` before it says anything.
@@ -75,7 +77,7 @@ class RecentCalls:
 
 class FallbackCalls:
     """The fallback-mode calls as this instance sees them: webhooks applied to their shared
-    state, this instance's ``FallbackCall`` tasks, their records, and the three ways a
+    state, this instance's ``FallbackCall`` tasks, their records, and the four ways a
     media-streams call degrades into one (module docstring)."""
 
     def __init__(self, center: CallCenter) -> None:
@@ -376,6 +378,16 @@ class FallbackCalls:
             "🔌 No media stream %d ms after Streaming Start: the call goes on in fallback mode",
             self.center.settings.stream_connect_timeout_ms,
         )
+        if self.start(call_control_id, decode_client_state(client_state), "degraded"):
+            self.center.spawn(self.center.telnyx.streaming_stop, call_control_id)
+
+    def stream_unusable(self, call_control_id: str, client_state: str | None, why: str) -> None:
+        """The call's media socket came, but its audio cannot be carried (``why``, e.g. its
+        codec): the call goes on in fallback mode at once, and the stream is stopped."""
+        log.warning("🔀 Media stream unusable (%s): the call goes on in fallback mode", why)
+        self._stream_arrived(call_control_id)
+        if self.center.going_away.is_set() or call_control_id in self._hung_up:
+            return
         if self.start(call_control_id, decode_client_state(client_state), "degraded"):
             self.center.spawn(self.center.telnyx.streaming_stop, call_control_id)
 

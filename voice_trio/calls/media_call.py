@@ -24,7 +24,7 @@ from voice_trio.calls.session import STREAM_LOST, STT_UNAVAILABLE, CallSession
 from voice_trio.observability import call_id_var
 from voice_trio.providers.deepgram_stt import SttError
 from voice_trio.providers.telnyx_control import decode_client_state
-from voice_trio.providers.telnyx_media import FrameError, Start, Stop, parse_frame
+from voice_trio.providers.telnyx_media import G711_CODECS, FrameError, Start, Stop, parse_frame
 from voice_trio.store import CallRecord, TurnEntry
 from voice_trio.store.outage import keep
 
@@ -82,6 +82,19 @@ async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
         center.metrics.stream_rejected.labels("bad_token").inc()
         log.warning("🔌 Media stream refused for %s: %s", start.call_control_id, exc)
         await socket.close(1008, "invalid stream token")
+        return
+    if start.encoding not in G711_CODECS:
+        # Telnyx streams the call's own codec when it cannot transcode to the PCMU we asked
+        # for (G722, OPUS on SIP/WebRTC legs): waiting would only delay the fallback.
+        center.metrics.stream_rejected.labels("codec").inc()
+        token = call_id_var.set(start.call_control_id)
+        try:
+            center.fallback.stream_unusable(
+                start.call_control_id, start.client_state, f"codec {start.encoding!r}"
+            )
+        finally:
+            call_id_var.reset(token)
+        await socket.close(1003, "codec not supported: G.711 (PCMU, PCMA) only")
         return
     call = ActiveCall(start.call_control_id, mode="media")
     try:

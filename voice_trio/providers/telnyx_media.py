@@ -7,7 +7,8 @@ them is thin. ``parse_frame`` runs ~50 times a second per call, so the ``media``
 Leniency follows the protocol notes: counters may be strings or numbers, the codec may be
 spelled ``PCMU`` or ``audio/x-mulaw``, and an ``error`` frame may carry its object under
 ``error`` or ``payload``. A ``start`` frame fails only for what the call cannot do without
-(the ``start`` object, ``call_control_id``, a codec it can name): a field the server does not
+(the ``start`` object and its ``call_control_id``); a codec the media path cannot carry is
+reported, not refused, so that the call can be carried another way. A field the server does not
 rely on (``stream_id``, ``custom_parameters``, ``tags``, ``sample_rate``, ...) or an optional
 one of the wrong type is taken as absent, since one odd field must never cost the caller the
 media stream. Anything else that is wrong raises :class:`FrameError` with a short reason the
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
+    "G711_CODECS",
     "Connected",
     "Dtmf",
     "FrameError",
@@ -41,14 +43,18 @@ __all__ = [
     "parse_frame",
 ]
 
-Encoding = Literal["PCMU", "PCMA"]
+# The codecs the media path carries (8 kHz G.711, one byte a sample). Telnyx may stream
+# another one than streaming_start asked for (telnyx.md §1.6: "when transcoding is not
+# possible, the codec from the call will be used"); ``Start.encoding`` names it all the same.
+G711_CODECS = frozenset({"PCMU", "PCMA"})
 
-_ENCODINGS: dict[str, Encoding] = {
+_ENCODINGS = {
     "PCMU": "PCMU",
     "AUDIO/X-MULAW": "PCMU",
     "PCMA": "PCMA",
     "AUDIO/X-ALAW": "PCMA",
 }
+MAX_CODEC_NAME = 24  # a codec name is kept (for logs) up to this length
 
 
 class FrameError(ValueError):
@@ -70,8 +76,10 @@ class Start:
 
     ``client_state`` is the raw base64 string Telnyx echoes back; decoding it is the
     session's business. ``call_session_id``, ``from_`` and ``to`` are absent in older
-    Telnyx payloads, hence optional; so is everything else but the call id and the codec
-    (None when absent or of the wrong type, see the module docstring).
+    Telnyx payloads, hence optional; so is everything else but the call id (None when
+    absent or of the wrong type, see the module docstring). ``encoding`` is ``PCMU`` or
+    ``PCMA`` whatever the spelling, any other codec by its (upper-cased, bounded) name, or
+    None if the frame names none: only ``G711_CODECS`` can be carried.
     """
 
     stream_id: str | None
@@ -81,7 +89,7 @@ class Start:
     to: str | None
     client_state: str | None
     custom_parameters: dict[str, Any]
-    encoding: Encoding
+    encoding: str | None
     sample_rate: int | None
 
 
@@ -236,13 +244,7 @@ def _parse_start(msg: dict[str, Any]) -> Start:
     custom = start.get("custom_parameters")
     media_format = start.get("media_format")
     if type(media_format) is not dict:
-        raise FrameError("start.media_format is missing")
-    codec = media_format.get("encoding")
-    if type(codec) is not str:
-        raise FrameError("start.media_format.encoding is missing or not a string")
-    encoding = _ENCODINGS.get(codec.upper())
-    if encoding is None:
-        raise FrameError(f"unsupported codec {codec[:32]!r}")
+        media_format = {}
     return Start(
         stream_id=stream_id,
         call_control_id=_required_str(start, "call_control_id", "start."),
@@ -251,7 +253,7 @@ def _parse_start(msg: dict[str, Any]) -> Start:
         to=_lenient_str(start, "to"),
         client_state=_lenient_str(start, "client_state"),
         custom_parameters=custom if type(custom) is dict else {},
-        encoding=encoding,
+        encoding=_codec(media_format.get("encoding")),
         sample_rate=_lenient_rate(media_format.get("sample_rate")),
     )
 
@@ -260,6 +262,13 @@ def _lenient_str(obj: dict[str, Any], key: str) -> str | None:
     """An optional string field: absent, empty or of another type is None."""
     value = obj.get(key)
     return value if type(value) is str and value else None
+
+
+def _codec(value: object) -> str | None:
+    if type(value) is not str or not value:
+        return None
+    name = value.strip().upper()[:MAX_CODEC_NAME]
+    return _ENCODINGS.get(name, name)
 
 
 def _lenient_rate(value: object) -> int | None:

@@ -13,7 +13,10 @@ Two pieces, both used by :mod:`voice_trio.sim.telnyx` and usable on their own in
   (``shared/docs/protocols/telnyx.md`` §3): ``connected``, ``start`` (top-level
   ``stream_id``; string ``sequence_number``), then a ``media`` frame per tick with string
   ``chunk``/``timestamp`` (ms since the stream started) and the base64 of 160 bytes in the
-  stream codec (PCMU, or PCMA transcoded with :func:`voice_trio.audio.mulaw_to_alaw`).
+  stream codec (PCMU, or PCMA transcoded with :func:`voice_trio.audio.mulaw_to_alaw`). The sim
+  cannot encode the other codecs Telnyx may stream (G722, OPUS, AMR-WB, L16): such a stream
+  says so in ``start.media_format`` (with the codec's rate) and its ``media`` frames carry
+  160 placeholder bytes, which is all a server that must refuse the codec gets to see.
   ``inbound_track`` sends the party's audio, ``outbound_track`` what is played to the party,
   ``both_tracks`` both. ``dtmf`` frames follow key presses. From the server it accepts
   ``media`` (played only in ``rtp`` bidirectional mode; the payload must be a whole number
@@ -59,11 +62,22 @@ MAX_CHUNK_BYTES = 30_000 * BYTES_PER_MS  # a server media frame carries 20 ms to
 MAX_QUEUED_BYTES = 120_000 * BYTES_PER_MS
 SILENCE_FRAME = bytes([MULAW_SILENCE]) * FRAME_BYTES
 PLAYABLE_CODECS = frozenset({"PCMU", "PCMA"})
+# Every codec Telnyx streams in, with the rate its ``media_format`` reports. The G.711 rate is
+# the codec's; the others are the codecs' usual rates, not confirmed for Telnyx (telnyx.md).
+STREAM_CODEC_RATES = {
+    "PCMU": 8000,
+    "PCMA": 8000,
+    "G722": 16000,
+    "OPUS": 48000,
+    "AMR-WB": 16000,
+    "L16": 16000,
+}
 
 _SILENCE_B64 = {
     "PCMU": base64.b64encode(SILENCE_FRAME).decode(),
     "PCMA": base64.b64encode(mulaw_to_alaw(SILENCE_FRAME)).decode(),
 }
+_PLACEHOLDER_B64 = base64.b64encode(bytes(FRAME_BYTES)).decode()  # not audio: see above
 _MEDIA = (
     '{"event":"media","sequence_number":"%d","stream_id":"%s",'
     '"media":{"track":"%s","chunk":"%d","timestamp":"%d","payload":"%s"}}'
@@ -231,11 +245,12 @@ class MediaStream:
         self._dtmf: list[str] = []
         self._stopping = False
         self._alaw_out = params.codec == "PCMA"
+        self._encoded_out = params.codec in PLAYABLE_CODECS  # else placeholder payloads
         self._alaw_in = params.bidirectional_codec == "PCMA"
         self._rtp = params.bidirectional_mode == "rtp"
         self._inbound = params.track in ("inbound_track", "both_tracks")
         self._outbound = params.track in ("outbound_track", "both_tracks")
-        self._silence_b64 = _SILENCE_B64["PCMA" if self._alaw_out else "PCMU"]
+        self._silence_b64 = _SILENCE_B64.get(params.codec, _PLACEHOLDER_B64)
         self.playback = Playback()
 
     @property
@@ -368,14 +383,18 @@ class MediaStream:
                     "tags": list(p.tags),
                     "client_state": p.client_state,
                     "custom_parameters": p.custom_parameters,
-                    "media_format": {"encoding": p.codec, "sample_rate": 8000, "channels": 1},
+                    "media_format": {
+                        "encoding": p.codec,
+                        "sample_rate": STREAM_CODEC_RATES.get(p.codec, 8000),
+                        "channels": 1,
+                    },
                 },
             }
         )
 
     async def _send_media(self, track: str, frame: bytes | None) -> None:
         self._chunks[track] = chunk = self._chunks[track] + 1
-        if frame is None:
+        if frame is None or not self._encoded_out:
             payload = self._silence_b64
         else:
             payload = base64.b64encode(mulaw_to_alaw(frame) if self._alaw_out else frame).decode()
