@@ -108,6 +108,7 @@ async def streamed_call(
     server = await start_media_server(nursery)
     call = await answered_inbound(sim, client, receiver, caller)
     fields = {"stream_url": server.url, "stream_bidirectional_mode": "rtp", **stream}
+    fields["stream_url"] = fields["stream_url"].format(url=server.url)
     r = await client.post(f"/calls/{call.call_control_id}/actions/streaming_start", json=fields)
     assert r.status_code == 200, r.text
     await receiver.wait_for("streaming.started")
@@ -124,7 +125,11 @@ async def test_connected_start_and_media_paced_at_50_per_second(nursery) -> None
     await trio.sleep(0.6)
     server = c.server
     assert server.headers["x-telnyx-streaming-auth-token"] == "tok-1"
-    assert server.frames[0][1] == {"event": "connected", "version": "1.0.0"}
+    assert server.frames[0][1] == {
+        "event": "connected",
+        "version": "1.0.0",
+        "x-telnyx-streaming-auth-token": "tok-1",
+    }
     start = server.frames[1][1]
     assert start["event"] == "start" and start["sequence_number"] == "1"
     assert start["stream_id"] == c.stream.params.stream_id
@@ -151,6 +156,33 @@ async def test_connected_start_and_media_paced_at_50_per_second(nursery) -> None
     (t0, _), (t1, _) = media[2], media[-1]
     rate = (len(media) - 3) / (t1 - t0)
     assert 45 <= rate <= 55, rate
+
+
+async def test_the_stream_token_channels_can_be_turned_off_and_the_query_dropped(
+    nursery,
+) -> None:
+    c = await streamed_call(
+        nursery,
+        knobs={
+            "strip_stream_query": True,
+            "stream_auth_header": False,
+            "stream_auth_in_connected": False,
+        },
+        stream_auth_token="tok-1",
+        stream_url="{url}?token=tok-1",
+    )
+    await c.server.wait_for("start")
+    assert c.server.path == "/stream/media"  # the query string did not survive
+    assert "x-telnyx-streaming-auth-token" not in c.server.headers
+    assert c.server.frames[0][1] == {"event": "connected", "version": "1.0.0"}
+
+
+async def test_without_a_token_the_connected_frame_is_the_documented_example(nursery) -> None:
+    c = await streamed_call(nursery, stream_url="{url}?token=tok-1")
+    await c.server.wait_for("start")
+    assert c.server.path == "/stream/media?token=tok-1"  # kept unless the knob says not
+    assert "x-telnyx-streaming-auth-token" not in c.server.headers
+    assert c.server.frames[0][1] == {"event": "connected", "version": "1.0.0"}
 
 
 async def test_pcma_stream_carries_the_callers_words(nursery) -> None:

@@ -65,9 +65,15 @@ class FrameError(ValueError):
         self.reason = reason
 
 
+# ``stream_auth_token`` comes back under this name, as an upgrade header and as a field of
+# the ``connected`` frame (telnyx.md §3.1).
+AUTH_TOKEN_FIELD = "x-telnyx-streaming-auth-token"
+
+
 @dataclass(frozen=True, slots=True)
 class Connected:
     version: str | None
+    auth_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +240,7 @@ def _required_str(obj: dict[str, Any], key: str, where: str) -> str:
 
 
 def _parse_connected(msg: dict[str, Any]) -> Connected:
-    return Connected(_lenient_str(msg, "version"))
+    return Connected(_lenient_str(msg, "version"), _lenient_str(msg, AUTH_TOKEN_FIELD))
 
 
 def _parse_start(msg: dict[str, Any]) -> Start:

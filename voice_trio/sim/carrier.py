@@ -10,7 +10,11 @@ Two pieces, both used by :mod:`voice_trio.sim.telnyx` and usable on their own in
   next 20 ms of queued bot audio to the party. Audio queued by ``speak``/``playback_start``
   (announcements) plays when the stream has nothing to play.
 - :class:`MediaStream` is one WebSocket opened towards the server's ``stream_url``
-  (``shared/docs/protocols/telnyx.md`` §3): ``connected``, ``start`` (top-level
+  (``shared/docs/protocols/telnyx.md`` §3; ``docs/protocols/telnyx.md``). A
+  ``stream_auth_token`` is sent as the ``x-telnyx-streaming-auth-token`` upgrade header and
+  as that field of the ``connected`` frame, as Telnyx documents (``auth_header``,
+  ``auth_in_connected`` turn either off); ``strip_query`` connects without the URL's query
+  string (nothing documents that Telnyx keeps it). Then ``connected``, ``start`` (top-level
   ``stream_id``; string ``sequence_number``), then a ``media`` frame per tick with string
   ``chunk``/``timestamp`` (ms since the stream started) and the base64 of 160 bytes in the
   stream codec (PCMU, or PCMA transcoded with :func:`voice_trio.audio.mulaw_to_alaw`). The sim
@@ -43,6 +47,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
@@ -62,6 +67,7 @@ MAX_CHUNK_BYTES = 30_000 * BYTES_PER_MS  # a server media frame carries 20 ms to
 MAX_QUEUED_BYTES = 120_000 * BYTES_PER_MS
 SILENCE_FRAME = bytes([MULAW_SILENCE]) * FRAME_BYTES
 PLAYABLE_CODECS = frozenset({"PCMU", "PCMA"})
+AUTH_TOKEN_FIELD = "x-telnyx-streaming-auth-token"  # the upgrade header, and in ``connected``
 # Every codec Telnyx streams in, with the rate its ``media_format`` reports. The G.711 rate is
 # the codec's; the others are the codecs' usual rates, not confirmed for Telnyx (telnyx.md).
 STREAM_CODEC_RATES = {
@@ -187,7 +193,10 @@ class StreamParams:
     client_state: str | None = None
     custom_parameters: dict[str, str] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
-    auth_token: str | None = None
+    auth_token: str | None = None  # stream_auth_token
+    auth_header: bool = True  # send it as the x-telnyx-streaming-auth-token upgrade header
+    auth_in_connected: bool = True  # and in the connected frame
+    strip_query: bool = False  # connect to ``url`` without its query string
     codec: str = "PCMU"  # of the audio sent to the server
     track: str = "inbound_track"
     bidirectional_mode: str = "mp3"  # only "rtp" media from the server is played
@@ -264,18 +273,22 @@ class MediaStream:
         normally however the socket ends.
         """
         p = self.params
-        headers = (
-            [(b"x-telnyx-streaming-auth-token", p.auth_token.encode())] if p.auth_token else []
-        )
+        headers = []
+        connected: dict[str, str] = {"event": "connected", "version": "1.0.0"}
+        if p.auth_token and p.auth_header:
+            headers.append((AUTH_TOKEN_FIELD.encode(), p.auth_token.encode()))
+        if p.auth_token and p.auth_in_connected:
+            connected[AUTH_TOKEN_FIELD] = p.auth_token
+        url = urlsplit(p.url)._replace(query="").geturl() if p.strip_query else p.url
         try:
             async with trio_websocket.open_websocket_url(
-                p.url,
+                url,
                 extra_headers=headers,
                 connect_timeout=self._connect_timeout,
                 disconnect_timeout=1.0,
             ) as ws:
                 self._ws = ws
-                await ws.send_message('{"event":"connected","version":"1.0.0"}')
+                await ws.send_message(json.dumps(connected, separators=(",", ":")))
                 await ws.send_message(self._start_frame())
                 self.started.set()
                 task_status.started()

@@ -31,7 +31,11 @@ Flows (webhook order per call is guaranteed; see :mod:`voice_trio.sim.telnyx_web
   documented choice: the ``stream_codec`` asked for if the call (``call_codec``) has it or it
   can be transcoded (PCMU <-> PCMA only), else the call's own; ``stream_codec`` (the knob)
   forces one whatever was asked (a Telnyx that does not transcode). A G722, OPUS, AMR-WB or L16
-  stream is opened and announced like any other, but its audio is placeholder bytes. A socket
+  stream is opened and announced like any other, but its audio is placeholder bytes. A
+  ``stream_auth_token`` comes back as the ``x-telnyx-streaming-auth-token`` upgrade header and
+  in the ``connected`` frame (``stream_auth_header`` / ``stream_auth_in_connected`` turn
+  either off); ``strip_stream_query`` connects without the ``stream_url``'s query string,
+  as a carrier that keeps only the documented channels would. A socket
   that cannot be opened, a non-loopback URL, or a bidirectional codec the sim cannot play
   (anything but PCMU/PCMA at 8000 Hz) gives ``streaming.failed``. ``streaming_stop``/hang-up: ``stop`` frame, close 1000,
   ``streaming.stopped``; a server that closes the socket also gets ``streaming.stopped``.
@@ -140,6 +144,9 @@ class TelnyxSim:
         no_answer_timeout_s: float | None = None,
         call_codec: str = "PCMU",
         stream_codec: str | None = None,
+        strip_stream_query: bool = False,
+        stream_auth_header: bool = True,
+        stream_auth_in_connected: bool = True,
         out_of_order_share: float = 0.0,
         seed: int | None = None,
         speak_ms_per_char: int = DEFAULT_MS_PER_CHAR,
@@ -166,6 +173,9 @@ class TelnyxSim:
         self.no_answer_timeout_s = no_answer_timeout_s
         self.call_codec = call_codec
         self.stream_codec = stream_codec
+        self.strip_stream_query = strip_stream_query
+        self.stream_auth_header = stream_auth_header
+        self.stream_auth_in_connected = stream_auth_in_connected
         self.out_of_order_share = out_of_order_share
         self.rng = random.Random(seed)
         self.speak_ms_per_char = speak_ms_per_char
@@ -555,6 +565,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stream in this codec whatever streaming_start asks",
     )
     parser.add_argument("--out-of-order", type=float, default=0.0, help="share of swapped frames")
+    parser.add_argument(
+        "--strip-stream-query",
+        action="store_true",
+        help="connect to stream_url without its query string",
+    )
 
 
 async def run_from_args(args: argparse.Namespace) -> None:
@@ -564,6 +579,7 @@ async def run_from_args(args: argparse.Namespace) -> None:
         ring_ms=args.ring_ms,
         call_codec=args.codec,
         stream_codec=args.stream_codec,
+        strip_stream_query=args.strip_stream_query,
         out_of_order_share=args.out_of_order,
     )
     async with trio.open_nursery() as nursery:
