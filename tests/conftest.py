@@ -115,9 +115,15 @@ class LiveServer:
         return "ws" + self.base[len("http") :]
 
     def media_url(self, call_control_id: str) -> str:
-        """The stream URL Telnyx would be given for this call (with its stream token)."""
+        """The stream URL with this call's stream token in its query string: the fallback
+        channel (``media_headers`` gives the documented one)."""
         token = stream_token.issue(self.app.center.stream_secret, call_control_id)
         return f"{self.ws_base}/stream/media?token={token}"
+
+    def media_headers(self, call_control_id: str) -> list[tuple[bytes, bytes]]:
+        """The upgrade header Telnyx sends with this call's stream token."""
+        token = stream_token.issue(self.app.center.stream_secret, call_control_id)
+        return [(b"x-telnyx-streaming-auth-token", token.encode())]
 
 
 async def start_server(nursery: trio.Nursery, settings: Settings | dict[str, Any]) -> LiveServer:

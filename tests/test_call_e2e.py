@@ -178,22 +178,28 @@ async def test_maximum_call_length_ends_the_call_politely(nursery, lab) -> None:
 
 
 async def test_pcma_and_out_of_order_frames_are_understood(nursery, lab) -> None:
-    lab.telnyx.call_codec = "PCMA"
+    """A Telnyx that streams A-law although PCMU was asked for (on a PCMA call it could
+    transcode, so the knob forces it): the caller's words reach Claude, and the bot's
+    replies (PCMU, as the bidirectional codec was declared) reach the caller."""
+    lab.telnyx.call_codec = lab.telnyx.stream_codec = "PCMA"
     lab.telnyx.out_of_order_share = 0.2
     server = await start_lab_server(nursery, lab)
-    await inbound(
-        lab,
-        caller(
-            [
-                WaitForBot(min_ms_silence=300),
-                Say("Buenas tardes, quiero cancelar mi cita.", 100),
-                WaitForBot(min_ms_silence=300),
-                HangUp(),
-            ]
-        ),
+    party = caller(
+        [
+            WaitForBot(min_ms_silence=300),
+            Say("Buenas tardes, quiero cancelar mi cita.", 100),
+            WaitForBot(min_ms_silence=300),
+            HangUp(),
+        ]
     )
+    call = lab.telnyx.place_inbound_call(PATIENT, OUR_NUMBER, party)
+    results = await party.run()
     await settle(server)
+    assert [s.params.codec for s in call.streams] == ["PCMA"]
     assert "Buenas tardes, quiero cancelar mi cita." in user_texts(lab)[0]
+    assert "Le habla Sofía" in results.bot_turns[0].text
+    assert "cancelar mi cita" in results.bot_turns[1].text  # the reply went back over the stream
+    assert not [r for r in lab.telnyx.requests if r.path.endswith("/speak")]
     server.stop.set()
 
 

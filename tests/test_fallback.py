@@ -283,6 +283,36 @@ async def test_no_media_socket_in_time_continues_in_fallback_mode(nursery, lab) 
     server.stop.set()
 
 
+@pytest.mark.parametrize("codec", ["G722", "OPUS"])
+async def test_a_stream_in_a_codec_the_media_path_cannot_carry_degrades_at_once(
+    nursery, lab, caplog, codec
+) -> None:
+    """An HD SIP (G722) or WebRTC (OPUS) leg: Telnyx cannot transcode to the PCMU asked for
+    and streams the call's codec. The call goes on in fallback mode at once (not after
+    STREAM_CONNECT_TIMEOUT_MS), says which codec, and never opens a Deepgram session."""
+    lab.telnyx.call_codec = codec
+    server = await start_lab_server(nursery, lab, STREAM_CONNECT_TIMEOUT_MS=5000)
+    party = caller(QUESTION_AND_GOODBYE, hang_up_when_done=False)
+    call = lab.telnyx.place_inbound_call(PATIENT, OUR_NUMBER, party)
+    nursery.start_soon(party.run)
+    await wait_for(lambda: call.spoken, timeout=2.5)  # the greeting, well inside the 5 s
+    await wait_for(call.ended.is_set, timeout=30)
+    await settle(server)
+    results = party.results
+    assert not results.errors
+    assert [s.params.codec for s in call.streams] == [codec]
+    assert sum("Le habla Sofía" in s for s in call.spoken) == 1
+    assert heard_reply_to(results, "Quiero una cita para el lunes.")
+    assert lab.deepgram.stt_connections_opened == 0
+    assert len(commands(lab, "streaming_stop")) == 1
+    assert call.streams[0].close_code == 1003
+    assert any(f"codec {codec!r}" in m for m in caplog.messages)
+    metrics = (await server.client.get("/metrics")).text
+    assert 'voice_stream_rejected_total{reason="codec"} 1.0' in metrics
+    assert 'voice_calls_total{end_reason="agent_ended",mode="degraded"} 1.0' in metrics
+    server.stop.set()
+
+
 async def test_a_dropped_media_socket_hands_the_conversation_over(nursery, lab) -> None:
     server = await start_lab_server(nursery, lab, STREAM_LOST_GRACE_MS=300)
     party = caller(

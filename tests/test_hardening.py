@@ -79,6 +79,26 @@ async def test_malformed_frames_are_dropped_and_counted_while_the_call_goes_on(
     server.stop.set()
 
 
+async def test_a_start_with_odd_fields_the_server_does_not_use_still_opens_the_call(
+    nursery, lab
+) -> None:
+    """Fields the server does not rely on never fail the ``start`` frame: the call is up
+    (greeting audio on the socket), not refused or left to fall back after seconds."""
+    server = await start_lab_server(nursery, lab)
+    frame = json.loads(start_frame("v3:odd-start"))
+    frame.pop("stream_id")
+    frame["start"].update(custom_parameters="customer_123", tags="TAG1", user_id=7)
+    frame["start"]["media_format"].update(sample_rate="8 kHz", channels="mono")
+    async with trio_websocket.open_websocket_url(server.media_url("v3:odd-start")) as ws:
+        await ws.send_message(json.dumps({"event": "connected", "version": 1}))
+        await ws.send_message(json.dumps(frame))
+        with trio.fail_after(5):
+            assert json.loads(await ws.get_message())["event"] == "media"
+    metrics = (await server.client.get("/metrics")).text
+    assert "voice_frames_dropped_total{" not in metrics
+    server.stop.set()
+
+
 async def test_a_call_that_fails_unexpectedly_ends_alone(nursery, lab, monkeypatch) -> None:
     from voice_trio.calls import session as session_module
 
@@ -234,16 +254,29 @@ def test_webhook_parser_returns_an_event_or_a_clear_error(body: bytes) -> None:
     assert event.id and event.event_type and isinstance(event.payload, dict)
 
 
-async def test_a_stream_without_a_valid_token_is_refused_before_any_provider(nursery, lab) -> None:
+async def test_a_stream_without_a_valid_token_is_refused_before_any_provider(
+    nursery, lab, caplog
+) -> None:
     server = await start_lab_server(nursery, lab)
+    base = server.ws_base + "/stream/media"
+    forged = [(b"x-telnyx-streaming-auth-token", b"v1.1700000000.AAAA")]
     cases = {
-        "no token": server.ws_base + "/stream/media",
-        "forged": server.ws_base + "/stream/media?token=v1.1700000000.AAAA",
-        "another call's": server.media_url("v3:someone-else"),
+        "no token": (base, [], None),
+        "forged": (base + "?token=v1.1700000000.AAAA", [], None),
+        "another call's": (server.media_url("v3:someone-else"), [], None),
+        "forged header": (base, forged, None),
+        "another call's header": (base, server.media_headers("v3:someone-else"), None),
+        "another call's, in connected": (base, [], "v3:someone-else"),
     }
-    for why, url in cases.items():
-        async with trio_websocket.open_websocket_url(url) as ws:  # the upgrade is accepted
-            await ws.send_message(start_frame("v3:intruder"))
+    intruder = "v3:intruder-" + "x" * 500
+    for why, (url, headers, connected_for) in cases.items():
+        # The upgrade is accepted.
+        async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
+            if connected_for is not None:
+                token = server.media_headers(connected_for)[0][1].decode()
+                connected = {"event": "connected", "x-telnyx-streaming-auth-token": token}
+                await ws.send_message(json.dumps(connected))
+            await ws.send_message(start_frame(intruder))
             try:
                 with trio.fail_after(5):
                     await ws.get_message()
@@ -252,5 +285,7 @@ async def test_a_stream_without_a_valid_token_is_refused_before_any_provider(nur
                 assert closed.reason.code == 1008, why
     assert lab.deepgram.stt_connections_opened == 0
     metrics = (await server.client.get("/metrics")).text
-    assert 'voice_stream_rejected_total{reason="bad_token"} 3.0' in metrics
+    assert 'voice_stream_rejected_total{reason="bad_token"} 6.0' in metrics
+    # What an unauthenticated peer sent reaches the log bounded, never whole.
+    assert intruder not in caplog.text and intruder[:40] in caplog.text
     server.stop.set()

@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any
 
 import httpx
+import pytest
 import trio
 import trio_websocket
 from test_sim_telnyx import (
@@ -107,6 +108,7 @@ async def streamed_call(
     server = await start_media_server(nursery)
     call = await answered_inbound(sim, client, receiver, caller)
     fields = {"stream_url": server.url, "stream_bidirectional_mode": "rtp", **stream}
+    fields["stream_url"] = fields["stream_url"].format(url=server.url)
     r = await client.post(f"/calls/{call.call_control_id}/actions/streaming_start", json=fields)
     assert r.status_code == 200, r.text
     await receiver.wait_for("streaming.started")
@@ -123,7 +125,11 @@ async def test_connected_start_and_media_paced_at_50_per_second(nursery) -> None
     await trio.sleep(0.6)
     server = c.server
     assert server.headers["x-telnyx-streaming-auth-token"] == "tok-1"
-    assert server.frames[0][1] == {"event": "connected", "version": "1.0.0"}
+    assert server.frames[0][1] == {
+        "event": "connected",
+        "version": "1.0.0",
+        "x-telnyx-streaming-auth-token": "tok-1",
+    }
     start = server.frames[1][1]
     assert start["event"] == "start" and start["sequence_number"] == "1"
     assert start["stream_id"] == c.stream.params.stream_id
@@ -152,6 +158,33 @@ async def test_connected_start_and_media_paced_at_50_per_second(nursery) -> None
     assert 45 <= rate <= 55, rate
 
 
+async def test_the_stream_token_channels_can_be_turned_off_and_the_query_dropped(
+    nursery,
+) -> None:
+    c = await streamed_call(
+        nursery,
+        knobs={
+            "strip_stream_query": True,
+            "stream_auth_header": False,
+            "stream_auth_in_connected": False,
+        },
+        stream_auth_token="tok-1",
+        stream_url="{url}?token=tok-1",
+    )
+    await c.server.wait_for("start")
+    assert c.server.path == "/stream/media"  # the query string did not survive
+    assert "x-telnyx-streaming-auth-token" not in c.server.headers
+    assert c.server.frames[0][1] == {"event": "connected", "version": "1.0.0"}
+
+
+async def test_without_a_token_the_connected_frame_is_the_documented_example(nursery) -> None:
+    c = await streamed_call(nursery, stream_url="{url}?token=tok-1")
+    await c.server.wait_for("start")
+    assert c.server.path == "/stream/media?token=tok-1"  # kept unless the knob says not
+    assert "x-telnyx-streaming-auth-token" not in c.server.headers
+    assert c.server.frames[0][1] == {"event": "connected", "version": "1.0.0"}
+
+
 async def test_pcma_stream_carries_the_callers_words(nursery) -> None:
     caller = ScriptedCaller([Wait(150), Say("hola mundo"), Wait(150)], ms_per_char=10, timeout_s=5)
     c = await streamed_call(nursery, caller, stream_codec="PCMA", stream_bidirectional_codec="PCMA")
@@ -164,6 +197,35 @@ async def test_pcma_stream_carries_the_callers_words(nursery) -> None:
     assert all(len(p) == 160 for p in payloads)
     assert payloads[0] == b"\xd5" * 160  # A-law silence
     assert decode_speech(alaw_to_mulaw(b"".join(payloads))) == "hola mundo"
+
+
+@pytest.mark.parametrize(
+    ("call_codec", "asked", "forced", "streamed", "rate"),
+    [
+        ("PCMU", "PCMU", None, "PCMU", 8000),
+        ("PCMA", "PCMU", None, "PCMU", 8000),  # transcoded: PCMU <-> PCMA is supported
+        ("PCMU", "PCMA", None, "PCMA", 8000),
+        ("PCMA", "default", None, "PCMA", 8000),
+        ("G722", "PCMU", None, "G722", 16000),  # not transcodable: the call's codec
+        ("OPUS", "PCMU", None, "OPUS", 48000),  # a WebRTC leg
+        ("PCMU", "PCMU", "PCMA", "PCMA", 8000),  # the knob: whatever was asked
+    ],
+)
+async def test_the_stream_codec_is_telnyxs_documented_choice(
+    nursery, call_codec, asked, forced, streamed, rate
+) -> None:
+    """The asked codec if the call has it or it transcodes (PCMU <-> PCMA), else the call's
+    own; the knob forces one. Every one streams (streamed_call waits for streaming.started),
+    those the sim cannot encode with placeholder payloads."""
+    c = await streamed_call(
+        nursery, knobs={"call_codec": call_codec, "stream_codec": forced}, stream_codec=asked
+    )
+    await c.server.wait_for("media", 3)
+    media_format = c.server.of("start")[0]["start"]["media_format"]
+    assert media_format == {"encoding": streamed, "sample_rate": rate, "channels": 1}
+    payloads = [base64.b64decode(f["media"]["payload"]) for f in c.server.of("media")]
+    assert all(len(p) == 160 for p in payloads)
+    assert c.stream.params.codec == streamed
 
 
 async def test_out_of_order_knob_swaps_adjacent_frames(nursery) -> None:

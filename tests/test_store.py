@@ -246,6 +246,32 @@ async def test_claim_event_once_across_instances(
         await other.aclose()
 
 
+async def test_a_media_stream_is_claimed_once_across_instances(
+    store: CallStore, make_store: StoreFactory
+) -> None:
+    """The first socket (or the decision that none will come) claims a call's stream; a
+    second socket or a replay, on any instance, finds it claimed."""
+    other = make_store()
+    await other.open()
+    try:
+        assert await store.claim_event("v3:call-1") is True  # webhook ids are another kind
+        assert await store.claim_stream("v3:call-1") is True
+        assert await store.claim_stream("v3:call-1") is False
+        assert await other.claim_stream("v3:call-1") is False
+        assert await other.claim_stream("v3:call-2") is True
+        wins: list[bool] = []
+
+        async def claim(s: CallStore) -> None:
+            wins.append(await s.claim_stream("v3:race"))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(claim, (store, other)[i % 2])
+        assert wins.count(True) == 1 and len(wins) == 20
+    finally:
+        await other.aclose()
+
+
 async def test_claimed_event_ids_expire(make_store: StoreFactory) -> None:
     s = make_store(event_ttl=0.2)
     await s.open()

@@ -1,12 +1,14 @@
 import pytest
 
+from voice_trio.calls import stream_token
 from voice_trio.calls.stream_token import (
     StreamTokenError,
     issue,
+    presented,
     token_from_query,
     verify,
-    with_token,
 )
+from voice_trio.store.records import EVENT_TTL
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 
@@ -37,16 +39,39 @@ def test_bad_tokens_are_refused_with_a_reason(token, reason) -> None:
 
 def test_tokens_expire() -> None:
     token = issue(SECRET, "v3:abc", now=1_000_000)
+    verify(SECRET, token, "v3:abc", now=1_000_000 + 600)
     with pytest.raises(StreamTokenError, match="expired"):
-        verify(SECRET, token, "v3:abc", now=1_000_000 + 3601)
+        verify(SECRET, token, "v3:abc", now=1_000_000 + 601)
     with pytest.raises(StreamTokenError, match="expired"):
         verify(SECRET, token, "v3:abc", now=1_000_000 - 61)
 
 
-def test_the_token_travels_in_the_stream_url_query() -> None:
+def test_a_claim_on_a_stream_outlives_its_token() -> None:
+    """A replayed token must always find its stream claimed (the store keeps a claim for
+    EVENT_TTL from the moment it was made, at the earliest MAX_SKEW_SECONDS before the
+    token's issue time)."""
+    assert stream_token.MAX_AGE_SECONDS + 2 * stream_token.MAX_SKEW_SECONDS < EVENT_TTL
+
+
+@pytest.mark.parametrize(
+    ("header", "connected", "query", "expected"),
+    [
+        ("h", "c", b"token=q", ("h", "header")),
+        (None, "c", b"token=q", ("c", "connected")),
+        ("", "c", b"", ("c", "connected")),
+        (None, None, b"x=1&token=q", ("q", "query")),
+        (None, None, b"x=1", (None, "none")),
+        (None, None, b"", (None, "none")),
+    ],
+)
+def test_the_token_is_taken_from_the_documented_channels_first(
+    header, connected, query, expected
+) -> None:
+    assert presented(header, connected, query) == expected
+
+
+def test_the_query_string_is_only_a_fallback_channel() -> None:
     token = issue(SECRET, "v3:abc")
-    url = with_token("wss://agent.example.com/stream/media", token)
-    assert url == f"wss://agent.example.com/stream/media?token={token}"
-    assert with_token("wss://h/s?x=1", token).endswith(f"?x=1&token={token}")
-    assert token_from_query(url.split("?", 1)[1].encode()) == token
+    assert token_from_query(f"token={token}".encode()) == token
+    assert token_from_query(f"x=1&token={token}".encode()) == token
     assert token_from_query(b"x=1") is None

@@ -26,7 +26,7 @@ import httpx
 import trio
 
 from voice_trio.calls import stream_token
-from voice_trio.calls.degrade import FallbackCalls
+from voice_trio.calls.degrade import FallbackCalls, RecentCalls
 from voice_trio.calls.persona import load_persona, persona_is_cacheable, tools_for
 from voice_trio.calls.phrases import PhraseCache, local_now, phrases_for
 from voice_trio.calls.registry import CallRegistry, SeenEvents
@@ -92,6 +92,7 @@ class CallCenter:
         self.seen_events = SeenEvents()
         self.signals = CallSignals()  # key presses and machine detection for media calls
         self.fallback = FallbackCalls(self)
+        self._claimed_streams = RecentCalls()  # media streams claimed through this instance
         self.started_monotonic = time.monotonic()
         self.going_away = trio.Event()
         self.phrases_text = phrases_for(settings.agent_language)
@@ -421,16 +422,36 @@ class CallCenter:
         """``streaming_start``; the call degrades to fallback mode if no socket comes."""
         self.fallback.expect_stream(ccid)
         log.info("Streaming Start requested → %s", self.settings.stream_url)
-        url = stream_token.with_token(
-            self.settings.stream_url, stream_token.issue(self.stream_secret, ccid)
-        )
+        token = stream_token.issue(self.stream_secret, ccid)
         try:
-            await self.telnyx.streaming_start(ccid, stream_url=url, client_state=client_state)
+            await self.telnyx.streaming_start(
+                ccid,
+                stream_url=self.settings.stream_url,
+                client_state=client_state,
+                auth_token=token,
+            )
         except TelnyxError as exc:
             if exc.code == CALL_ALREADY_ENDED:
                 self.fallback.hung_up(ccid)
             log.warning("⚠️ Streaming Start failed: %s", exc)
         await self.fallback.await_stream(ccid, client_state)
+
+    async def claim_stream(self, call_control_id: str) -> bool:
+        """True for the first claim, deployment-wide, on the call's media stream: by the
+        socket that proved the call, or by the decision that none will come. Asks this
+        instance's memory first, then the shared store; if the store cannot answer, memory
+        decides alone (the token was valid: an outage must not cost the call its stream)."""
+        if call_control_id in self._claimed_streams:
+            return False
+        self._claimed_streams.add(call_control_id)
+        if self.store is None:
+            return True
+        try:
+            return await self.store.claim_stream(call_control_id)
+        except StoreError as exc:
+            self.metrics.store_errors.labels("claim_stream").inc()
+            log.warning("🔌 Stream claims not shared (store unavailable: %s)", exc)
+            return True
 
     def client_context(self, client_state: str | None) -> dict[str, Any]:
         return decode_client_state(client_state)

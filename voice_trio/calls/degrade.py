@@ -2,12 +2,15 @@
 
 A call is in fallback mode from its start with ``USE_MEDIA_STREAMS=false`` (mode
 ``fallback``), or because its media stream failed (mode ``degraded``). A stream fails in
-one of three ways:
+one of four ways:
 
 - Telnyx says so: a ``streaming.failed`` webhook.
 - It never comes: no media socket with a ``start`` frame ``STREAM_CONNECT_TIMEOUT_MS`` after
-  ``streaming_start`` was sent. A ``streaming_stop`` follows, and a socket that still turns
-  up later finds the call registered and is refused.
+  ``streaming_start`` was sent (and no socket claimed the call's stream on another
+  instance). A ``streaming_stop`` follows, and a socket that still turns up later, on any
+  instance, finds the stream claimed and is refused.
+- It comes in a codec the media path cannot carry (Telnyx streams the call's own codec when
+  it cannot transcode to PCMU: G722, OPUS): at once, with ``streaming_stop``.
 - It drops: the socket closes without a ``stop`` frame (:data:`STREAM_LOST`). Telnyx sends
   ``stop`` on hang-up, but it may be lost too, so the degraded call first waits
   ``STREAM_LOST_GRACE_MS`` for a ``call.hangup`` before it says anything.
@@ -26,6 +29,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -56,6 +60,15 @@ CALL_EVENTS = frozenset(
 )
 
 
+@dataclass(slots=True)
+class _StreamWait:
+    """A media socket due for a call: ``over`` once it came (``connected``) or the call no
+    longer needs it (hang-up, ``streaming.failed``, a codec it cannot carry)."""
+
+    over: trio.Event = field(default_factory=trio.Event)
+    connected: bool = False
+
+
 class RecentCalls:
     """Call ids seen recently (bounded, oldest forgotten first)."""
 
@@ -75,7 +88,7 @@ class RecentCalls:
 
 class FallbackCalls:
     """The fallback-mode calls as this instance sees them: webhooks applied to their shared
-    state, this instance's ``FallbackCall`` tasks, their records, and the three ways a
+    state, this instance's ``FallbackCall`` tasks, their records, and the four ways a
     media-streams call degrades into one (module docstring)."""
 
     def __init__(self, center: CallCenter) -> None:
@@ -86,7 +99,7 @@ class FallbackCalls:
         self._own_store_opened = trio.Lock()
         self._own_store_open = False
         self._calls: dict[str, FallbackCall] = {}
-        self._stream_waits: dict[str, trio.Event] = {}
+        self._stream_waits: dict[str, _StreamWait] = {}
         # call.hangup may overtake the events it follows (webhooks are not ordered): a call
         # that hung up is never started or degraded afterwards.
         self._hung_up = RecentCalls()
@@ -346,36 +359,58 @@ class FallbackCalls:
 
     def expect_stream(self, call_control_id: str) -> None:
         """``streaming_start`` is about to be sent: note that a socket is due."""
-        self._stream_waits.setdefault(call_control_id, trio.Event())
+        self._stream_waits.setdefault(call_control_id, _StreamWait())
 
     def stream_started(self, call_control_id: str) -> None:
-        """The call's media socket sent ``start`` and the media call is registered."""
+        """The call's media socket sent ``start``, claimed the stream, and the media call is
+        registered."""
+        waiting = self._stream_waits.get(call_control_id)
+        if waiting is not None:
+            waiting.connected = True
         self._stream_arrived(call_control_id)
 
     def _stream_arrived(self, call_control_id: str) -> None:
         waiting = self._stream_waits.get(call_control_id)
         if waiting is not None:
-            waiting.set()
+            waiting.over.set()
 
     async def await_stream(self, call_control_id: str, client_state: str | None) -> None:
-        """Degrade the call if its media socket is not there in time (see ``expect_stream``)."""
-        arrived = self._stream_waits.get(call_control_id)
-        if arrived is None:
+        """Degrade the call if its media socket is not there in time (see ``expect_stream``).
+
+        Whether it came is the deployment's to say, not this instance's: the socket may have
+        landed on another one. So the wait ends in a claim on the call's stream
+        (``CallCenter.claim_stream``) unless the socket came here: losing it means a socket
+        has the stream elsewhere; winning it shuts the door on any socket still to come, on
+        every instance (after a hang-up or ``streaming.failed`` too)."""
+        waiting = self._stream_waits.get(call_control_id)
+        if waiting is None:
             return
         try:
             with trio.move_on_after(self.center.settings.stream_connect_timeout_ms / 1000):
-                await arrived.wait()
+                await waiting.over.wait()
         finally:
-            if self._stream_waits.get(call_control_id) is arrived:
+            if self._stream_waits.get(call_control_id) is waiting:
                 del self._stream_waits[call_control_id]
-        if arrived.is_set() or self.center.registry.get(call_control_id) is not None:
-            return  # connected, or a streaming.failed or call.hangup dealt with it
+        if waiting.connected or not await self.center.claim_stream(call_control_id):
+            return
+        if waiting.over.is_set() or self.center.registry.get(call_control_id) is not None:
+            return  # a streaming.failed or call.hangup dealt with it
         if self.center.going_away.is_set() or call_control_id in self._hung_up:
             return
         log.warning(
             "🔌 No media stream %d ms after Streaming Start: the call goes on in fallback mode",
             self.center.settings.stream_connect_timeout_ms,
         )
+        if self.start(call_control_id, decode_client_state(client_state), "degraded"):
+            self.center.spawn(self.center.telnyx.streaming_stop, call_control_id)
+
+    def stream_unusable(self, call_control_id: str, client_state: str | None, why: str) -> None:
+        """The call's media socket came, but its audio cannot be carried (``why``, e.g. its
+        codec): the call goes on in fallback mode at once, and the stream is stopped."""
+        log.warning("🔀 Media stream unusable (%s): the call goes on in fallback mode", why)
+        self._stream_arrived(call_control_id)
+        if self.center.going_away.is_set() or call_control_id in self._hung_up:
+            return
         if self.start(call_control_id, decode_client_state(client_state), "degraded"):
             self.center.spawn(self.center.telnyx.streaming_stop, call_control_id)
 

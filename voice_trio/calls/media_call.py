@@ -1,7 +1,9 @@
 """One media-stream call from socket accept to teardown.
 
 The Telnyx socket speaks first (``connected``, then ``start``). Once ``start`` names the
-call, the call is registered, runs inside its own cancel scope, and is unregistered in
+call, the socket must prove it (a stream token, ``calls.stream_token``) and be the first to
+claim the call's stream, deployment-wide, before any provider connection is opened; then
+the call is registered, runs inside its own cancel scope, and is unregistered in
 ``finally`` — whatever ended it: ``stop``, the socket closing, a ``call.hangup`` webhook,
 the conversation ending itself, or server shutdown. If the stream failed while the call is
 up (the socket closed without ``stop``, or ``streaming.failed``), the call is handed over
@@ -24,7 +26,15 @@ from voice_trio.calls.session import STREAM_LOST, STT_UNAVAILABLE, CallSession
 from voice_trio.observability import call_id_var
 from voice_trio.providers.deepgram_stt import SttError
 from voice_trio.providers.telnyx_control import decode_client_state
-from voice_trio.providers.telnyx_media import FrameError, Start, Stop, parse_frame
+from voice_trio.providers.telnyx_media import (
+    AUTH_TOKEN_FIELD,
+    G711_CODECS,
+    Connected,
+    FrameError,
+    Start,
+    Stop,
+    parse_frame,
+)
 from voice_trio.store import CallRecord, TurnEntry
 from voice_trio.store.outage import keep
 
@@ -43,45 +53,92 @@ class MediaSocket(Protocol):
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
     @property
     def query_string(self) -> bytes: ...
+    def header(self, name: str) -> str | None: ...
 
 
-async def wait_for_start(center: CallCenter, socket: MediaSocket) -> Start | None:
-    """Read frames until ``start``; None if the socket closes or stays silent too long."""
+async def wait_for_start(
+    center: CallCenter, socket: MediaSocket
+) -> tuple[Start | None, str | None]:
+    """Read frames until ``start``; return it (None if the socket closes or stays silent
+    too long) and the stream token of the ``connected`` frame, if one came with it.
+
+    The peer is not authenticated yet: what it sends is counted, and only the first bad
+    frame is logged (its reason is our own short text)."""
+    connected_token: str | None = None
+    malformed = 0
     with trio.move_on_after(START_TIMEOUT_SECONDS):
         while True:
             raw = await socket.receive()
             if raw is None:
-                return None
+                return None, None
             try:
                 frame = parse_frame(raw)
             except FrameError as exc:
                 center.metrics.frames_dropped.labels("malformed").inc()
-                log.warning("Dropped a malformed frame before start: %s", exc)
+                malformed += 1
+                if malformed == 1:
+                    log.warning(
+                        "Dropped a malformed frame before start (%s); more are counted", exc
+                    )
                 continue
-            if isinstance(frame, Start):
-                return frame
-            if isinstance(frame, Stop):
-                return None
+            if isinstance(frame, Connected):
+                connected_token = frame.auth_token or connected_token
+            elif isinstance(frame, Start):
+                return frame, connected_token
+            elif isinstance(frame, Stop):
+                return None, None
     center.metrics.stream_rejected.labels("no_start").inc()
     await socket.close(1008, "no start event")
-    return None
+    return None, None
+
+
+def _shown(value: str | None) -> str:
+    """An unauthenticated peer's string, for a log line: bounded and quoted."""
+    return repr(value[:40] + "…" if value and len(value) > 40 else value)
 
 
 async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
-    start = await wait_for_start(center, socket)
+    start, connected_token = await wait_for_start(center, socket)
     if start is None:
         return
+    proof, channel = stream_token.presented(
+        socket.header(AUTH_TOKEN_FIELD), connected_token, socket.query_string
+    )
     try:
-        stream_token.verify(
-            center.stream_secret,
-            stream_token.token_from_query(socket.query_string),
-            start.call_control_id,
-        )
+        stream_token.verify(center.stream_secret, proof, start.call_control_id)
     except stream_token.StreamTokenError as exc:
         # Before any provider connection: a socket that cannot prove its call costs nothing.
         center.metrics.stream_rejected.labels("bad_token").inc()
-        log.warning("🔌 Media stream refused for %s: %s", start.call_control_id, exc)
+        log.warning(
+            "🔌 Media stream refused for %s: %s (token by %s)",
+            _shown(start.call_control_id),
+            exc,
+            channel,
+        )
         await socket.close(1008, "invalid stream token")
+        return
+    if not await center.claim_stream(start.call_control_id):
+        # A valid token, but its stream is taken: a second socket for a call streaming
+        # somewhere, a replay after the call ended, or one the deployment gave up on.
+        center.metrics.stream_rejected.labels("replayed").inc()
+        log.warning(
+            "🔌 Media stream refused for %s: its stream was already claimed",
+            _shown(start.call_control_id),
+        )
+        await socket.close(1008, "stream already claimed")
+        return
+    if start.encoding not in G711_CODECS:
+        # Telnyx streams the call's own codec when it cannot transcode to the PCMU we asked
+        # for (G722, OPUS on SIP/WebRTC legs): waiting would only delay the fallback.
+        center.metrics.stream_rejected.labels("codec").inc()
+        token = call_id_var.set(start.call_control_id)
+        try:
+            center.fallback.stream_unusable(
+                start.call_control_id, start.client_state, f"codec {start.encoding!r}"
+            )
+        finally:
+            call_id_var.reset(token)
+        await socket.close(1003, "codec not supported: G.711 (PCMU, PCMA) only")
         return
     call = ActiveCall(start.call_control_id, mode="media")
     try:
@@ -97,7 +154,12 @@ async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
     origin = trio.current_time()
     await keep_record(center, record, [], first=True)
     try:
-        log.info("Media stream started (codec %s, stream %s)", start.encoding, start.stream_id)
+        log.info(
+            "Media stream started (codec %s, stream %s, token by %s)",
+            start.encoding,
+            start.stream_id,
+            channel,
+        )
         with call.cancel_scope:
             session = CallSession(center, socket, start, call)
             await session.run()

@@ -1,10 +1,16 @@
 """Stream tokens: proof that a media WebSocket belongs to a call we asked Telnyx to stream.
 
-``streaming_start`` puts ``?token=`` into ``stream_url``; Telnyx connects to that URL and
-names the call in its ``start`` frame. Only a ``start`` whose call id matches a valid,
-unexpired token opens any provider connection. The token is
+``streaming_start`` carries the token as ``stream_auth_token``; Telnyx sends it back as the
+``x-telnyx-streaming-auth-token`` upgrade header and in the ``connected`` frame
+(docs/protocols/telnyx.md). A query string on ``stream_url`` is read only as a fallback (a
+stream started before this channel was used): nothing documents that Telnyx keeps one, and
+Twilio is documented to drop them. Only a ``start`` whose call id matches a valid, unexpired
+token opens any provider connection. The token is
 ``v1.<issued unix seconds>.<base64url HMAC-SHA256(secret, "v1|<call id>|<issued>")>``:
-stateless, so any instance sharing ``SERVER_SECRET`` accepts it (DESIGN.md §4).
+stateless, so any instance sharing ``SERVER_SECRET`` accepts it (DESIGN.md §4). A token is
+good for one stream only: the first socket claims the call's stream in the shared store
+(``CallStore.claim_stream``), and that claim outlives the token (``MAX_AGE_SECONDS`` +
+``MAX_SKEW_SECONDS`` < ``store.records.EVENT_TTL``), so a replay is always refused.
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ import time
 from urllib.parse import parse_qs
 
 VERSION = "v1"
-MAX_AGE_SECONDS = 3600  # the stream starts seconds after streaming_start; an hour is ample
+# The socket comes seconds after streaming_start, or the call degrades after
+# STREAM_CONNECT_TIMEOUT_MS (at most a minute): ten minutes is ample.
+MAX_AGE_SECONDS = 600
+MAX_SKEW_SECONDS = 60  # instances' clocks may disagree this much
 
 
 class StreamTokenError(ValueError):
@@ -43,17 +52,25 @@ def verify(
         raise StreamTokenError("malformed stream token")
     issued = int(parts[1])
     now = time.time() if now is None else now
-    if not -60 <= now - issued <= MAX_AGE_SECONDS:
+    if not -MAX_SKEW_SECONDS <= now - issued <= MAX_AGE_SECONDS:
         raise StreamTokenError("stream token expired")
     if not hmac.compare_digest(parts[2], _mac(secret, call_control_id, issued)):
         raise StreamTokenError("stream token is not for this call")
 
 
-def with_token(stream_url: str, token: str) -> str:
-    separator = "&" if "?" in stream_url else "?"
-    return f"{stream_url}{separator}token={token}"
-
-
 def token_from_query(query_string: bytes) -> str | None:
+    """``token=`` of a query string: the fallback channel (module docstring)."""
     values = parse_qs(query_string.decode("latin-1")).get("token")
     return values[0] if values else None
+
+
+def presented(
+    header: str | None, connected: str | None, query_string: bytes
+) -> tuple[str | None, str]:
+    """The token a media socket presents and the channel it came by: the upgrade header,
+    else the ``connected`` frame, else the query string (the fallback); ``(None, "none")``."""
+    for token, channel in ((header, "header"), (connected, "connected")):
+        if token:
+            return token, channel
+    token = token_from_query(query_string)
+    return (token, "query") if token else (None, "none")

@@ -123,7 +123,10 @@ class TelnyxControl:
         stream_url: str,
         client_state: str | None = None,
         codec: str = "PCMU",
+        auth_token: str | None = None,
     ) -> None:
+        """Stream the call to ``stream_url``; ``auth_token`` comes back with the socket (the
+        ``x-telnyx-streaming-auth-token`` header and the ``connected`` frame)."""
         body: dict[str, Any] = {
             "stream_url": stream_url,
             "stream_track": "inbound_track",
@@ -132,6 +135,8 @@ class TelnyxControl:
             "stream_bidirectional_codec": "PCMU",
             "stream_bidirectional_sampling_rate": 8000,
         }
+        if auth_token:
+            body["stream_auth_token"] = auth_token
         if client_state:
             body["client_state"] = client_state
         await self.command(call_control_id, "streaming_start", body)

@@ -6,9 +6,14 @@ them is thin. ``parse_frame`` runs ~50 times a second per call, so the ``media``
 
 Leniency follows the protocol notes: counters may be strings or numbers, the codec may be
 spelled ``PCMU`` or ``audio/x-mulaw``, and an ``error`` frame may carry its object under
-``error`` or ``payload``. Anything else that is wrong raises :class:`FrameError` with a short
-reason the caller logs and counts; unknown event types parse to ``None`` so a newer Telnyx
-feature never breaks a call.
+``error`` or ``payload``. A ``start`` frame fails only for what the call cannot do without
+(the ``start`` object and its ``call_control_id``); a codec the media path cannot carry is
+reported, not refused, so that the call can be carried another way. A field the server does not
+rely on (``stream_id``, ``custom_parameters``, ``tags``, ``sample_rate``, ...) or an optional
+one of the wrong type is taken as absent, since one odd field must never cost the caller the
+media stream. Anything else that is wrong raises :class:`FrameError` with a short reason the
+caller logs and counts; unknown event types parse to ``None`` so a newer Telnyx feature never
+breaks a call.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
+    "G711_CODECS",
     "Connected",
     "Dtmf",
     "FrameError",
@@ -37,14 +43,18 @@ __all__ = [
     "parse_frame",
 ]
 
-Encoding = Literal["PCMU", "PCMA"]
+# The codecs the media path carries (8 kHz G.711, one byte a sample). Telnyx may stream
+# another one than streaming_start asked for (telnyx.md §1.6: "when transcoding is not
+# possible, the codec from the call will be used"); ``Start.encoding`` names it all the same.
+G711_CODECS = frozenset({"PCMU", "PCMA"})
 
-_ENCODINGS: dict[str, Encoding] = {
+_ENCODINGS = {
     "PCMU": "PCMU",
     "AUDIO/X-MULAW": "PCMU",
     "PCMA": "PCMA",
     "AUDIO/X-ALAW": "PCMA",
 }
+MAX_CODEC_NAME = 24  # a codec name is kept (for logs) up to this length
 
 
 class FrameError(ValueError):
@@ -55,9 +65,15 @@ class FrameError(ValueError):
         self.reason = reason
 
 
+# ``stream_auth_token`` comes back under this name, as an upgrade header and as a field of
+# the ``connected`` frame (telnyx.md §3.1).
+AUTH_TOKEN_FIELD = "x-telnyx-streaming-auth-token"
+
+
 @dataclass(frozen=True, slots=True)
 class Connected:
     version: str | None
+    auth_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,18 +82,21 @@ class Start:
 
     ``client_state`` is the raw base64 string Telnyx echoes back; decoding it is the
     session's business. ``call_session_id``, ``from_`` and ``to`` are absent in older
-    Telnyx payloads, hence optional.
+    Telnyx payloads, hence optional; so is everything else but the call id (None when
+    absent or of the wrong type, see the module docstring). ``encoding`` is ``PCMU`` or
+    ``PCMA`` whatever the spelling, any other codec by its (upper-cased, bounded) name, or
+    None if the frame names none: only ``G711_CODECS`` can be carried.
     """
 
-    stream_id: str
+    stream_id: str | None
     call_control_id: str
     call_session_id: str | None
     from_: str | None
     to: str | None
     client_state: str | None
     custom_parameters: dict[str, Any]
-    encoding: Encoding
-    sample_rate: int
+    encoding: str | None
+    sample_rate: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,53 +239,49 @@ def _required_str(obj: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _optional_str(obj: dict[str, Any], key: str, where: str) -> str | None:
-    value = obj.get(key)
-    if value is not None and type(value) is not str:
-        raise FrameError(f"{where}{key} is not a string")
-    return value
-
-
 def _parse_connected(msg: dict[str, Any]) -> Connected:
-    return Connected(_optional_str(msg, "version", ""))
+    return Connected(_lenient_str(msg, "version"), _lenient_str(msg, AUTH_TOKEN_FIELD))
 
 
 def _parse_start(msg: dict[str, Any]) -> Start:
     start = _object(msg, "start")
     # stream_id is top-level per the docs; some clients read it from `start`, so accept both.
-    stream_id = msg.get("stream_id", start.get("stream_id"))
-    if type(stream_id) is not str or not stream_id:
-        raise FrameError("stream_id is missing or not a string")
+    stream_id = _lenient_str(msg, "stream_id") or _lenient_str(start, "stream_id")
     custom = start.get("custom_parameters")
-    if custom is None:
-        custom = {}
-    elif type(custom) is not dict:
-        raise FrameError("start.custom_parameters is not an object")
     media_format = start.get("media_format")
     if type(media_format) is not dict:
-        raise FrameError("start.media_format is missing")
-    codec = media_format.get("encoding")
-    if type(codec) is not str:
-        raise FrameError("start.media_format.encoding is missing or not a string")
-    encoding = _ENCODINGS.get(codec.upper())
-    if encoding is None:
-        raise FrameError(f"unsupported codec {codec[:32]!r}")
-    rate = media_format.get("sample_rate", 8000)
-    if type(rate) is not int:
-        rate = _counter(rate, "start.media_format.sample_rate")
-    if rate <= 0:
-        raise FrameError("start.media_format.sample_rate is not positive")
+        media_format = {}
     return Start(
         stream_id=stream_id,
         call_control_id=_required_str(start, "call_control_id", "start."),
-        call_session_id=_optional_str(start, "call_session_id", "start."),
-        from_=_optional_str(start, "from", "start."),
-        to=_optional_str(start, "to", "start."),
-        client_state=_optional_str(start, "client_state", "start."),
-        custom_parameters=custom,
-        encoding=encoding,
-        sample_rate=rate,
+        call_session_id=_lenient_str(start, "call_session_id"),
+        from_=_lenient_str(start, "from"),
+        to=_lenient_str(start, "to"),
+        client_state=_lenient_str(start, "client_state"),
+        custom_parameters=custom if type(custom) is dict else {},
+        encoding=_codec(media_format.get("encoding")),
+        sample_rate=_lenient_rate(media_format.get("sample_rate")),
     )
+
+
+def _lenient_str(obj: dict[str, Any], key: str) -> str | None:
+    """An optional string field: absent, empty or of another type is None."""
+    value = obj.get(key)
+    return value if type(value) is str and value else None
+
+
+def _codec(value: object) -> str | None:
+    if type(value) is not str or not value:
+        return None
+    name = value.strip().upper()[:MAX_CODEC_NAME]
+    return _ENCODINGS.get(name, name)
+
+
+def _lenient_rate(value: object) -> int | None:
+    """``media_format.sample_rate`` (a number or a numeric string); None if unusable."""
+    if type(value) is str and value.isdigit():
+        value = int(value)
+    return value if type(value) is int and value > 0 else None
 
 
 def _parse_dtmf(msg: dict[str, Any]) -> Dtmf:

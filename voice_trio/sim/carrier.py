@@ -10,10 +10,17 @@ Two pieces, both used by :mod:`voice_trio.sim.telnyx` and usable on their own in
   next 20 ms of queued bot audio to the party. Audio queued by ``speak``/``playback_start``
   (announcements) plays when the stream has nothing to play.
 - :class:`MediaStream` is one WebSocket opened towards the server's ``stream_url``
-  (``shared/docs/protocols/telnyx.md`` §3): ``connected``, ``start`` (top-level
+  (``shared/docs/protocols/telnyx.md`` §3; ``docs/protocols/telnyx.md``). A
+  ``stream_auth_token`` is sent as the ``x-telnyx-streaming-auth-token`` upgrade header and
+  as that field of the ``connected`` frame, as Telnyx documents (``auth_header``,
+  ``auth_in_connected`` turn either off); ``strip_query`` connects without the URL's query
+  string (nothing documents that Telnyx keeps it). Then ``connected``, ``start`` (top-level
   ``stream_id``; string ``sequence_number``), then a ``media`` frame per tick with string
   ``chunk``/``timestamp`` (ms since the stream started) and the base64 of 160 bytes in the
-  stream codec (PCMU, or PCMA transcoded with :func:`voice_trio.audio.mulaw_to_alaw`).
+  stream codec (PCMU, or PCMA transcoded with :func:`voice_trio.audio.mulaw_to_alaw`). The sim
+  cannot encode the other codecs Telnyx may stream (G722, OPUS, AMR-WB, L16): such a stream
+  says so in ``start.media_format`` (with the codec's rate) and its ``media`` frames carry
+  160 placeholder bytes, which is all a server that must refuse the codec gets to see.
   ``inbound_track`` sends the party's audio, ``outbound_track`` what is played to the party,
   ``both_tracks`` both. ``dtmf`` frames follow key presses. From the server it accepts
   ``media`` (played only in ``rtp`` bidirectional mode; the payload must be a whole number
@@ -40,6 +47,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
@@ -59,11 +67,23 @@ MAX_CHUNK_BYTES = 30_000 * BYTES_PER_MS  # a server media frame carries 20 ms to
 MAX_QUEUED_BYTES = 120_000 * BYTES_PER_MS
 SILENCE_FRAME = bytes([MULAW_SILENCE]) * FRAME_BYTES
 PLAYABLE_CODECS = frozenset({"PCMU", "PCMA"})
+AUTH_TOKEN_FIELD = "x-telnyx-streaming-auth-token"  # the upgrade header, and in ``connected``
+# Every codec Telnyx streams in, with the rate its ``media_format`` reports. The G.711 rate is
+# the codec's; the others are the codecs' usual rates, not confirmed for Telnyx (telnyx.md).
+STREAM_CODEC_RATES = {
+    "PCMU": 8000,
+    "PCMA": 8000,
+    "G722": 16000,
+    "OPUS": 48000,
+    "AMR-WB": 16000,
+    "L16": 16000,
+}
 
 _SILENCE_B64 = {
     "PCMU": base64.b64encode(SILENCE_FRAME).decode(),
     "PCMA": base64.b64encode(mulaw_to_alaw(SILENCE_FRAME)).decode(),
 }
+_PLACEHOLDER_B64 = base64.b64encode(bytes(FRAME_BYTES)).decode()  # not audio: see above
 _MEDIA = (
     '{"event":"media","sequence_number":"%d","stream_id":"%s",'
     '"media":{"track":"%s","chunk":"%d","timestamp":"%d","payload":"%s"}}'
@@ -173,7 +193,10 @@ class StreamParams:
     client_state: str | None = None
     custom_parameters: dict[str, str] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
-    auth_token: str | None = None
+    auth_token: str | None = None  # stream_auth_token
+    auth_header: bool = True  # send it as the x-telnyx-streaming-auth-token upgrade header
+    auth_in_connected: bool = True  # and in the connected frame
+    strip_query: bool = False  # connect to ``url`` without its query string
     codec: str = "PCMU"  # of the audio sent to the server
     track: str = "inbound_track"
     bidirectional_mode: str = "mp3"  # only "rtp" media from the server is played
@@ -231,11 +254,12 @@ class MediaStream:
         self._dtmf: list[str] = []
         self._stopping = False
         self._alaw_out = params.codec == "PCMA"
+        self._encoded_out = params.codec in PLAYABLE_CODECS  # else placeholder payloads
         self._alaw_in = params.bidirectional_codec == "PCMA"
         self._rtp = params.bidirectional_mode == "rtp"
         self._inbound = params.track in ("inbound_track", "both_tracks")
         self._outbound = params.track in ("outbound_track", "both_tracks")
-        self._silence_b64 = _SILENCE_B64["PCMA" if self._alaw_out else "PCMU"]
+        self._silence_b64 = _SILENCE_B64.get(params.codec, _PLACEHOLDER_B64)
         self.playback = Playback()
 
     @property
@@ -249,18 +273,22 @@ class MediaStream:
         normally however the socket ends.
         """
         p = self.params
-        headers = (
-            [(b"x-telnyx-streaming-auth-token", p.auth_token.encode())] if p.auth_token else []
-        )
+        headers = []
+        connected: dict[str, str] = {"event": "connected", "version": "1.0.0"}
+        if p.auth_token and p.auth_header:
+            headers.append((AUTH_TOKEN_FIELD.encode(), p.auth_token.encode()))
+        if p.auth_token and p.auth_in_connected:
+            connected[AUTH_TOKEN_FIELD] = p.auth_token
+        url = urlsplit(p.url)._replace(query="").geturl() if p.strip_query else p.url
         try:
             async with trio_websocket.open_websocket_url(
-                p.url,
+                url,
                 extra_headers=headers,
                 connect_timeout=self._connect_timeout,
                 disconnect_timeout=1.0,
             ) as ws:
                 self._ws = ws
-                await ws.send_message('{"event":"connected","version":"1.0.0"}')
+                await ws.send_message(json.dumps(connected, separators=(",", ":")))
                 await ws.send_message(self._start_frame())
                 self.started.set()
                 task_status.started()
@@ -368,14 +396,18 @@ class MediaStream:
                     "tags": list(p.tags),
                     "client_state": p.client_state,
                     "custom_parameters": p.custom_parameters,
-                    "media_format": {"encoding": p.codec, "sample_rate": 8000, "channels": 1},
+                    "media_format": {
+                        "encoding": p.codec,
+                        "sample_rate": STREAM_CODEC_RATES.get(p.codec, 8000),
+                        "channels": 1,
+                    },
                 },
             }
         )
 
     async def _send_media(self, track: str, frame: bytes | None) -> None:
         self._chunks[track] = chunk = self._chunks[track] + 1
-        if frame is None:
+        if frame is None or not self._encoded_out:
             payload = self._silence_b64
         else:
             payload = base64.b64encode(mulaw_to_alaw(frame) if self._alaw_out else frame).decode()

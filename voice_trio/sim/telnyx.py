@@ -27,9 +27,17 @@ Flows (webhook order per call is guaranteed; see :mod:`voice_trio.sim.telnyx_web
   ``default_webhook_url`` -> the server's ``answer`` -> ``call.answered`` (+ stream if the
   answer carries ``stream_url``). Unanswered after ``answer_timeout_s``, the caller gives up.
 - ``streaming_start``: the carrier opens the WebSocket, sends ``connected`` + ``start``, then
-  ``streaming.started`` is sent (after the socket is up). A socket that cannot be opened, a
-  non-loopback URL, or a codec the sim cannot produce (anything but PCMU/PCMA at 8000 Hz)
-  gives ``streaming.failed``. ``streaming_stop``/hang-up: ``stop`` frame, close 1000,
+  ``streaming.started`` is sent (after the socket is up). The stream's codec is Telnyx's
+  documented choice: the ``stream_codec`` asked for if the call (``call_codec``) has it or it
+  can be transcoded (PCMU <-> PCMA only), else the call's own; ``stream_codec`` (the knob)
+  forces one whatever was asked (a Telnyx that does not transcode). A G722, OPUS, AMR-WB or L16
+  stream is opened and announced like any other, but its audio is placeholder bytes. A
+  ``stream_auth_token`` comes back as the ``x-telnyx-streaming-auth-token`` upgrade header and
+  in the ``connected`` frame (``stream_auth_header`` / ``stream_auth_in_connected`` turn
+  either off); ``strip_stream_query`` connects without the ``stream_url``'s query string,
+  as a carrier that keeps only the documented channels would. A socket
+  that cannot be opened, a non-loopback URL, or a bidirectional codec the sim cannot play
+  (anything but PCMU/PCMA at 8000 Hz) gives ``streaming.failed``. ``streaming_stop``/hang-up: ``stop`` frame, close 1000,
   ``streaming.stopped``; a server that closes the socket also gets ``streaming.stopped``.
   ``SimCall.drop_stream()`` (a fault knob) closes the socket without ``stop`` while the call
   stays up, as a broken media path would.
@@ -62,7 +70,7 @@ webhook delivery knobs and faults live on ``sim.webhooks`` (``attempts``, ``back
 ``timeout_s``, ``faults.duplicate|reorder|stale_timestamp|bad_signature``). Only loopback
 webhook and stream URLs are contacted unless ``allow_remote=True``. Not simulated: the
 failover webhook URL, ``webhook_url_method: GET`` (accepted, delivered as POST), MP3
-bidirectional playback, codecs other than PCMU/PCMA, and the commands in
+bidirectional playback, audio in codecs other than PCMU/PCMA, and the commands in
 ``telnyx_rest.NOOP_ACTIONS`` (accepted and ignored, with a warning).
 """
 
@@ -86,7 +94,7 @@ import httpx
 import trio
 
 from voice_trio.sim._serve import answer_lifespan, serve_asgi
-from voice_trio.sim.carrier import PLAYABLE_CODECS, AudioPort
+from voice_trio.sim.carrier import STREAM_CODEC_RATES, AudioPort
 from voice_trio.sim.speech import DEFAULT_MS_PER_CHAR, encode_speech, silence
 from voice_trio.sim.telnyx_calls import COMMAND_ID_WINDOW_S, Callee, SimCall
 from voice_trio.sim.telnyx_rest import (
@@ -135,6 +143,10 @@ class TelnyxSim:
         answer_timeout_s: float = 30.0,
         no_answer_timeout_s: float | None = None,
         call_codec: str = "PCMU",
+        stream_codec: str | None = None,
+        strip_stream_query: bool = False,
+        stream_auth_header: bool = True,
+        stream_auth_in_connected: bool = True,
         out_of_order_share: float = 0.0,
         seed: int | None = None,
         speak_ms_per_char: int = DEFAULT_MS_PER_CHAR,
@@ -160,6 +172,10 @@ class TelnyxSim:
         self.answer_timeout_s = answer_timeout_s
         self.no_answer_timeout_s = no_answer_timeout_s
         self.call_codec = call_codec
+        self.stream_codec = stream_codec
+        self.strip_stream_query = strip_stream_query
+        self.stream_auth_header = stream_auth_header
+        self.stream_auth_in_connected = stream_auth_in_connected
         self.out_of_order_share = out_of_order_share
         self.rng = random.Random(seed)
         self.speak_ms_per_char = speak_ms_per_char
@@ -286,12 +302,15 @@ class TelnyxSim:
             "to": call.to,
             "caller_id_name": call.from_,
             "start_time": call.start_time,
-            "offered_codecs": "PCMU,PCMA",
-            "connection_codecs": "PCMU,PCMA",
+            "offered_codecs": self._codecs(),
+            "connection_codecs": self._codecs(),
             "custom_headers": [],
             "sip_headers": [],
             "tags": [],
         }
+
+    def _codecs(self) -> str:
+        return ",".join(dict.fromkeys([self.call_codec, "PCMU", "PCMA"]))
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
@@ -536,8 +555,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="accept only this key (default: any)")
     parser.add_argument("--webhook-url", default=None, help="the connection's webhook URL")
     parser.add_argument("--ring-ms", type=float, default=300.0)
-    parser.add_argument("--codec", choices=sorted(PLAYABLE_CODECS), default="PCMU")
+    parser.add_argument(
+        "--codec", choices=sorted(STREAM_CODEC_RATES), default="PCMU", help="the calls' codec"
+    )
+    parser.add_argument(
+        "--stream-codec",
+        choices=sorted(STREAM_CODEC_RATES),
+        default=None,
+        help="stream in this codec whatever streaming_start asks",
+    )
     parser.add_argument("--out-of-order", type=float, default=0.0, help="share of swapped frames")
+    parser.add_argument(
+        "--strip-stream-query",
+        action="store_true",
+        help="connect to stream_url without its query string",
+    )
 
 
 async def run_from_args(args: argparse.Namespace) -> None:
@@ -546,6 +578,8 @@ async def run_from_args(args: argparse.Namespace) -> None:
         default_webhook_url=args.webhook_url,
         ring_ms=args.ring_ms,
         call_codec=args.codec,
+        stream_codec=args.stream_codec,
+        strip_stream_query=args.strip_stream_query,
         out_of_order_share=args.out_of_order,
     )
     async with trio.open_nursery() as nursery:

@@ -40,6 +40,18 @@ GREETING_MODES = frozenset({"detect_beep", "detect_words", "greeting_end", "prem
 GREETING_LIMIT_S = 30.0  # detect_words listens this long for the greeting's end
 
 
+def telnyx_stream_codec(requested: str, call_codec: str) -> str:
+    """The codec Telnyx streams in when ``requested`` was asked for on a ``call_codec`` call:
+    "When set to 'default' or when transcoding is not possible, the codec from the call will
+    be used. Currently, transcoding is only supported between PCMU and PCMA codecs."
+    (protocols/telnyx.md §1.6)."""
+    if requested == "default" or requested == call_codec:
+        return call_codec
+    if {requested, call_codec} <= PLAYABLE_CODECS:
+        return requested
+    return call_codec
+
+
 class GreetingEnd:
     """Tap on the answering machine's audio: set ``ended`` once its greeting (voiced audio)
     is followed by ``silence_ms`` of silence."""
@@ -410,8 +422,9 @@ class SimCall:
         sim = self.sim
         url = opts["stream_url"]
         track = opts.get("stream_track") or "inbound_track"
-        codec = opts.get("stream_codec") or "default"
-        codec = sim.call_codec if codec == "default" else codec
+        codec = sim.stream_codec or telnyx_stream_codec(
+            opts.get("stream_codec") or "default", sim.call_codec
+        )
         bidi_codec = opts.get("stream_bidirectional_codec") or "PCMU"
         rate = opts.get("stream_bidirectional_sampling_rate") or 8000
         params = StreamParams(
@@ -425,13 +438,16 @@ class SimCall:
             client_state=self.client_state,
             custom_parameters={p["name"]: p["value"] for p in opts.get("custom_parameters") or []},
             auth_token=opts.get("stream_auth_token"),
+            auth_header=sim.stream_auth_header,
+            auth_in_connected=sim.stream_auth_in_connected,
+            strip_query=sim.strip_stream_query,
             codec=codec,
             track=track,
             bidirectional_mode=opts.get("stream_bidirectional_mode") or "mp3",
             bidirectional_codec=bidi_codec,
         )
-        if codec not in PLAYABLE_CODECS or bidi_codec not in PLAYABLE_CODECS or rate != 8000:
-            self._stream_failed(params, "the simulator streams only PCMU or PCMA at 8000 Hz")
+        if bidi_codec not in PLAYABLE_CODECS or rate != 8000:
+            self._stream_failed(params, "the simulator plays back only PCMU or PCMA at 8000 Hz")
             return
         if not sim.allow_remote and not is_loopback_url(url):
             self._stream_failed(params, "refused: stream_url is not a loopback URL (allow_remote)")

@@ -318,6 +318,13 @@ class CallStore(ABC):
             await self._sweep()
         return await self._claim(event_id)
 
+    async def claim_stream(self, call_control_id: str) -> bool:
+        """True the first time any instance claims the media stream of ``call_control_id``:
+        the first socket that proves the call, or the decision that no socket will come.
+        Kept as a claimed id (``stream:<call id>``) for ``event_ttl``, which must outlast a
+        stream token (``calls.stream_token``): a replayed token always finds the claim."""
+        return await self.claim_event(f"stream:{call_control_id}")
+
     @abstractmethod
     async def _claim(self, event_id: str) -> bool: ...
 
