@@ -9,9 +9,12 @@ import contextlib
 import io
 import json
 import logging
+import time
+from urllib.parse import quote
 
 import pytest
 import trio
+import trio_websocket
 from conftest import Signer, start_server, webhook_body
 from telnyx_peer import TelnyxPeer
 
@@ -230,3 +233,38 @@ async def test_connections_over_the_limits_get_503_and_are_closed(nursery) -> No
     for stream in held:
         await stream.aclose()
     server.stop.set()
+
+
+async def test_strangers_media_sockets_are_refused_1008_counted_and_never_flood_the_log(
+    nursery, server_log
+) -> None:
+    """A non-ASCII stream token crashed the handler (close 1000, a traceback each); any bad
+    socket logged what it sent. Now: 1008, counted, and one summary line, nothing of theirs."""
+    server = await start_server(nursery, {})
+    forged = "v3:x\n[12:00:00.000] INFO  [-] forged"
+    now = str(int(time.time()))  # fresh, so the check reaches the signature itself
+    arabic_now = now.translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))  # int() reads it
+    tokens = [f"v1.{now}.%C3%A9", f"v1.{now}.abc", "%00%0a", quote(f"v1.{arabic_now}.x")]
+    for i in range(40):
+        url = f"{server.ws_base}/stream/media?token={tokens[i % len(tokens)]}"
+        async with trio_websocket.open_websocket_url(url) as ws:
+            await ws.send_message(json.dumps({"event": "connected", "version": "1.0.0"}))
+            start = {
+                "event": "start",
+                "start": {
+                    "call_control_id": forged + str(i),
+                    "media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1},
+                },
+            }
+            await ws.send_message(json.dumps(start))
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                with trio.fail_after(5):
+                    await ws.get_message()
+            assert closed.value.reason.code == 1008
+    metrics = (await server.client.get("/metrics")).text
+    assert 'voice_stream_rejected_total{reason="bad_token"} 40.0' in metrics
+    server.stop.set()
+    log = server_log.getvalue()
+    assert "Traceback" not in log and "forged" not in log
+    refusals = [line for line in log.splitlines() if "refused before any provider" in line]
+    assert 1 <= len(refusals) <= 2, refusals

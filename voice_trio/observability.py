@@ -84,6 +84,34 @@ def _loggable_arg(value: object) -> object:
     return loggable(value)
 
 
+class LogSummary:
+    """A warning that strangers can cause at will (a refused socket, say), kept bounded:
+    the first is logged, then at most one line per ``every`` seconds, which counts what
+    came meanwhile by kind."""
+
+    def __init__(self, logger: logging.Logger, what: str, every: float = 10.0) -> None:
+        self.logger = logger
+        self.what = what
+        self.every = every
+        self._logged_at: float | None = None
+        self._since: dict[str, int] = {}
+
+    def note(self, kind: str) -> None:
+        now = time.monotonic()
+        self._since[kind] = self._since.get(kind, 0) + 1
+        if self._logged_at is not None and now - self._logged_at < self.every:
+            return
+        counts = ", ".join(f"{k}: {n}" for k, n in sorted(self._since.items()))
+        total = sum(self._since.values())
+        if self._logged_at is None:
+            self.logger.warning(
+                "%s (%s); more are summed up every %.0f s", self.what, counts, self.every
+            )
+        else:
+            self.logger.warning("%s: %d since the last report (%s)", self.what, total, counts)
+        self._logged_at, self._since = now, {}
+
+
 class ContextFilter(logging.Filter):
     """Stamps the call id, makes every argument a bounded single line (``loggable``), and
     removes secret values from every record."""

@@ -33,7 +33,7 @@ from voice_trio.calls.registry import CallRegistry, SeenEvents
 from voice_trio.calls.sentences import SentenceChunker
 from voice_trio.calls.signals import SIGNAL_EVENTS, CallSignals
 from voice_trio.config import Settings
-from voice_trio.observability import Metrics, call_id_var
+from voice_trio.observability import LogSummary, Metrics, call_id_var
 from voice_trio.providers.claude import ClaudeClient
 from voice_trio.providers.claude_cache import min_cacheable_tokens, tokens_at_least
 from voice_trio.providers.deepgram_stt import SttOptions
@@ -90,6 +90,8 @@ class CallCenter:
         self.metrics = metrics or Metrics()
         self.registry = CallRegistry()
         self.seen_events = SeenEvents()
+        # Sockets that could not prove their call: a summary, never what they sent.
+        self.refused_streams = LogSummary(log, "🔌 Media streams refused before any provider")
         self.signals = CallSignals()  # key presses and machine detection for media calls
         self.fallback = FallbackCalls(self)
         self._claimed_streams = RecentCalls()  # media streams claimed through this instance

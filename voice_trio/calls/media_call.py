@@ -62,8 +62,8 @@ async def wait_for_start(
     """Read frames until ``start``; return it (None if the socket closes or stays silent
     too long) and the stream token of the ``connected`` frame, if one came with it.
 
-    The peer is not authenticated yet: what it sends is counted, and only the first bad
-    frame is logged (its reason is our own short text)."""
+    The peer is not authenticated yet: what it sends is counted, and a socket sending bad
+    frames is only noted in the bounded summary (``center.refused_streams``)."""
     connected_token: str | None = None
     malformed = 0
     with trio.move_on_after(START_TIMEOUT_SECONDS):
@@ -73,13 +73,11 @@ async def wait_for_start(
                 return None, None
             try:
                 frame = parse_frame(raw)
-            except FrameError as exc:
+            except FrameError:
                 center.metrics.frames_dropped.labels("malformed").inc()
                 malformed += 1
                 if malformed == 1:
-                    log.warning(
-                        "Dropped a malformed frame before start (%s); more are counted", exc
-                    )
+                    center.refused_streams.note("malformed frames before start")
                 continue
             if isinstance(frame, Connected):
                 connected_token = frame.auth_token or connected_token
@@ -90,11 +88,6 @@ async def wait_for_start(
     center.metrics.stream_rejected.labels("no_start").inc()
     await socket.close(1008, "no start event")
     return None, None
-
-
-def _shown(value: str | None) -> str:
-    """An unauthenticated peer's string, for a log line: bounded and quoted."""
-    return repr(value[:40] + "…" if value and len(value) > 40 else value)
 
 
 async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
@@ -108,23 +101,16 @@ async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
         stream_token.verify(center.stream_secret, proof, start.call_control_id)
     except stream_token.StreamTokenError as exc:
         # Before any provider connection: a socket that cannot prove its call costs nothing.
+        # Nothing the stranger sent is logged, and strangers cannot flood the log.
         center.metrics.stream_rejected.labels("bad_token").inc()
-        log.warning(
-            "🔌 Media stream refused for %s: %s (token by %s)",
-            _shown(start.call_control_id),
-            exc,
-            channel,
-        )
+        center.refused_streams.note(f"{exc} (by {channel})")
         await socket.close(1008, "invalid stream token")
         return
     if not await center.claim_stream(start.call_control_id):
         # A valid token, but its stream is taken: a second socket for a call streaming
         # somewhere, a replay after the call ended, or one the deployment gave up on.
         center.metrics.stream_rejected.labels("replayed").inc()
-        log.warning(
-            "🔌 Media stream refused for %s: its stream was already claimed",
-            _shown(start.call_control_id),
-        )
+        center.refused_streams.note("stream already claimed")
         await socket.close(1008, "stream already claimed")
         return
     if start.encoding not in G711_CODECS:

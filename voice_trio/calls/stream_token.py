@@ -47,6 +47,8 @@ def verify(
 ) -> None:
     if not token:
         raise StreamTokenError("no stream token")
+    if not token.isascii():  # compare_digest refuses non-ASCII text with a TypeError
+        raise StreamTokenError("malformed stream token")
     parts = token.split(".")
     if len(parts) != 3 or parts[0] != VERSION or not parts[1].isdigit():
         raise StreamTokenError("malformed stream token")
