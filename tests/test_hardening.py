@@ -286,6 +286,7 @@ async def test_a_stream_without_a_valid_token_is_refused_before_any_provider(
     assert lab.deepgram.stt_connections_opened == 0
     metrics = (await server.client.get("/metrics")).text
     assert 'voice_stream_rejected_total{reason="bad_token"} 6.0' in metrics
-    # What an unauthenticated peer sent reaches the log bounded, never whole.
-    assert intruder not in caplog.text and intruder[:40] in caplog.text
+    # Nothing an unauthenticated peer sent reaches the log: a summary by kind only.
+    assert "v3:intruder" not in caplog.text
+    assert "refused before any provider" in caplog.text
     server.stop.set()
