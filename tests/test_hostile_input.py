@@ -148,6 +148,22 @@ async def _read_all(stream, within: float) -> bytes:
     return received
 
 
+async def _reply_to_trickle(stream, byte: bytes) -> bytes:
+    """Send ``byte`` every 0.2 s until the server closes; what it answered meanwhile."""
+
+    async def trickle() -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                await trio.sleep(0.2)
+                await stream.send_all(byte)
+
+    async with trio.open_nursery() as sending:
+        sending.start_soon(trickle)
+        reply = await _read_all(stream, within=5)
+        sending.cancel_scope.cancel()
+    return reply
+
+
 def _port(server) -> int:
     return int(server.base.rsplit(":", 1)[1])
 
@@ -160,17 +176,7 @@ async def test_a_body_sent_a_byte_at_a_time_gets_408_and_loses_its_connection(nu
     )
     stream = await _raw_request(_port(server), head)
     started = trio.current_time()
-
-    async def trickle() -> None:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            while True:
-                await trio.sleep(0.2)
-                await stream.send_all(b" ")
-
-    async with trio.open_nursery() as sending:
-        sending.start_soon(trickle)
-        reply = await _read_all(stream, within=5)
-        sending.cancel_scope.cancel()
+    reply = await _reply_to_trickle(stream, b" ")
     assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
     assert b'"error":"request_timeout"' in reply.replace(b" ", b"")
     assert trio.current_time() - started < 4
@@ -184,17 +190,7 @@ async def test_a_request_head_sent_a_byte_at_a_time_loses_its_connection(
     server = await start_server(nursery, {})
     stream = await _raw_request(_port(server), b"GET /health HTTP/1.1\r\n")
     started = trio.current_time()
-
-    async def trickle() -> None:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            while True:
-                await trio.sleep(0.2)
-                await stream.send_all(b"X")
-
-    async with trio.open_nursery() as sending:
-        sending.start_soon(trickle)
-        assert await _read_all(stream, within=5) == b""  # closed, nothing served
-        sending.cancel_scope.cancel()
+    assert await _reply_to_trickle(stream, b"X") == b""  # closed, nothing served
     assert trio.current_time() - started < 3
     server.stop.set()
 
