@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 import wave
 from pathlib import Path
 
@@ -222,3 +224,24 @@ async def test_hypercorn_with_a_bad_setting_stops_and_names_it(tmp_path: Path) -
         assert "Configuration error: LOG_FORMAT: expected one of human, json" in server.output()
     finally:
         server.kill()
+
+
+def test_make_refuses_a_lock_that_does_not_match_pyproject(tmp_path: Path) -> None:
+    """``make test`` installs only what uv.lock names, and says so when pyproject.toml has
+    moved on without it (README: ``make lock`` refreshes it on purpose)."""
+    uv = ROOT / ".tools" / "bin" / "uv"
+    if not uv.exists():
+        pytest.skip("no .tools/bin/uv: run the suite through make")
+    for name in ("Makefile", "pyproject.toml", "uv.lock"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    make = ["make", "-s", f"UV={uv}", f"PYTHON={sys.executable}", "install"]
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(
+        pyproject.read_text().replace('"python-dotenv>=1.0",', '"python-dotenv>=1.0",\n    "six",')
+    )
+    done = subprocess.run(make, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "uv.lock does not match pyproject.toml: run 'make lock' and commit uv.lock." in (
+        done.stderr
+    )
+    assert not (tmp_path / ".venv" / ".installed").exists()
