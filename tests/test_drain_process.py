@@ -175,7 +175,7 @@ async def _start_server(lab, tmp_path, drain_timeout: int, port: int | None = No
             stderr=log,
         )
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as api:
-        with trio.fail_after(20):
+        with trio.fail_after(60):
             while process.poll() is None:
                 try:
                     if (await api.get("/health")).status_code == 200:
@@ -337,7 +337,7 @@ async def test_under_hypercorns_own_command_line_a_stop_still_hangs_calls_up(
         )
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as api:
-            with trio.fail_after(20):
+            with trio.fail_after(60):
                 while True:
                     try:
                         if (await api.get("/health")).status_code == 200:

@@ -31,8 +31,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("voice_trio.calls")
 
 AUDIO_QUEUE = 32  # TTS chunks waiting for pacing; full = TTS waits (back-pressure)
+# Telnyx speak talks at roughly 14 characters a second; a sentence sent through it is given
+# this long (plus SPEAK_SLACK_S) to be heard if ``call.speak.ended`` does not come first.
+SPEAK_SECONDS_PER_CHAR = 0.09
+SPEAK_SLACK_S = 1.5
 
-# Fills a turn's audio queue with ("sentence" | "audio" | "end", value) items and closes it.
+# Fills a turn's audio queue with ("sentence" | "audio" | "speak" | "end", value) items
+# and closes it.
 Produce = Callable[[trio.MemorySendChannel[Any]], Awaitable[None]]
 
 
@@ -55,6 +60,7 @@ class BotVoice:
         self._scope: trio.CancelScope | None = None
         self._barged_at: float | None = None
         self._cut_for_action = False
+        self._speak_ended = trio.Event()
 
     @property
     def speaking(self) -> bool:
@@ -117,12 +123,17 @@ class BotVoice:
             except TtsError as exc:
                 log.warning("🔊 TTS failed for a sentence: %s", exc)
                 if not sent_audio:
-                    await self.speak_through_telnyx(sentence)
+                    await audio_send.send(("speak", sentence))
         await audio_send.send(("end", sentence))
 
     async def speak_through_telnyx(self, sentence: str) -> None:
-        """The voice provider failed: this sentence goes out through Telnyx ``speak``,
-        which plays into the same call."""
+        """The voice provider failed: this sentence goes out through Telnyx ``speak``, in
+        its turn. Telnyx plays speak audio whenever the stream is idle, so it is sent only
+        once what was streamed before it has played, and the turn streams nothing more
+        until Telnyx says it has finished (``call.speak.ended``) or the time it takes has
+        passed: otherwise the two voices interleave, word for word."""
+        await trio.sleep_until(self.playback.play_until)
+        self._speak_ended = trio.Event()
         s = self.center.settings
         try:
             await self.center.telnyx.speak(
@@ -131,9 +142,16 @@ class BotVoice:
                 voice=s.telnyx_speak_voice,
                 language=speak_language(s.agent_language),
             )
-            log.info("🔊 Sentence sent through Telnyx speak instead")
         except TelnyxError as exc:
             log.warning("🔊 Telnyx speak failed too: %s", exc)
+            return
+        log.info("🔊 Sentence sent through Telnyx speak instead")
+        with trio.move_on_after(len(sentence) * SPEAK_SECONDS_PER_CHAR + SPEAK_SLACK_S):
+            await self._speak_ended.wait()
+
+    def speak_ended(self) -> None:
+        """Telnyx says its ``speak`` has played (``call.speak.ended``)."""
+        self._speak_ended.set()
 
     async def turn(self, record: TurnRecord, produce: Produce) -> None:
         """Run ``produce`` (which fills an audio queue) and pace its audio out, inside the
@@ -171,6 +189,8 @@ class BotVoice:
                 if kind == "sentence":
                     sentence = self.playback.begin_sentence(value)
                     log.info("💬 Bot: %s", value)
+                elif kind == "speak":
+                    await self.speak_through_telnyx(value)
                 elif kind == "audio" and sentence is not None:
                     sent = await self.playback.feed(sentence, value)
                     if sent is not None and record.t5 is None:

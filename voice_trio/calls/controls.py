@@ -51,6 +51,8 @@ class CallControls:
             digit = payload.get("digit")
             if isinstance(digit, str) and digit:
                 self.on_key(digit, WEBHOOK)
+        elif kind == "call.speak.ended":
+            self.session.voice.speak_ended()
         elif self.amd is not None and self.amd.on_event(kind, payload):
             log.info("📼 Answering machine detected (%s)", self.amd.result)
             self.interrupt("voicemail")

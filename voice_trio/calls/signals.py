@@ -20,7 +20,12 @@ from typing import Any
 
 from voice_trio.providers.telnyx_webhooks import AMD_DETECTION_EVENTS, AMD_GREETING_EVENTS
 
-SIGNAL_EVENTS = frozenset({"call.dtmf.received"}) | AMD_DETECTION_EVENTS | AMD_GREETING_EVENTS
+# ``call.speak.ended``: a sentence that went out through Telnyx speak (bot_voice) has played.
+SIGNAL_EVENTS = (
+    frozenset({"call.dtmf.received", "call.speak.ended"})
+    | AMD_DETECTION_EVENTS
+    | AMD_GREETING_EVENTS
+)
 EARLY_CALLS = 1000  # calls whose facts are kept while their socket is not up yet
 EARLY_FACTS = 8  # facts kept per such call
 
