@@ -50,7 +50,7 @@ class Program:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    async def wait_for(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+    async def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
         """The first match of ``pattern`` in the output; fails if the program exits first."""
         deadline = time.monotonic() + timeout
         while True:

@@ -65,7 +65,7 @@ async def test_check_config_on_the_example_settings_names_what_is_missing(
 ) -> None:
     shutil.copy(ROOT / ".env.example", tmp_path / ".env")
     check = _run(tmp_path, "check", str(BIN / "voice-trio"), "check-config")
-    assert await check.wait(30) == 0, check.output()
+    assert await check.wait(60) == 0, check.output()
     out = check.output()
     assert re.search(r"^TELNYX_API_KEY\s+\(unset\)\s+Telnyx API v2 key", out, re.M), out
     assert re.search(r"^AGENT_LANGUAGE\s+es\s", out, re.M)
@@ -76,7 +76,7 @@ async def test_check_config_on_the_example_settings_names_what_is_missing(
 
 async def test_check_config_refuses_a_bad_setting_by_name(tmp_path: Path) -> None:
     check = _run(tmp_path, "check", str(BIN / "voice-trio"), "check-config", LOG_FORMAT="xml")
-    assert await check.wait(30) == 2
+    assert await check.wait(60) == 2
     assert "Configuration error: LOG_FORMAT: expected one of human, json" in check.output()
 
 
@@ -109,7 +109,7 @@ async def test_the_simulator_walk_sim_all_serve_and_an_outbound_call(tmp_path: P
         token = found.group(1)
 
         check = _run(tmp_path, "check", str(BIN / "voice-trio"), "check-config")
-        assert await check.wait(30) == 0
+        assert await check.wait(60) == 0
         assert "media: ready" in check.output() and "fallback: ready" in check.output()
         assert "api: ready" in check.output()
 
