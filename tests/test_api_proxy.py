@@ -15,8 +15,6 @@ behind one more proxy of ours would look like.
 from __future__ import annotations
 
 import logging
-import shutil
-import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,13 +23,10 @@ import httpx
 import pytest
 import trio
 from conftest import make_settings, start_server
-from processes import Program, free_port
+from processes import free_port
+from real_nginx import needs_nginx, running_nginx
 
-NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
-pytestmark = pytest.mark.skipif(
-    NGINX is None,
-    reason="nginx is not installed (Debian/Ubuntu: apt-get install -y nginx); see README",
-)
+pytestmark = needs_nginx
 
 TOKEN = "proxy-test-token-0123456789"
 ELSEWHERE = {"X-Forwarded-For": "203.0.113.5"}
@@ -39,19 +34,7 @@ CLOSED = {"API_TOKEN": ""}
 LOOPBACK_ONLY = {"API_TOKEN": "", "API_LOOPBACK_WITHOUT_TOKEN": "true"}
 ADD_X_FORWARDED_FOR = "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"
 
-CONFIG = """\
-daemon off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
+SITE = """\
     server {{
         listen 127.0.0.1:{port};
         location / {{
@@ -59,7 +42,6 @@ http {{
             {directives}
         }}
     }}
-}}
 """
 
 
@@ -68,37 +50,16 @@ async def nginx_in_front(
     tmp_path: Path, upstream: str, directives: str = ""
 ) -> AsyncIterator[httpx.AsyncClient]:
     """nginx on an ephemeral loopback port proxying to ``upstream``; a client of it."""
-    assert NGINX is not None
-    prefix = tmp_path / f"nginx-{free_port()}"
-    prefix.mkdir()
     port = free_port()
     upstream_port = upstream.rsplit(":", 1)[1]
-    conf = prefix / "nginx.conf"
-    conf.write_text(
-        CONFIG.format(prefix=prefix, port=port, upstream=upstream_port, directives=directives)
-    )
-    args = [NGINX, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
-    nginx = Program(args, cwd=prefix, env={"PATH": "/usr/sbin:/usr/bin:/bin"}, log=prefix / "out")
-    try:
-        with trio.fail_after(15):
-            while True:
-                if nginx.process.poll() is not None:
-                    log = (prefix / "error.log").read_text(errors="replace")
-                    raise AssertionError(f"nginx exited: {nginx.output()}{log}")
-                try:
-                    await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
-                    break
-                except OSError:
-                    await trio.sleep(0.05)
-        async with httpx.AsyncClient(
+    site = SITE.format(port=port, upstream=upstream_port, directives=directives)
+    async with (
+        running_nginx(tmp_path, site, [port]),
+        httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}", trust_env=False, timeout=10
-        ) as client:
-            yield client
-    finally:
-        if nginx.process.poll() is None:
-            nginx.process.send_signal(signal.SIGTERM)
-            await nginx.wait(10)
-        nginx.kill()
+        ) as client,
+    ):
+        yield client
 
 
 async def test_behind_a_bare_proxy_pass_the_api_without_a_token_is_closed(

@@ -162,7 +162,7 @@ def test_transfers_and_shortcuts() -> None:
 def test_the_default_drain_fits_a_kubernetes_grace_period() -> None:
     from voice_trio.server import drain_bound
 
-    # Kubernetes' default terminationGracePeriodSeconds is 30 (docs/deployment.md).
+    # Kubernetes' default terminationGracePeriodSeconds is 30 (docs/deploy.md).
     assert drain_bound(Settings.from_env({}, None)) <= 26
     assert drain_bound(Settings.from_env({"DRAIN_TIMEOUT": "0"}, None)) <= 10  # Docker's 10 s
 

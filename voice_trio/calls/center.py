@@ -57,7 +57,7 @@ log = logging.getLogger("voice_trio.calls")
 BACKGROUND_GRACE_SECONDS = 2.0
 # The drain after DRAIN_TIMEOUT: a goodbye, then a hang-up for whatever is left. With the
 # server's own closing (server.CLOSE_SECONDS) the process exits within DRAIN_TIMEOUT +
-# DRAIN_TAIL_SECONDS of the first signal (docs/deployment.md).
+# DRAIN_TAIL_SECONDS of the first signal (docs/deploy.md).
 GOODBYE_SECONDS = 4.0
 HANG_UP_SECONDS = 2.0
 # Liveness in the shared store: an instance not seen for STALE_AFTER is dead, and the calls
