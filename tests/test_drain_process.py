@@ -117,6 +117,9 @@ async def _drain_with_calls_in_flight(lab, port: int, process, tmp_path) -> None
                 "/api/call/initiate", json={"telefono": "+573001112233", "nombre": "Ana"}
             )
             assert r.status_code == 503 and r.json()["error"] == "draining", r.text
+            # A load balancer's health check sends no new work here.
+            health = await api.get("/health")
+            assert health.status_code == 503 and health.json()["status"] == "draining"
             refused = lab.telnyx.place_inbound_call("+573009998877", OUR_NUMBER)
             with trio.fail_after(5):
                 while not _commands(lab, refused.call_control_id, "reject"):  # noqa: ASYNC110

@@ -88,13 +88,16 @@ def create_app(center: CallCenter) -> QuartTrio:
     @app.get("/health")
     @app.get("/api/health")
     async def health() -> Any:
-        return {
-            "status": "ok",
+        # Draining: still serving its calls, but a load balancer should send no new ones.
+        draining = center.going_away.is_set()
+        body = {
+            "status": "draining" if draining else "ok",
             "version": __version__,
             "uptime_seconds": round(center.uptime, 3),
             "active_calls": len(center.registry),
             "mode": settings.mode,
         }
+        return (body, 503) if draining else body
 
     @app.get("/api/sessions/stats")
     async def stats() -> Any:
