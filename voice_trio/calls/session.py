@@ -142,6 +142,7 @@ class CallSession:
             ccid = self.call.call_control_id
             on_signal = self.controls.on_signal
             self.center.signals.attach(ccid, on_signal)
+            self.center.live.hold(ccid, self.controls)
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.speculator.run)
@@ -151,6 +152,7 @@ class CallSession:
                     nursery.start_soon(self.watch_duration)
                     nursery.start_soon(self.controls.run)
             finally:
+                self.center.live.release(ccid, self.controls)
                 self.center.signals.detach(ccid, on_signal)
                 spent = self.speculator.take_unclaimed()
                 if self.records and any(spent):
@@ -208,6 +210,25 @@ class CallSession:
         except trio.WouldBlock:
             return False
         return True
+
+    @property
+    def ending(self) -> bool:
+        """The call's time is up, or it is being ended."""
+        return self._time_up.is_set() or self.call.cancel_scope.cancel_called
+
+    def wake(self) -> None:
+        """Something is to be said (an operator's text): the wait for the caller ends."""
+        self._wait_scope.cancel()
+
+    async def say_notes(self) -> bool:
+        """Say the operator's texts waiting (``controls.notes``), each as a turn of its own;
+        True if any was said."""
+        said = False
+        notes = self.controls.notes
+        while notes and self.controls.pending is None and not self._time_up.is_set():
+            await self.say(notes.popleft(), kind="note")
+            said = True
+        return said
 
     def cut_short(self) -> None:
         """An action is pending (``controls.interrupt``): the wait for the caller ends, any
@@ -332,6 +353,8 @@ class CallSession:
             if self._time_up.is_set():
                 await self.finish(self._time_up_reason, phrases.goodbye)
                 return
+            if turn is None and await self.say_notes():
+                continue  # the wait ended for the operator's text, not for silence
             if turn is None:
                 if reprompted:
                     await self.finish("silence_timeout", phrases.timeout_goodbye)
@@ -354,7 +377,8 @@ class CallSession:
             self._silence_deadline,
             self.playback.speaking_until + self.settings.silence_timeout_ms / 1000,
         )
-        while not self._time_up.is_set() and self.controls.pending is None:
+        controls = self.controls
+        while not self._time_up.is_set() and controls.pending is None and not controls.notes:
             with trio.move_on_at(self._silence_deadline) as self._wait_scope:
                 self._awaiting_user = True
                 try:
@@ -368,7 +392,7 @@ class CallSession:
                     except trio.WouldBlock:
                         return text, t0
                     text = f"{text} {more}"
-            if self._time_up.is_set() or self.controls.pending is not None:
+            if self._time_up.is_set() or controls.pending is not None or controls.notes:
                 return None
             if trio.current_time() >= self._silence_deadline and not self.turns.in_utterance:
                 return None
