@@ -32,7 +32,9 @@ HANDOFF = "Un momento, por favor. Le comunico con una persona de nuestro equipo.
 
 
 async def start_pair(nursery, lab, dsn: str, **env) -> tuple[LiveServer, LiveServer]:
-    """Instances A and B of one deployment; the streams each starts go to the other."""
+    """Instances A and B of one deployment; the streams each starts go to the other. The
+    wait for a stream is short, so that every call here outlives it on the instance that
+    sent ``streaming_start`` (where the socket did not come)."""
     listeners = [reserve_listener("127.0.0.1") for _ in range(2)]
     ports = [listener.getsockname()[1] for listener in listeners]
     servers = []
@@ -46,7 +48,7 @@ async def start_pair(nursery, lab, dsn: str, **env) -> tuple[LiveServer, LiveSer
                 SERVER_SECRET=SECRET,
                 WEBHOOK_BASE_URL=f"http://127.0.0.1:{ports[me]}",
                 WS_STREAM_URL=f"ws://127.0.0.1:{ports[other]}/stream/media",
-                **env,
+                **{"STREAM_CONNECT_TIMEOUT_MS": 1500, **env},
             )
         )
     for server in servers:
