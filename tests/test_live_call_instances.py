@@ -193,3 +193,31 @@ async def test_an_inbound_call_on_a_ends_by_operator_or_by_a_hangup_sent_to_b(
     assert_never_on(b, lab, ccid)
     a.stop.set()
     b.stop.set()
+
+
+async def test_a_fallback_call_is_hung_up_from_the_other_instance_through_its_state(
+    nursery,
+    lab,
+    pg_dsn,  # noqa: F811
+) -> None:
+    a, b = await start_pair(nursery, lab, pg_dsn, USE_MEDIA_STREAMS="false")
+    lab.telnyx.speak_ms_per_char = 10
+    lab.telnyx.default_webhook_url = a.app.center.settings.webhook_url
+    party = caller([WaitForBot(min_ms_silence=300), Wait(8000)], hang_up_when_done=False)
+    sim_call = lab.telnyx.place_inbound_call(PATIENT, OUR_NUMBER, party)
+    ccid = sim_call.call_control_id
+    async with trio.open_nursery() as calls:
+        calls.start_soon(party.run)
+        await wait_for_turns(party, 1)
+        for action, body in (("say", {"text": "Hola."}), ("transfer", {"to": DESK})):
+            r = await b.client.post(f"/api/calls/{ccid}/{action}", json=body)
+            assert r.status_code == 409 and "fallback mode" in r.json()["reason"], r.text
+        r = await b.client.post(f"/api/calls/{ccid}/hangup")
+        assert (r.status_code, r.json()["status"]) == (200, "hanging_up"), r.text
+        r = await b.client.post(f"/api/calls/{ccid}/hangup")
+        assert r.status_code in (404, 409), r.text  # ending, or gone already
+    record, _ = await ended_record(a, ccid)
+    assert record.end_reason == "operator_hangup" and record.mode == "fallback"
+    assert party.results.hangup_by == "bot" and len(commands(lab, "hangup", ccid)) == 1
+    a.stop.set()
+    b.stop.set()
