@@ -11,8 +11,9 @@ Tasks of the call's nursery (DESIGN.md §3):
   barge in and reach the conversation as a bracketed note (:mod:`voice_trio.calls.dtmf`).
 
 Some events cut the conversation short: a key shortcut, Claude's ``transfer_call`` tool, an
-answering machine on an outbound call (:mod:`~voice_trio.calls.controls`). ``converse``
-carries them out between turns.
+answering machine on an outbound call, an operator's hang-up or transfer
+(:mod:`~voice_trio.calls.controls`). ``converse`` carries them out between turns, and says
+an operator's text (``POST /api/calls/{id}/say``) once the bot's turn under way has ended.
 
 A bot turn runs in its own cancel scope (:mod:`~voice_trio.calls.bot_voice`): Claude's
 stream, the TTS stream and the pacing of its audio stop together when the caller barges in.
