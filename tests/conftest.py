@@ -126,10 +126,13 @@ class LiveServer:
         return [(b"x-telnyx-streaming-auth-token", token.encode())]
 
 
-async def start_server(nursery: trio.Nursery, settings: Settings | dict[str, Any]) -> LiveServer:
-    """Serve the app on an ephemeral loopback port. Given a dict of overrides, the settings
-    are made here so that WEBHOOK_BASE_URL can name the server's own port."""
-    listener = reserve_listener("127.0.0.1")
+async def start_server(
+    nursery: trio.Nursery, settings: Settings | dict[str, Any], listener: Any = None
+) -> LiveServer:
+    """Serve the app on an ephemeral loopback port (or on ``listener``, reserved beforehand
+    with ``reserve_listener``). Given a dict of overrides, the settings are made here so that
+    WEBHOOK_BASE_URL can name the server's own port."""
+    listener = listener or reserve_listener("127.0.0.1")
     port = listener.getsockname()[1]
     if isinstance(settings, dict):
         overrides = {"WEBHOOK_BASE_URL": f"http://127.0.0.1:{port}", **settings}
@@ -159,8 +162,10 @@ async def lab(nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> Lab:
     return await open_lab(nursery, ms_per_char=FAST_SPEECH_MS, llm_ttft=0.05, tts_ttfb_ms=20)
 
 
-async def start_lab_server(nursery: trio.Nursery, lab: Lab, **overrides: Any) -> LiveServer:
-    server = await start_server(nursery, {**lab.server_env(), **overrides})
+async def start_lab_server(
+    nursery: trio.Nursery, lab: Lab, listener: Any = None, **overrides: Any
+) -> LiveServer:
+    server = await start_server(nursery, {**lab.server_env(), **overrides}, listener)
     lab.telnyx.default_webhook_url = server.app.center.settings.webhook_url
     return server
 

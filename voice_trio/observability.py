@@ -263,6 +263,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.call_events = Counter(
+            "voice_call_events",
+            "Events for live calls on the bus between processes (calls.bus), by kind (fact, "
+            "do, done) and outcome (published, received, failed: not sent, dropped: malformed)",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.call_event_reconnects = Counter(
+            "voice_call_event_reconnects",
+            "Times the call-event bus got its lost LISTEN connection back",
+            registry=r,
+        )
         self.trio_tasks = Gauge("voice_trio_tasks", "Live Trio tasks in the server", registry=r)
         # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...
         ProcessCollector(registry=r)

@@ -10,7 +10,9 @@ so that Telnyx retries them elsewhere instead of losing them.
 
 A call in fallback mode (``voice_trio.calls.degrade``) keeps its state in the store, so its
 webhooks may land on any instance; ``call.hangup`` ends any call here through the registry
-(and a fallback call everywhere, through the store).
+(and a fallback call everywhere, through the store). A fact for a media call held by another
+process is passed on to it over the call-event bus (``calls.bus``, ``calls.live``), which
+runs in the background nursery while the store is open (PostgreSQL only).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import httpx
 import trio
 
 from voice_trio.calls import stream_token
+from voice_trio.calls.bus import EventBus
 from voice_trio.calls.degrade import FallbackCalls, RecentCalls
+from voice_trio.calls.live import LiveCalls
 from voice_trio.calls.persona import load_persona, persona_is_cacheable, tools_for
 from voice_trio.calls.phrases import PhraseCache, local_now, phrases_for
 from voice_trio.calls.registry import CallRegistry, SeenEvents
@@ -94,6 +98,7 @@ class CallCenter:
         self.refused_streams = LogSummary(log, "🔌 Media streams refused before any provider")
         self.signals = CallSignals()  # key presses and machine detection for media calls
         self.fallback = FallbackCalls(self)
+        self.live = LiveCalls(self)  # acting on live calls held here or elsewhere
         self._claimed_streams = RecentCalls()  # media streams claimed through this instance
         self.started_monotonic = time.monotonic()
         self.going_away = trio.Event()
@@ -135,6 +140,8 @@ class CallCenter:
         self.instance_id = secrets.token_hex(8)
         host = socket.gethostname()
         self.instance_name = f"{host}:{settings.port or self.instance_id}"
+        # Local until the store is open; PostgreSQL gives it other processes to talk to.
+        self.bus = EventBus(None, self.instance_id, self.metrics)
 
     @property
     def uptime(self) -> float:
@@ -187,6 +194,18 @@ class CallCenter:
         except StoreError as exc:
             log.warning("Could not check for calls left by a stopped server: %s", exc)
         self.spawn(self._keep_alive, store)
+        self.bus = EventBus(store, self.instance_id, self.metrics)
+        if self.bus.shared and self._nursery is not None:
+            await self._nursery.start(self._run_bus)
+
+    async def _run_bus(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Hear other processes' events until ``stop()`` begins (not background work that
+        stop() should wait for: calls have ended by then)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.bus.run, self.live.on_event)
+            task_status.started()
+            await self._stopping.wait()
+            nursery.cancel_scope.cancel()
 
     async def _keep_alive(self, store: CallStore) -> None:
         """Heartbeat in the shared store, and end the calls of instances that died."""
@@ -397,6 +416,7 @@ class CallCenter:
                 log.info("📴 Call hung up (%s)", cause)
             else:
                 log.debug("call.hangup for a call not running here (%s)", cause)
+                await self.live.pass_on(ccid, kind, event.payload)
         elif await self.fallback.deliver(event):
             return  # applied to the call's fallback-mode state, shared by every instance
         elif kind == "call.initiated":
@@ -414,9 +434,13 @@ class CallCenter:
             else:
                 self.fallback.answered(event)
         elif kind in SIGNAL_EVENTS:
-            self.signals.deliver(ccid, kind, event.payload)
+            here = self.signals.deliver(ccid, kind, event.payload)
+            if not here and self.registry.get(ccid) is None:
+                # Kept here in case the call's socket comes here; passed on in case it
+                # came (or comes) to another process.
+                await self.live.pass_on(ccid, kind, event.payload)
         elif kind == "streaming.failed":
-            self.fallback.stream_failed(event)
+            await self.fallback.stream_failed(event)
         else:
             log.debug("Webhook %s: nothing to do", kind)
 

@@ -11,16 +11,22 @@ announces it.
 ``interrupt`` never blocks: it notes the action (the first one wins) and has the session
 stop waiting and cut the bot's turn; ``converse`` carries the action out between turns
 (``act``).
+
+An operator's orders (:mod:`voice_trio.calls.live`, from any process) come here too
+(``obey``): a hang-up or a transfer interrupts like a key; a text to say waits in ``notes``
+for the bot's current turn to end and is then said as a turn of its own.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from voice_trio.calls.dtmf import WEBHOOK, KeyCollector, PressDeduper, key_note
+from voice_trio.calls.orders import OPERATOR_HANGUP, Order, Outcome, accepted, refused
 from voice_trio.calls.transfer import hand_off
 from voice_trio.calls.voicemail import MachineDetection, leave_voicemail
 
@@ -28,6 +34,8 @@ if TYPE_CHECKING:
     from voice_trio.calls.session import CallSession
 
 log = logging.getLogger("voice_trio.calls")
+
+MAX_NOTES = 4  # operator's texts waiting to be said; more is refused (409), never dropped
 
 
 class CallControls:
@@ -39,7 +47,9 @@ class CallControls:
         self.amd = amd  # answering machine detection, outbound calls only
         self.presses = PressDeduper()
         self.keys = KeyCollector()
-        self.pending: str | None = None  # transfer | end_call | voicemail (see ``act``)
+        self.pending: str | None = None  # transfer | end_call | voicemail | operator_hangup
+        self.transfer_to = ""  # an operator's number for the pending transfer
+        self.notes: deque[str] = deque()  # an operator's texts, said next
 
     async def run(self) -> None:
         """Group the keys pressed (a task of the call's nursery)."""
@@ -88,6 +98,37 @@ class CallControls:
         self.pending = action
         self.session.cut_short()
 
+    def obey(self, order: Order) -> Outcome:
+        """An operator's order: taken (200), or refused (409) while the call is leaving
+        (transferring, leaving a voicemail, ending). Never blocks."""
+        busy = self._busy()
+        if busy is not None:
+            return refused(busy)
+        if order.action == "say":
+            if len(self.notes) >= MAX_NOTES:
+                return refused(f"{MAX_NOTES} texts are already waiting to be said")
+            self.notes.append(order.text)
+            log.info("🗒️ Operator's text to say next: %s", order.text)
+            self.session.wake()
+            return accepted(status="queued", waiting=len(self.notes))
+        if order.action == "transfer":
+            log.info("📞 Operator asks for a transfer to %s", order.to)
+            self.transfer_to = order.to
+            self.interrupt("transfer")
+            return accepted(status="transferring", to=order.to)
+        log.info("📴 Operator asks to hang up")
+        self.interrupt(OPERATOR_HANGUP)
+        return accepted(status="hanging_up")
+
+    def _busy(self) -> str | None:
+        if self.session.transferring or self.pending == "transfer":
+            return "the call is being transferred"
+        if self.pending == "voicemail":
+            return "the call is leaving a voicemail"
+        if self.pending is not None or self.session.ending:
+            return "the call is ending"
+        return None
+
     async def act(self) -> bool:
         """Carry out the action that cut the conversation short, if any; True if the
         conversation is over."""
@@ -99,8 +140,10 @@ class CallControls:
             await leave_voicemail(session, self.amd)
             return True
         if action == "transfer":
-            over = await hand_off(session)
+            over = await hand_off(session, self.transfer_to or self.settings.transfer_number)
             self.pending = None
+            self.transfer_to = ""
             return over
-        await session.finish("caller_ended", session.center.phrases_text.goodbye)
+        reason = OPERATOR_HANGUP if action == OPERATOR_HANGUP else "caller_ended"
+        await session.finish(reason, session.center.phrases_text.goodbye)
         return True

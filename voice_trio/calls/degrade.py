@@ -4,7 +4,10 @@ A call is in fallback mode from its start with ``USE_MEDIA_STREAMS=false`` (mode
 ``fallback``), or because its media stream failed (mode ``degraded``). A stream fails in
 one of four ways:
 
-- Telnyx says so: a ``streaming.failed`` webhook.
+- Telnyx says so: a ``streaming.failed`` webhook. Whichever instance it lands on, it is
+  decided deployment-wide: the process holding the call's socket hands the call over (the
+  fact reaches it over the call-event bus, ``calls.live``); if no socket claimed the
+  stream anywhere, the instance that got the webhook claims it and starts fallback mode.
 - It never comes: no media socket with a ``start`` frame ``STREAM_CONNECT_TIMEOUT_MS`` after
   ``streaming_start`` was sent (and no socket claimed the call's stream on another
   instance). A ``streaming_stop`` follows, and a socket that still turns up later, on any
@@ -191,10 +194,29 @@ class FallbackCalls:
     def hung_up(self, call_control_id: str) -> None:
         """``call.hangup`` arrived. A task here ends the call through the registry; else the
         call's state (if it is in fallback mode anywhere) is ended here."""
-        self._hung_up.add(call_control_id)
-        self._stream_arrived(call_control_id)
+        self.note_hung_up(call_control_id)
         if call_control_id not in self._calls:
             self.center.spawn(self._end_everywhere, call_control_id)
+
+    def note_hung_up(self, call_control_id: str) -> None:
+        """The call hung up (here or, told over the bus, elsewhere): it is never started or
+        degraded here afterwards, and no longer waits for its stream."""
+        self._hung_up.add(call_control_id)
+        self._stream_arrived(call_control_id)
+
+    async def request_end(self, call_control_id: str, reason: str) -> bool | None:
+        """Ask a fallback-mode call (held anywhere) to say goodbye and hang up: True if
+        asked, False if it is ending already, None if no call has such a state.
+        ``StoreError`` if the store cannot say."""
+        await self._ensure_store()
+        state, changed = await self.shared.update(
+            call_control_id, lambda d: fs.request_end(d, reason)
+        )
+        if state is None:
+            return None
+        if changed:
+            self._join(call_control_id, state)
+        return changed
 
     async def _end_everywhere(self, ccid: str) -> None:
         await self._ensure_store()
@@ -414,16 +436,23 @@ class FallbackCalls:
         if self.start(call_control_id, decode_client_state(client_state), "degraded"):
             self.center.spawn(self.center.telnyx.streaming_stop, call_control_id)
 
-    def stream_failed(self, event: WebhookEvent) -> None:
-        """``streaming.failed`` for a call that is not in fallback mode already."""
+    async def stream_failed(self, event: WebhookEvent) -> None:
+        """``streaming.failed`` for a call that is not in fallback mode already (see the
+        module docstring: the deployment decides, not this instance alone)."""
         ccid = event.call_control_id
         log.warning("🔌 Media stream failed: %s", event.payload.get("failure_reason") or "-")
         self._stream_arrived(ccid)
         if self.center.going_away.is_set() or ccid in self._hung_up:
             return
         media_call = self.center.registry.get(ccid)
-        if media_call is None:
-            # Never connected: the caller has heard nothing yet, so this starts afresh.
-            self.start(ccid, decode_client_state(event.client_state), "degraded")
-        elif media_call.mode == "media":
-            media_call.end(STREAM_FAILED)  # its session hands over as it ends
+        if media_call is not None:
+            if media_call.mode == "media":
+                media_call.end(STREAM_FAILED)  # its session hands over as it ends
+            return
+        if await self.center.claim_stream(ccid):
+            # No socket has the stream anywhere, and none can take it now: the caller has
+            # heard nothing yet, so the call starts afresh, here.
+            if ccid not in self._hung_up and self.center.registry.get(ccid) is None:
+                self.start(ccid, decode_client_state(event.client_state), "degraded")
+        else:
+            await self.center.live.pass_on(ccid, event.event_type, event.payload)

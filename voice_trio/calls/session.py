@@ -11,8 +11,9 @@ Tasks of the call's nursery (DESIGN.md §3):
   barge in and reach the conversation as a bracketed note (:mod:`voice_trio.calls.dtmf`).
 
 Some events cut the conversation short: a key shortcut, Claude's ``transfer_call`` tool, an
-answering machine on an outbound call (:mod:`~voice_trio.calls.controls`). ``converse``
-carries them out between turns.
+answering machine on an outbound call, an operator's hang-up or transfer
+(:mod:`~voice_trio.calls.controls`). ``converse`` carries them out between turns, and says
+an operator's text (``POST /api/calls/{id}/say``) once the bot's turn under way has ended.
 
 A bot turn runs in its own cancel scope (:mod:`~voice_trio.calls.bot_voice`): Claude's
 stream, the TTS stream and the pacing of its audio stop together when the caller barges in.
@@ -142,6 +143,7 @@ class CallSession:
             ccid = self.call.call_control_id
             on_signal = self.controls.on_signal
             self.center.signals.attach(ccid, on_signal)
+            self.center.live.hold(ccid, self.controls)
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.speculator.run)
@@ -151,6 +153,7 @@ class CallSession:
                     nursery.start_soon(self.watch_duration)
                     nursery.start_soon(self.controls.run)
             finally:
+                self.center.live.release(ccid, self.controls)
                 self.center.signals.detach(ccid, on_signal)
                 spent = self.speculator.take_unclaimed()
                 if self.records and any(spent):
@@ -208,6 +211,25 @@ class CallSession:
         except trio.WouldBlock:
             return False
         return True
+
+    @property
+    def ending(self) -> bool:
+        """The call's time is up, or it is being ended."""
+        return self._time_up.is_set() or self.call.cancel_scope.cancel_called
+
+    def wake(self) -> None:
+        """Something is to be said (an operator's text): the wait for the caller ends."""
+        self._wait_scope.cancel()
+
+    async def say_notes(self) -> bool:
+        """Say the operator's texts waiting (``controls.notes``), each as a turn of its own;
+        True if any was said."""
+        said = False
+        notes = self.controls.notes
+        while notes and self.controls.pending is None and not self._time_up.is_set():
+            await self.say(notes.popleft(), kind="note")
+            said = True
+        return said
 
     def cut_short(self) -> None:
         """An action is pending (``controls.interrupt``): the wait for the caller ends, any
@@ -332,6 +354,8 @@ class CallSession:
             if self._time_up.is_set():
                 await self.finish(self._time_up_reason, phrases.goodbye)
                 return
+            if turn is None and await self.say_notes():
+                continue  # the wait ended for the operator's text, not for silence
             if turn is None:
                 if reprompted:
                     await self.finish("silence_timeout", phrases.timeout_goodbye)
@@ -354,7 +378,8 @@ class CallSession:
             self._silence_deadline,
             self.playback.speaking_until + self.settings.silence_timeout_ms / 1000,
         )
-        while not self._time_up.is_set() and self.controls.pending is None:
+        controls = self.controls
+        while not self._time_up.is_set() and controls.pending is None and not controls.notes:
             with trio.move_on_at(self._silence_deadline) as self._wait_scope:
                 self._awaiting_user = True
                 try:
@@ -368,7 +393,7 @@ class CallSession:
                     except trio.WouldBlock:
                         return text, t0
                     text = f"{text} {more}"
-            if self._time_up.is_set() or self.controls.pending is not None:
+            if self._time_up.is_set() or controls.pending is not None or controls.notes:
                 return None
             if trio.current_time() >= self._silence_deadline and not self.turns.in_utterance:
                 return None

@@ -7,9 +7,12 @@ session, synchronously and without blocking. Machine detection may finish before
 socket is up, so facts for a call with no session yet are kept (bounded, oldest calls
 forgotten first) and handed over when the session attaches.
 
-Webhooks land on any instance (DESIGN.md §4); a fact that lands on an instance without the
-call is kept there unused and forgotten. Sessions treat every fact as optional: a missing
-machine verdict means a person, a missing ``call.dtmf.received`` is covered by the frame.
+Webhooks land on any instance (DESIGN.md §4): a fact for a call not running in the process
+that got it is passed on over the call-event bus (:mod:`voice_trio.calls.live`), and every
+process keeps it here for a session not attached yet, so a verdict that beats the socket
+reaches the call wherever the socket lands. Sessions still treat every fact as optional (the
+bus delivers at most once): a missing machine verdict means a person, a missing
+``call.dtmf.received`` is covered by the frame.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Transfer to a person: the hand-off line, then Telnyx ``transfer`` (protocols/telnyx.md §1.8).
 
-Asked for by Claude (the ``transfer_call`` tool, offered only with ``TRANSFER_NUMBER`` set)
-or by a key (``DTMF_SHORTCUTS``, ``0=transfer`` by default). A tool call lets the reply that
+Asked for by Claude (the ``transfer_call`` tool, offered only with ``TRANSFER_NUMBER`` set),
+by a key (``DTMF_SHORTCUTS``, ``0=transfer`` by default), or by an operator
+(``POST /api/calls/{id}/transfer``, to ``TRANSFER_NUMBER`` or a number of their own). A tool call lets the reply that
 announced it finish; a key cuts the bot at once. Either way the caller hears the hand-off
 line to its end before the command goes out.
 
@@ -32,12 +33,11 @@ LEAVE_GRACE_SECONDS = 5.0  # after that, a stream still up means the transfer fa
 UNKNOWN_CALL = "90015"
 
 
-async def hand_off(session: CallSession) -> bool:
-    """Say the hand-off line and transfer the call. A transfer that works ends the call's
-    scope while this waits; otherwise True if the call is over anyway, False if the
-    conversation goes on (the bot has apologised)."""
+async def hand_off(session: CallSession, number: str) -> bool:
+    """Say the hand-off line and transfer the call to ``number``. A transfer that works ends
+    the call's scope while this waits; otherwise True if the call is over anyway, False if
+    the conversation goes on (the bot has apologised)."""
     phrases = session.center.phrases_text
-    number = session.settings.transfer_number
     ccid = session.call.call_control_id
     await session.say(phrases.handoff, kind="handoff")
     session.transferring = True

@@ -201,6 +201,7 @@ class StreamParams:
     track: str = "inbound_track"
     bidirectional_mode: str = "mp3"  # only "rtp" media from the server is played
     bidirectional_codec: str = "PCMU"
+    dtmf_frames: bool = True  # key presses as ``dtmf`` frames (else by webhook only)
 
 
 def _noop_event(kind: str, detail: str) -> None:
@@ -336,8 +337,9 @@ class MediaStream:
             await self.closed.wait()
 
     def press(self, digit: str) -> None:
-        """Queue a ``dtmf`` frame (sent on the next tick)."""
-        self._dtmf.append(digit)
+        """Queue a ``dtmf`` frame (sent on the next tick), unless the stream sends none."""
+        if self.params.dtmf_frames:
+            self._dtmf.append(digit)
 
     async def tick(self, caller: bytes | None) -> bytes:
         """One 20 ms step: send the party's frame, return the next 20 ms to play to it."""

@@ -44,6 +44,9 @@ Flows (webhook order per call is guaranteed; see :mod:`voice_trio.sim.telnyx_web
 - Hang-up (REST ``hangup``, the party's ``hang_up``, time limit): ``streaming.stopped``, any
   ``call.speak.ended``/``call.playback.ended`` with status ``call_hangup``, then
   ``call.hangup`` (``normal_clearing``, ``sip_hangup_cause`` "200", ``call_quality_stats``).
+  With ``stream_lingers_after_hangup_s`` (a fault knob: the ``stop`` frame is lost) the
+  media socket stays open, silent, after ``call.hangup`` until the server closes it or that
+  time has passed.
   ``hangup_source`` is the party that hung up in Telnyx's terms: on an inbound call the
   simulated person is the ``caller`` and the server the ``callee``; on an outbound call the
   other way round.
@@ -53,7 +56,8 @@ Flows (webhook order per call is guaranteed; see :mod:`voice_trio.sim.telnyx_web
 - ``transcription_start``: the party's audio is decoded (:class:`SpeechDecoder`) and
   ``call.transcription`` sent: interim results every ``transcription_interim_ms`` when the
   engine config asks for ``interim_results``, a final after ``transcription_silence_ms`` of
-  silence. Key presses give ``call.dtmf.received`` (and a ``dtmf`` media frame).
+  silence. Key presses give ``call.dtmf.received`` (and a ``dtmf`` media frame; with
+  ``dtmf_frames=False`` the webhook only).
 - Also: ``reject`` (``call.hangup`` ``call_rejected``/``user_busy``); ``transfer`` (the stream
   stops; leg B — answered by whoever ``answer_with`` registered for the number — reports
   ``call.initiated``, then ``call.answered`` + ``call.bridged`` on both legs after its ring, or
@@ -156,6 +160,8 @@ class TelnyxSim:
         amd_ms: float = 300.0,
         amd_greeting_silence_ms: float = 500.0,
         stream_connect_timeout_s: float = 5.0,
+        dtmf_frames: bool = True,
+        stream_lingers_after_hangup_s: float = 0.0,
         record_audio_s: float = 10.0,
         webhook_attempts: int = 3,
         webhook_backoff_ms: float = 200.0,
@@ -185,6 +191,8 @@ class TelnyxSim:
         self.amd_ms = amd_ms
         self.amd_greeting_silence_ms = amd_greeting_silence_ms
         self.stream_connect_timeout_s = stream_connect_timeout_s
+        self.dtmf_frames = dtmf_frames
+        self.stream_lingers_after_hangup_s = stream_lingers_after_hangup_s
         self.record_audio_s = record_audio_s
         self.max_ended_calls = max_ended_calls
         self.user_id = str(uuid.uuid4())

@@ -236,8 +236,15 @@ class SimCall:
                     else:
                         media.start_soon(self._outgoing, callee or Callee(AudioPort()))
                     await self._end_requested.wait()
+                    linger = self.sim.stream_lingers_after_hangup_s
+                    stream = self.line.stream
                     with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-                        await self._wind_down()
+                        await self._wind_down(stop_stream=not linger)
+                    if linger and stream is not None and stream.is_open:
+                        # The stop frame was lost: the call is over, its socket is not.
+                        self._hung_up()
+                        with trio.move_on_after(linger):
+                            await stream.closed.wait()
                     media.cancel_scope.cancel()
             finally:
                 self._media = None
@@ -365,9 +372,9 @@ class SimCall:
                 by="caller",
             )
 
-    async def _wind_down(self) -> None:
+    async def _wind_down(self, *, stop_stream: bool = True) -> None:
         stream = self.line.stream
-        if stream is not None:
+        if stream is not None and stop_stream:
             await stream.stop()
         if self._announcing is not None:
             prefix, fields = self._announcing
@@ -375,6 +382,15 @@ class SimCall:
             self.emit(f"{prefix}.ended", {**fields, "status": "call_hangup"})
 
     def _finish(self) -> None:
+        self._hung_up()
+        self.webhooks.close()
+        self.ended.set()
+        self.sim._call_ended(self)
+
+    def _hung_up(self) -> None:
+        """The call is over: ``call.hangup`` (once)."""
+        if self.state == "hangup":
+            return
         if self.hangup_cause is None:
             self.hangup_cause, self.hangup_source, self.sip_hangup_cause = (
                 "unspecified",
@@ -410,9 +426,6 @@ class SimCall:
                 },
             },
         )
-        self.webhooks.close()
-        self.ended.set()
-        self.sim._call_ended(self)
 
     def start_stream(self, opts: dict[str, Any]) -> None:
         if self._media is not None:
@@ -445,6 +458,7 @@ class SimCall:
             track=track,
             bidirectional_mode=opts.get("stream_bidirectional_mode") or "mp3",
             bidirectional_codec=bidi_codec,
+            dtmf_frames=sim.dtmf_frames,
         )
         if bidi_codec not in PLAYABLE_CODECS or rate != 8000:
             self._stream_failed(params, "the simulator plays back only PCMU or PCMA at 8000 Hz")

@@ -22,6 +22,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from voice_trio.store.notify import MAX_PAYLOAD_BYTES, Listener
 from voice_trio.store.records import (
     EVENT_TTL,
     SERVER_LOST,
@@ -89,6 +90,7 @@ class PostgresStore(CallStore):
         super().__init__(trio.CapacityLimiter(pool_size), event_ttl)
         self.connect_timeout = connect_timeout
         self.where = describe_dsn(dsn)
+        self._dsn = dsn
         self.pool = psycopg_pool.ConnectionPool(
             dsn,
             min_size=1,
@@ -274,6 +276,19 @@ class PostgresStore(CallStore):
                 conn.execute(
                     "DELETE FROM call_states WHERE call_control_id = %s", (call_control_id,)
                 )
+
+        await self._run(write)
+
+    def listener(self, channel: str) -> Listener:
+        return Listener(self._dsn, channel, self.where)
+
+    async def notify(self, channel: str, payload: str) -> None:
+        if len(payload.encode()) > MAX_PAYLOAD_BYTES:
+            raise ValueError(f"a notification carries at most {MAX_PAYLOAD_BYTES} bytes")
+
+        def write() -> None:
+            with self.pool.connection() as conn:
+                conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
         await self._run(write)
 

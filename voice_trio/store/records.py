@@ -15,9 +15,12 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
+
+if TYPE_CHECKING:
+    from voice_trio.store.notify import Listener
 
 DIRECTIONS = ("inbound", "outbound")
 MODES = ("media", "fallback", "degraded")
@@ -31,6 +34,7 @@ TURN_KINDS = (
     "continuation",
     "handoff",
     "voicemail",
+    "note",  # an operator's text (POST /api/calls/{id}/say)
 )
 STAMPS = ("t0", "t1", "t2", "t2s", "t3", "t4", "t5")
 
@@ -344,6 +348,15 @@ class CallStore(ABC):
 
     @abstractmethod
     async def delete_state(self, call_control_id: str) -> None: ...
+
+    def listener(self, channel: str) -> Listener | None:
+        """A ``LISTEN`` connection on ``channel`` (not connected yet) for the call-event bus;
+        None if this store carries no events (SQLite: one process, nobody else to tell)."""
+        return None
+
+    async def notify(self, channel: str, payload: str) -> None:
+        """Send ``payload`` to every listener on ``channel`` (``listener``)."""
+        raise StoreError(f"the {self.backend} store carries no events")
 
     @abstractmethod
     async def register_instance(self, instance_id: str, name: str) -> None:

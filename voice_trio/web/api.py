@@ -50,6 +50,11 @@ async def json_body() -> Any:
     """The request body as JSON, or ``InvalidRequest`` saying why it is not. (Quart's
     ``get_json(silent=True)`` lets a ``RecursionError`` from deeply nested input escape.)"""
     raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+    return parse_json(raw)
+
+
+def parse_json(raw: bytes) -> Any:
+    """``raw`` as JSON, or ``InvalidRequest`` saying why it is not."""
     try:
         return json.loads(raw)
     except ValueError:

@@ -17,6 +17,7 @@ from voice_trio.forwarded import request_origin
 from voice_trio.observability import watch_loop_lag
 from voice_trio.web.api import api_refusal, register_api
 from voice_trio.web.calls_api import register_calls_api
+from voice_trio.web.live_api import register_live_api
 from voice_trio.web.webhooks import register_webhooks
 
 log = logging.getLogger("voice_trio.web")
@@ -31,6 +32,9 @@ ENDPOINTS = [
     "POST /api/call/batch",
     "GET /api/calls",
     "GET /api/calls/<call_control_id>",
+    "POST /api/calls/<call_control_id>/hangup",
+    "POST /api/calls/<call_control_id>/transfer",
+    "POST /api/calls/<call_control_id>/say",
     "POST /webhook/telnyx",
     "WS /stream/media",
 ]
@@ -96,6 +100,9 @@ def create_app(center: CallCenter) -> QuartTrio:
             "uptime_seconds": round(center.uptime, 3),
             "active_calls": len(center.registry),
             "mode": settings.mode,
+            # Facts and orders for calls held by other processes: connected | reconnecting
+            # (PostgreSQL's LISTEN connection lost) | local (SQLite: one process).
+            "events": center.bus.state,
         }
         return (body, 503) if draining else body
 
@@ -133,6 +140,7 @@ def create_app(center: CallCenter) -> QuartTrio:
 
     register_api(app, center)
     register_calls_api(app, center)
+    register_live_api(app, center)
     register_webhooks(app, center)
     return app
 
