@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from voice_trio.config import Settings
+from voice_trio.store.errors import StaleState, StoreError
 from voice_trio.store.postgres import DEFAULT_POOL_SIZE, PostgresStore
 from voice_trio.store.records import (
     MAX_PAGE,
@@ -28,8 +29,6 @@ from voice_trio.store.records import (
     CallRecord,
     CallState,
     CallStore,
-    StaleState,
-    StoreError,
     TurnEntry,
 )
 from voice_trio.store.schema import LATEST

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from voice_trio.store.records import StoreError
+from voice_trio.store.errors import StoreError
 
 # PostgreSQL refuses a payload of 8000 bytes or more (default build).
 MAX_PAYLOAD_BYTES = 7999

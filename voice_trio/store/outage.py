@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from voice_trio.store.records import StaleState, StoreError
+from voice_trio.store.errors import StaleState, StoreError
 
 log = logging.getLogger("voice_trio.store")
 

@@ -22,6 +22,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from voice_trio.store.errors import StaleState, StoreError
 from voice_trio.store.notify import MAX_PAYLOAD_BYTES, Listener
 from voice_trio.store.records import (
     EVENT_TTL,
@@ -31,8 +32,6 @@ from voice_trio.store.records import (
     CallRecord,
     CallState,
     CallStore,
-    StaleState,
-    StoreError,
     TurnEntry,
 )
 from voice_trio.store.schema import (

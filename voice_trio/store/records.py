@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
+from voice_trio.store.errors import StoreError
+
 if TYPE_CHECKING:
     from voice_trio.store.notify import Listener
 
@@ -44,20 +46,6 @@ HOUSEKEEPING_EVERY = 300.0  # seconds between sweeps of expired events and state
 SERVER_LOST = "server_lost"  # end reason of a call whose instance died (crash, kill -9)
 
 T = TypeVar("T")
-
-
-class StoreError(Exception):
-    """The store cannot do what was asked (unreachable, misconfigured)."""
-
-
-class StaleState(StoreError):
-    """``save_state`` lost a race: another instance wrote the call's state first."""
-
-    def __init__(self, call_control_id: str, expected: int | None, actual: int | None) -> None:
-        super().__init__(f"state of {call_control_id} is at version {actual}, expected {expected}")
-        self.call_control_id = call_control_id
-        self.expected = expected
-        self.actual = actual
 
 
 @dataclass(slots=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from voice_trio.store.records import StoreError
+from voice_trio.store.errors import StoreError
 
 CALL_COLUMNS = (
     "call_control_id",

@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from voice_trio.store.errors import StaleState, StoreError
 from voice_trio.store.records import (
     EVENT_TTL,
     SERVER_LOST,
@@ -27,8 +28,6 @@ from voice_trio.store.records import (
     CallRecord,
     CallState,
     CallStore,
-    StaleState,
-    StoreError,
     TurnEntry,
     state_json,
 )
