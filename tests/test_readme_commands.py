@@ -220,7 +220,7 @@ async def test_hypercorn_with_a_bad_setting_stops_and_names_it(tmp_path: Path) -
         LOG_FORMAT="xml",
     )
     try:
-        await server.wait(30)  # Hypercorn 0.18 reports a failed worker with exit code 0
+        await server.wait(60)  # Hypercorn 0.18 reports a failed worker with exit code 0
         assert "Configuration error: LOG_FORMAT: expected one of human, json" in server.output()
     finally:
         server.kill()

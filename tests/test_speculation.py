@@ -147,24 +147,29 @@ def caller(script: list[Any]) -> ScriptedCaller:
     return ScriptedCaller(script, ms_per_char=FAST_SPEECH_MS, turn_gap_ms=300, timeout_s=30)
 
 
-async def test_a_speculative_reply_is_heard_sooner(nursery, lab) -> None:
-    """Real time: one reply with speculation, one without, with the demo's 400 ms LLM."""
+async def test_a_speculative_reply_is_asked_before_the_turn_ends(nursery, lab) -> None:
+    """One reply with speculation, one without, with the demo's 400 ms LLM: with it, the
+    reply's Claude request leaves before the turn has ended (its ledger's t1 < t0)."""
     lab.anthropic.ttft = 0.4
     script = [WaitForBot(300), Say("Quiero una cita para el lunes.", 100), WaitForBot(300)]
-    latencies = {}
+    asked_before_turn_end = {}
     # The process's first Claude request pays one-time costs (lazy imports): the first
     # call only warms up, the last two are compared.
     for enabled in ("true", "false", "true"):
         server = await start_lab_server(nursery, lab, SPECULATIVE_REPLIES=enabled)
         lab.anthropic.requests.clear()
         party = caller([*script, HangUp()])
-        lab.telnyx.place_inbound_call("+573001234567", OUR_NUMBER, party)
+        sim_call = lab.telnyx.place_inbound_call("+573001234567", OUR_NUMBER, party)
         results = await party.run()
         with trio.fail_after(5):
             await server.app.center.registry.wait_until_empty()
         assert not results.errors and len(results.latencies_ms) == 1
         assert 'usted dijo: "Quiero una cita para el lunes."' in results.bot_turns[1].text
-        latencies[enabled] = results.latencies_ms[0]
+        found = await server.app.center.store.get_call(sim_call.call_control_id)
+        assert found is not None
+        reply = next(t for t in found[1] if t.user_text)
+        assert reply.t0 is not None and reply.t1 is not None
+        asked_before_turn_end[enabled] = reply.t1 < reply.t0
         metrics = (await server.client.get("/metrics")).text
         # Exactly one Claude request for the reply: a kept speculation is not asked twice.
         (request,) = lab.anthropic.requests
@@ -179,5 +184,7 @@ async def test_a_speculative_reply_is_heard_sooner(nursery, lab) -> None:
         else:
             assert 'voice_speculations_total{outcome="started"}' not in metrics
         server.stop.set()
-    # The speculation was asked ~150 ms (endpointing 300 - Finalize silence 150) earlier.
-    assert latencies["true"] < latencies["false"] - 80, latencies
+    # The speculation was asked ~150 ms (endpointing 300 - Finalize silence 150) before the
+    # turn ended; what that gains in voice-to-voice is measured by `voice-trio demo` and
+    # the load test, not here (a loaded test machine makes wall-clock margins noise).
+    assert asked_before_turn_end == {"true": True, "false": False}
