@@ -177,16 +177,21 @@ async def _start_server(lab, tmp_path, drain_timeout: int, port: int | None = No
             stdout=log,
             stderr=log,
         )
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as api:
-        with trio.fail_after(60):
-            while process.poll() is None:
-                try:
-                    if (await api.get("/health")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await trio.sleep(0.05)
-    assert process.poll() is None, (tmp_path / "server.log").read_text()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as api:
+            with trio.fail_after(60):
+                while process.poll() is None:
+                    try:
+                        if (await api.get("/health")).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    await trio.sleep(0.05)
+        assert process.poll() is None, (tmp_path / "server.log").read_text()
+    except BaseException:
+        process.kill()  # a server that did not come up is not left running
+        await process.wait()
+        raise
     return process, port
 
 
