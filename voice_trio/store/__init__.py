@@ -24,6 +24,7 @@ from voice_trio.config import Settings
 from voice_trio.store.postgres import DEFAULT_POOL_SIZE, PostgresStore
 from voice_trio.store.records import (
     MAX_PAGE,
+    CallCounts,
     CallPage,
     CallRecord,
     CallState,
@@ -37,6 +38,7 @@ from voice_trio.store.sqlite import SqliteStore
 
 __all__ = [
     "MAX_PAGE",
+    "CallCounts",
     "CallPage",
     "CallRecord",
     "CallState",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import trio
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
@@ -15,6 +16,7 @@ from voice_trio import __version__
 from voice_trio.calls.center import CallCenter
 from voice_trio.forwarded import request_origin
 from voice_trio.observability import watch_loop_lag
+from voice_trio.store import StoreError
 from voice_trio.web.api import api_refusal, register_api
 from voice_trio.web.calls_api import register_calls_api
 from voice_trio.web.webhooks import register_webhooks
@@ -22,6 +24,8 @@ from voice_trio.web.webhooks import register_webhooks
 log = logging.getLogger("voice_trio.web")
 
 MAX_BODY_BYTES = 256 * 1024
+# The stats route waits this long for the store's counts, then answers from this process.
+STATS_STORE_SECONDS = 2.0
 ENDPOINTS = [
     "GET /health",
     "GET /api/health",
@@ -98,11 +102,7 @@ def create_app(center: CallCenter) -> QuartTrio:
 
     @app.get("/api/sessions/stats")
     async def stats() -> Any:
-        return {
-            "active_sessions": len(center.registry),
-            "total_calls": center.registry.total_calls,
-            "uptime_seconds": round(center.uptime, 3),
-        }
+        return await deployment_stats(center)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -132,6 +132,29 @@ def create_app(center: CallCenter) -> QuartTrio:
     register_calls_api(app, center)
     register_webhooks(app, center)
     return app
+
+
+async def deployment_stats(center: CallCenter) -> dict[str, Any]:
+    """Calls of the whole deployment, from the shared store (every worker and instance
+    writes its calls there); this process's own numbers when the store cannot answer,
+    and ``source`` says which."""
+    counts = None
+    if center.store is not None:
+        with trio.move_on_after(STATS_STORE_SECONDS):
+            try:
+                counts = await center.store.count_calls()
+            except StoreError as exc:
+                log.warning("Stats from this process only (store unavailable: %s)", exc)
+    here = {"active_sessions": len(center.registry), "total_calls": center.registry.total_calls}
+    if counts is None:
+        return {**here, "source": "process", "uptime_seconds": round(center.uptime, 3)}
+    return {
+        "active_sessions": counts.active,
+        "total_calls": counts.total,
+        "source": "store",
+        "this_process": here,
+        "uptime_seconds": round(center.uptime, 3),
+    }
 
 
 def _error(status: int, error: str, reason: str, **extra: Any) -> Any:
