@@ -19,6 +19,9 @@ async def test_index_health_stats_and_metrics(nursery: trio.Nursery) -> None:
         assert body["status"] == "ok" and body["version"] == __version__
         assert body["active_calls"] == 0 and body["mode"] == "media"
         assert body["uptime_seconds"] >= 0
+        # Which process answered: one of several workers would say which.
+        assert body["worker"] == "w1" and body["workers"] == 1
+        assert body["instance_id"] == server.app.center.instance_id
     stats = (await c.get("/api/sessions/stats")).json()
     assert stats == {
         "active_sessions": 0,

@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 from voice_trio import __version__
 from voice_trio.calls.center import CallCenter
 from voice_trio.forwarded import request_origin
-from voice_trio.observability import watch_loop_lag
+from voice_trio.observability import publish_every, watch_loop_lag
 from voice_trio.store import StoreError
 from voice_trio.web.api import api_refusal, register_api
 from voice_trio.web.calls_api import register_calls_api
@@ -24,6 +24,9 @@ from voice_trio.web.webhooks import register_webhooks
 log = logging.getLogger("voice_trio.web")
 
 MAX_BODY_BYTES = 256 * 1024
+# With several workers, how often each publishes its computed gauges (active calls, live
+# tasks, media-path message counts) for scrapes that land on a sibling.
+PUBLISH_SECONDS = 1.0
 # The stats route waits this long for the store's counts, then answers from this process.
 STATS_STORE_SECONDS = 2.0
 ENDPOINTS = [
@@ -53,6 +56,10 @@ def create_app(center: CallCenter) -> QuartTrio:
     async def startup() -> None:
         await center.start(app.nursery)
         app.nursery.start_soon(watch_loop_lag, center.metrics)
+        if center.metrics.worker is not None:
+            # A scrape on a sibling worker reads this one's gauges from what it published.
+            active = center.registry.__len__
+            app.nursery.start_soon(publish_every, center.metrics, active, PUBLISH_SECONDS)
 
     @app.after_serving
     async def shutdown() -> None:
@@ -92,12 +99,16 @@ def create_app(center: CallCenter) -> QuartTrio:
     @app.get("/health")
     @app.get("/api/health")
     async def health() -> Any:
+        # This process only: a load balancer's probe asks about the process it reached.
         return {
             "status": "ok",
             "version": __version__,
             "uptime_seconds": round(center.uptime, 3),
             "active_calls": len(center.registry),
             "mode": settings.mode,
+            "worker": center.worker,
+            "workers": settings.workers,
+            "instance_id": center.instance_id,
         }
 
     @app.get("/api/sessions/stats")
@@ -106,8 +117,7 @@ def create_app(center: CallCenter) -> QuartTrio:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        center.metrics.active_calls.set(len(center.registry))
-        center.metrics.sample_runtime()
+        center.metrics.publish(len(center.registry))
         return Response(
             generate_latest(center.metrics.registry), content_type=CONTENT_TYPE_PLAIN_0_0_4
         )
