@@ -202,6 +202,22 @@ async def test_serve_with_workers_shares_the_port_and_stops_on_sigterm(
             await server.wait_for(rf"INFO  {worker} \[-\] Server listening on 127\.0\.0\.1:{port}")
         answered = {(await _health(port)).json()["worker"] for _ in range(12)}
         assert answered == {"w1", "w2"}  # each new connection goes to either worker
+        # The workers' SO_REUSEPORT group is this server's: a second one cannot join it.
+        second = _run(
+            tmp_path,
+            "second",
+            str(BIN / "voice-trio"),
+            "serve",
+            "--workers",
+            "2",
+            HOST="127.0.0.1",
+            PORT=str(port),
+            SERVER_SECRET="a shared secret for every worker",
+            DATABASE_URL=pg_dsn,
+        )
+        assert await second.wait(30) == 1
+        assert f"Cannot serve on 127.0.0.1:{port}: Address already in use" in second.output()
+        assert "Worker w1 started" not in second.output()
         assert await server.stop() == 0
         out = server.output()
         assert out.count("Received SIGTERM, shutting down") == 2, out[-3000:]

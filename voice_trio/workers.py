@@ -2,12 +2,22 @@
 
 One Trio loop runs on one core (docs/benchmarks.md: one process carries ~60 calls), and
 calls are independent, so a host's other cores are used by more processes. The supervisor
-(the process started as ``voice-trio serve``) binds and listens on the port once, then
-starts N workers that inherit the listening socket and each run ``server.serve`` on it,
-with its own Trio loop: they all accept from the one queue, and each connection goes to the
-worker that asks first — an idle worker more often than a busy one (measured spread:
-docs/benchmarks.md). What workers share beyond the port is in the store (PostgreSQL:
-``Settings.with_workers``); the host's metrics are in ``host_metrics``.
+(the process started as ``voice-trio serve``) starts N workers, each running
+``server.serve`` with its own Trio loop on a socket of its own bound to the same port with
+``SO_REUSEPORT``: the kernel spreads new connections over the workers' sockets by a hash of
+the connection's addresses. Measured against one listening socket shared by every worker
+(docs/benchmarks.md), that one hands most connections of a lightly loaded host to the
+worker the kernel wakes first; the hash spreads them evenly at any load.
+
+A worker's socket is bound by the supervisor and starts listening (joins the port's group)
+only when the worker is ready, and it closes with the worker: while a worker is down, its
+share of new connections goes to the others. (Connections already waiting in a dead
+worker's queue are reset, unless ``net.ipv4.tcp_migrate_req=1`` moves them to a sibling.)
+The supervisor holds the port for its whole life with a socket that never listens, after
+checking with a plain bind that no other server has it: a second server on the same port
+fails to start rather than silently sharing this one's traffic. What workers share beyond
+the port is in the store (PostgreSQL: ``Settings.with_workers``); the host's metrics are
+in ``host_metrics``.
 
 Signals: a worker ignores SIGINT and SIGTERM. The supervisor relays each one it receives
 through a pipe (``Signals.watch_supervisor``), so every worker drains exactly as a single
@@ -52,8 +62,6 @@ FIRST_RESTART_DELAY = 0.5
 MAX_RESTART_DELAY = 10.0
 # Beyond the drain bound, what a worker gets before it is killed.
 KILL_AFTER_SECONDS = 5.0
-# Connections waiting to be accepted by some worker (Hypercorn's default backlog).
-BACKLOG = 100
 
 
 @dataclass(eq=False)
@@ -69,29 +77,39 @@ class Worker:
         return f"w{self.index}"
 
 
-def listen(settings: Settings) -> socket.socket:
-    """The port every worker accepts from, bound and listening before any worker starts,
-    so that connections made while workers start wait in the queue."""
-    sock = reserve_listener(settings.host, settings.port)
+def hold_port(host: str, port: int) -> socket.socket:
+    """The port of every worker, held by the supervisor (module docstring): free, or
+    ``OSError`` (address in use) as a single server's start would give."""
+    with reserve_listener(host, port) as probe:  # no SO_REUSEPORT: fails if anyone has it
+        port = probe.getsockname()[1]
+    return worker_socket(host, port)
+
+
+def worker_socket(host: str, port: int) -> socket.socket:
+    """A socket in the port's ``SO_REUSEPORT`` group, bound, not yet listening: Hypercorn
+    listens on it once the worker's app has started."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as Hypercorn binds
-    sock.listen(BACKLOG)
+    sock.bind((host, port))
     return sock
 
 
 class Supervisor:
     """Starts the workers, relays signals to them, starts again those that die."""
 
-    def __init__(self, settings: Settings, env_file: str, listener: socket.socket) -> None:
+    def __init__(self, settings: Settings, env_file: str, port: socket.socket) -> None:
         self.settings = settings
         self.env_file = env_file
-        self.listener = listener
+        self.port = port
         self.workers = [Worker(i) for i in range(1, settings.workers + 1)]
         self.relayed: list[str] = []
         self.stopping = trio.Event()
         self.metrics_dir = ""
 
     async def run(self) -> int:
-        host, port = self.listener.getsockname()[:2]
+        host, port = self.port.getsockname()[:2]
         log.info("Starting %d workers on %s:%d", len(self.workers), host, port)
         # Every worker's metric files; a fresh directory, so nothing of an earlier run
         # is counted, removed at the end.
@@ -179,8 +197,9 @@ class Supervisor:
                 return
 
     async def _start(self, worker: Worker) -> trio.Process:
+        host, port = self.port.getsockname()[:2]
+        listener = worker_socket(host, port)  # the worker's only: it closes with the worker
         read_end, write_end = os.pipe()
-        listener = self.listener.fileno()
         command = [
             sys.executable,
             "-m",
@@ -193,7 +212,7 @@ class Supervisor:
             "--worker-index",
             str(worker.index),
             "--listen-fd",
-            str(listener),
+            str(listener.fileno()),
             "--orders-fd",
             str(read_end),
         ]
@@ -201,10 +220,14 @@ class Supervisor:
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}
         try:
             process = await trio.lowlevel.open_process(
-                command, env=env, pass_fds=(listener, read_end), stdin=subprocess.DEVNULL
+                command,
+                env=env,
+                pass_fds=(listener.fileno(), read_end),
+                stdin=subprocess.DEVNULL,
             )
         finally:
             os.close(read_end)
+            listener.close()
         worker.process, worker.orders = process, write_end
         log.info("Worker %s started (pid %d)", worker.name, process.pid)
         for name in self.relayed:  # a signal that came while it was starting
@@ -227,13 +250,18 @@ def _how_it_ended(code: int) -> str:
 
 async def supervise(settings: Settings, env_file: str) -> int:
     """``voice-trio serve`` with ``settings.workers`` > 1: returns the exit code."""
-    with listen(settings) as listener:
-        return await Supervisor(settings, env_file, listener).run()
+    try:
+        port = hold_port(settings.host, settings.port)
+    except OSError as exc:
+        log.error("Cannot serve on %s:%d: %s", settings.host, settings.port, exc.strerror)
+        return 1
+    with port:
+        return await Supervisor(settings, env_file, port).run()
 
 
 def run_worker(settings: Settings, index: int, listen_fd: int, orders_fd: int) -> None:
-    """One worker: ``server.serve`` on the inherited listening socket, its signals relayed
-    by the supervisor."""
+    """One worker: ``server.serve`` on the socket the supervisor bound for it, its signals
+    relayed by the supervisor."""
     # The supervisor relays these (module docstring); a group-wide signal must count once.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

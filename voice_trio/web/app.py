@@ -117,7 +117,11 @@ def create_app(center: CallCenter) -> QuartTrio:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        center.metrics.publish(len(center.registry))
+        # One of several workers leaves this to its publisher: every worker's gauges are
+        # then as each last published them (at most PUBLISH_SECONDS old), so the answer
+        # is the same whichever worker gives it.
+        if center.metrics.worker is None:
+            center.metrics.publish(len(center.registry))
         return Response(
             generate_latest(center.metrics.registry), content_type=CONTENT_TYPE_PLAIN_0_0_4
         )
