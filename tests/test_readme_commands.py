@@ -23,6 +23,7 @@ import wave
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 import trio
 from processes import BIN, Program, clean_env, free_port
@@ -202,6 +203,11 @@ async def test_serve_with_workers_shares_the_port_and_stops_on_sigterm(
             await server.wait_for(rf"INFO  {worker} \[-\] Server listening on 127\.0\.0\.1:{port}")
         answered = {(await _health(port)).json()["worker"] for _ in range(12)}
         assert answered == {"w1", "w2"}  # each new connection goes to either worker
+        # In the store each worker is named by the port PORT=0 picked, so that a worker
+        # started again takes its predecessor's name (and ends its calls at once).
+        with psycopg.connect(pg_dsn) as db:
+            names = {name for (name,) in db.execute("SELECT name FROM instances")}
+        assert {name.split(":", 1)[1] for name in names} == {f"{port}/w1", f"{port}/w2"}
         # The workers' SO_REUSEPORT group is this server's: a second one cannot join it.
         second = _run(
             tmp_path,

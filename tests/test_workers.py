@@ -122,6 +122,9 @@ async def place_until_both_carry(lab: Any, workers: Workers, nursery: trio.Nurse
             await trio.sleep(1.2)  # both workers publish their gauges every second
             if all(n > 0 for n in (await workers.active_by_worker()).values()):
                 break
+    with trio.fail_after(10):  # every worker has published its calls since
+        while sum((await workers.active_by_worker()).values()) != len(placed):  # noqa: ASYNC110
+            await trio.sleep(0.2)
     return placed
 
 

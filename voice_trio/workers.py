@@ -216,8 +216,9 @@ class Supervisor:
             "--orders-fd",
             str(read_end),
         ]
-        # Set before the worker imports prometheus-client, which reads it once.
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir}
+        # PROMETHEUS_MULTIPROC_DIR before the worker imports prometheus-client, which reads
+        # it once; PORT as bound (PORT=0 picked one), which names the worker in the store.
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir, "PORT": str(port)}
         try:
             process = await trio.lowlevel.open_process(
                 command,
