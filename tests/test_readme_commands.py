@@ -184,6 +184,7 @@ async def test_serve_with_workers_shares_the_port_and_stops_on_sigterm(
     tmp_path: Path,
     pg_dsn: str,  # noqa: F811
 ) -> None:
+    started: Program | None = None
     server = _run(
         tmp_path,
         "serve",
@@ -209,7 +210,7 @@ async def test_serve_with_workers_shares_the_port_and_stops_on_sigterm(
             names = {name for (name,) in db.execute("SELECT name FROM instances")}
         assert {name.split(":", 1)[1] for name in names} == {f"{port}/w1", f"{port}/w2"}
         # The workers' SO_REUSEPORT group is this server's: a second one cannot join it.
-        second = _run(
+        second = started = _run(
             tmp_path,
             "second",
             str(BIN / "voice-trio"),
@@ -230,6 +231,8 @@ async def test_serve_with_workers_shares_the_port_and_stops_on_sigterm(
         assert "Every worker has stopped" in out and "Traceback" not in out
     finally:
         server.kill()
+        if started is not None and started.process.poll() is None:
+            await started.stop()  # it got in after all: its workers stop with it
 
 
 @pytest.mark.parametrize("workers", [1, 2])
