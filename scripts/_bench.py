@@ -214,6 +214,31 @@ class Scrape:
     def active_calls(self) -> float | None:
         return self.value("voice_active_calls")
 
+    def worker_pids(self) -> dict[str, int]:
+        """Live workers of a ``--workers`` server (``voice_worker_info``): name -> pid.
+        Empty for a single process."""
+        return {
+            labels["worker"]: int(labels["pid"])
+            for labels, value in self.samples.get("voice_worker_info", [])
+            if value
+        }
+
+    def workers(self) -> list[str]:
+        """The worker labels to break numbers down by; ``["-"]`` for a single process
+        (whose samples carry no worker label)."""
+        return sorted(self.worker_pids()) or ["-"]
+
+    def of(self, name: str, worker: str, **labels: str) -> float | None:
+        """``value`` for one worker (``"-"``: the single process, every sample)."""
+        return (
+            self.value(name, **labels)
+            if worker == "-"
+            else self.value(name, worker=worker, **labels)
+        )
+
+    def histogram_of(self, name: str, worker: str) -> Buckets:
+        return self.histogram(name) if worker == "-" else self.histogram(name, worker=worker)
+
 
 def _matches(labels: dict[str, str], wanted: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in wanted.items())
@@ -246,11 +271,18 @@ def _setting_names() -> set[str]:
 
 
 def server_env(
-    lab_env: dict[str, str], port: int, data_dir: Path, extra: dict[str, str] | None = None
+    lab_env: dict[str, str],
+    port: int,
+    data_dir: Path,
+    extra: dict[str, str] | None = None,
+    *,
+    workers: int = 1,
+    database_url: str = "",
 ) -> dict:
     """The server's environment: this one without any voice-trio setting of its own (a
     developer's shell must not change the run), plus the lab's, loopback host and port, and
-    the call-records file (the default SQLite store) in ``data_dir``, not in the checkout."""
+    the call-records file (the default SQLite store) in ``data_dir``, not in the checkout.
+    ``workers`` > 1 needs ``database_url`` (PostgreSQL) and gets a random shared secret."""
     names = _setting_names()
     env = {k: v for k, v in os.environ.items() if k not in names}
     if "SQLITE_PATH" in names:
@@ -269,6 +301,13 @@ def server_env(
         # Every simulated carrier connects from 127.0.0.1: one client, hundreds of calls.
         env["MAX_CONNECTIONS_PER_CLIENT"] = "5000"
         env["MAX_CONNECTIONS"] = "5000"
+    if workers > 1:
+        env["WORKERS"] = str(workers)
+        env["SERVER_SECRET"] = os.urandom(16).hex()
+        # Each worker's metric files go here; the supervisor removes them at the end.
+        env["TMPDIR"] = str(data_dir.resolve())
+    if database_url:
+        env["DATABASE_URL"] = database_url
     env.update(extra or {})
     return env
 
@@ -317,12 +356,19 @@ class ServerProcess:
     """
 
     def __init__(
-        self, env: dict[str, str], port: int, log_path: Path, launcher: list[str] | None = None
+        self,
+        env: dict[str, str],
+        port: int,
+        log_path: Path,
+        launcher: list[str] | None = None,
+        workers: int = 1,
     ) -> None:
         # ``launcher`` replaces ``python -m voice_trio.cli`` (e.g. scripts/_traced_serve.py).
         self.launcher = launcher or [sys.executable, "-m", "voice_trio.cli"]
         self.env = env
         self.port = port
+        self.workers = workers
+        self.worker_pids: dict[str, int] = {}  # with several workers: the last ones seen
         self.base_url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self.process: trio.Process | None = None
@@ -347,7 +393,9 @@ class ServerProcess:
             with trio.move_on_after(timeout):
                 while self.process.poll() is None:
                     try:
-                        if (await c.get("/health")).status_code == 200:
+                        if (await c.get("/health")).status_code == 200 and (
+                            self.workers == 1 or len(await self.live_workers(c)) == self.workers
+                        ):
                             return
                     except httpx.HTTPError:
                         pass
@@ -357,6 +405,18 @@ class ServerProcess:
         raise RuntimeError(
             f"server did not become ready (exit code {code}); last log lines:\n{self.log_tail()}"
         )
+
+    async def live_workers(self, client: httpx.AsyncClient) -> dict[str, int]:
+        """The workers ``/metrics`` lists (every one has started serving)."""
+        self.worker_pids = (await scrape(client)).worker_pids()
+        return self.worker_pids
+
+    @property
+    def pids(self) -> list[int]:
+        """The processes that serve: the workers, or the server itself."""
+        if self.workers > 1:
+            return sorted(self.worker_pids.values())
+        return [self.pid] if self.pid is not None else []
 
     def _open_log(self) -> IO[bytes]:
         return open(self.log_path, "wb")  # closed in stop()
@@ -407,16 +467,23 @@ class ServerProcess:
                 counts["traceback"] += 1
         return counts
 
-    def socket_peers(self, names: dict[int, str] | None = None) -> dict[str, int]:
+    def socket_peers(
+        self, names: dict[int, str] | None = None, pid: int | None = None
+    ) -> dict[str, int]:
         """The server's TCP sockets by direction, peer and state, e.g. ``"out deepgram
         ESTABLISHED": 3``, ``"in CLOSE_WAIT": 1`` (``in``: accepted on the server's port):
-        what a descriptor leak is made of."""
+        what a descriptor leak is made of. ``pid``: one worker's (default: every serving
+        process's, summed)."""
+        if pid is None:
+            total: dict[str, int] = {}
+            for each in self.pids:
+                for key, count in self.socket_peers(names, each).items():
+                    total[key] = total.get(key, 0) + count
+            return total
         names = names or {}
         inodes: set[str] = set()
-        if self.pid is None:
-            return {}
         try:
-            for entry in Path(f"/proc/{self.pid}/fd").iterdir():
+            for entry in Path(f"/proc/{pid}/fd").iterdir():
                 try:
                     target = os.readlink(entry)
                 except OSError:
@@ -428,7 +495,7 @@ class ServerProcess:
         peers: dict[str, int] = {}
         for table in ("tcp", "tcp6"):
             try:
-                lines = Path(f"/proc/{self.pid}/net/{table}").read_text().splitlines()[1:]
+                lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
             except OSError:
                 continue
             for line in lines:
@@ -447,12 +514,16 @@ class ServerProcess:
                 peers[key] = peers.get(key, 0) + 1
         return peers
 
-    def fd_kinds(self) -> dict[str, int]:
-        """What the server's descriptors are (socket, pipe, file, ...), for leak reports."""
+    def fd_kinds(self, pid: int | None = None) -> dict[str, int]:
+        """What the server's descriptors are (socket, pipe, file, ...), for leak reports:
+        one worker's, or every serving process's summed."""
         kinds: dict[str, int] = {}
-        if self.pid is None:
+        if pid is None:
+            for each in self.pids:
+                for key, count in self.fd_kinds(each).items():
+                    kinds[key] = kinds.get(key, 0) + count
             return kinds
-        base = Path(f"/proc/{self.pid}/fd")
+        base = Path(f"/proc/{pid}/fd")
         try:
             entries = list(base.iterdir())
         except OSError:

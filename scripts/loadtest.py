@@ -3,7 +3,8 @@
     .venv/bin/python scripts/loadtest.py --levels 10,25,50,100 --turns 3 --duration 30
 
 The server (``python -m voice_trio.cli serve``, Hypercorn's trio worker) runs as a child
-process on 127.0.0.1; the simulators (Telnyx with its carrier, Deepgram, Anthropic) and the
+process on 127.0.0.1 (with ``--workers N``: N worker processes under their supervisor, on
+PostgreSQL, ``--database-url``); the simulators (Telnyx with its carrier, Deepgram, Anthropic) and the
 scripted callers run in this process. For each concurrency level N, N call slots start
 ``--stagger-ms`` apart; each slot places an inbound call (greeting, then ``--turns``
 exchanges in real-time audio both ways, then the caller hangs up) and dials again when it
@@ -22,6 +23,12 @@ numbers but the call counts come from that window:
   time), peak RSS, and RSS per active call = (peak RSS - idle RSS after warm-up) / N;
 - this process's own CPU and event-loop lag. Above ~85 % of a core here, callers' audio is
   late and the server's numbers are not trustworthy: the level is flagged ``sim_saturated``.
+
+Every number above is the whole server's (with several workers: the host's, summed from
+the ``/metrics`` of any worker); ``workers`` in ``results.json`` and the second table break
+them down per worker: the calls it carried over the level (its share), its CPU, its CPU per
+call-second (over the calls it held on average in the window), its loop lag and late
+frames, and its tasks and descriptors after the level against its own idle baseline.
 
 Writes ``results.json``, ``loadtest.png`` (if matplotlib is importable) and ``server.log``
 to ``--out``. The knee is the highest level where the server's loop lag p99 is at most 20 ms
@@ -66,6 +73,8 @@ class Options:
     time_limit: float
     sample_every: float
     variant: str = ""
+    workers: int = 1
+    database_url: str = ""
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -122,7 +131,23 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="switch one optimisation off in the server, to compare "
         "(scripts/_variant_serve.py: no-stt-batching, hypercorn-reads)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server worker processes (voice-trio serve --workers; default 1); more than 1\n"
+        "needs --database-url; the numbers are also broken down per worker",
+    )
+    parser.add_argument(
+        "--database-url",
+        default="",
+        help="PostgreSQL for the server's store (default: a SQLite file in --out)",
+    )
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.workers > 1 and not args.database_url:
+        parser.error("--workers above 1 needs --database-url (the workers share PostgreSQL)")
     levels = sorted({int(x) for x in str(args.levels).split(",") if x.strip()})
     if not levels or min(levels) < 1:
         parser.error("--levels needs positive integers")
@@ -141,6 +166,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         time_limit=args.time_limit,
         sample_every=args.sample_every,
         variant=args.variant,
+        workers=args.workers,
+        database_url=args.database_url,
     )
 
 
@@ -155,7 +182,11 @@ class Runner:
         self.opts = opts
         self.lab = lab
         self.server = server
-        self.client = httpx.AsyncClient(base_url=server.base_url, timeout=10, trust_env=False)
+        # Several workers: no kept-alive scrape connection counted on one worker or another.
+        headers = {"Connection": "close"} if opts.workers > 1 else {}
+        self.client = httpx.AsyncClient(
+            base_url=server.base_url, timeout=10, trust_env=False, headers=headers
+        )
         self.progress = _bench.Progress()
         self.lag = _bench.LagProbe()
         self.number = 0
@@ -224,6 +255,7 @@ class Runner:
         outcomes: list[_bench.CallOutcome] = []
         state = {"started": 0, "active": 0}
         max_calls = opts.max_calls if opts.max_calls is not None else math.inf
+        level_start = await _bench.scrape(self.client)
 
         async def slot(i: int) -> None:
             await trio.sleep_until(start + i * stagger)
@@ -296,6 +328,7 @@ class Runner:
         after = await self.wait_idle()
         result = summarize_level(n, outcomes, window, self.idle, opts)
         idle = self.idle
+        self.server.worker_pids = after.worker_pids()
         result["after_level"] = {
             "trio_tasks": int(after.tasks or 0),
             "open_fds": int(after.fds or 0),
@@ -303,6 +336,7 @@ class Runner:
             "fds_above_idle": int((after.fds or 0) - ((idle.fds or 0) if idle else 0)),
             "sockets": self.server.socket_peers(_bench.lab_ports(self.lab)),
         }
+        result["workers"] = per_worker(window, level_start, after, idle, n)
         return result
 
 
@@ -414,6 +448,94 @@ def summarize_level(
     return result
 
 
+def per_worker(
+    window: dict[str, Any],
+    level_start: _bench.Scrape,
+    after: _bench.Scrape,
+    idle: _bench.Scrape | None,
+    n: int,
+) -> dict[str, dict[str, Any]]:
+    """The level's numbers by worker (one entry, ``"-"``, for a single process): the calls
+    it carried over the whole level, and in the window its CPU, its CPU per call-second
+    (over the calls it held on average), its loop lag and late frames; its tasks and
+    descriptors after the level, against its own idle baseline."""
+    before: _bench.Scrape = window["before"]
+    end: _bench.Scrape = window["after"]
+    samples: list[_bench.Scrape] = window["samples"]
+    wall = end.at - before.at
+    names = sorted(set(level_start.workers()) | set(after.workers()))
+    carried = {
+        w: (after.of("voice_calls_total", w) or 0.0)
+        - (level_start.of("voice_calls_total", w) or 0.0)
+        for w in names
+    }
+    total = sum(carried.values())
+    out: dict[str, dict[str, Any]] = {}
+    for w in names:
+        cpu_s = None
+        cpu_a, cpu_b = (
+            end.of("process_cpu_seconds_total", w),
+            before.of("process_cpu_seconds_total", w),
+        )
+        if cpu_a is not None and cpu_b is not None and wall > 0:
+            cpu_s = cpu_a - cpu_b
+        held = [s.of("voice_active_calls", w) or 0.0 for s in samples]
+        mean_held = sum(held) / len(held) if held else 0.0
+        lag = _bench.bucket_delta(
+            before.histogram_of("voice_event_loop_lag_seconds", w),
+            end.histogram_of("voice_event_loop_lag_seconds", w),
+        )
+        late = (end.of("voice_outbound_frames_late_total", w) or 0.0) - (
+            before.of("voice_outbound_frames_late_total", w) or 0.0
+        )
+        share_ok = _bench.share_at_most(LAG_TARGET_S, lag)
+        row: dict[str, Any] = {
+            "calls": int(carried[w]),
+            "calls_share": round(carried[w] / total, 3) if total else None,
+            "mean_active_calls": round(mean_held, 1),
+            "cpu_percent": None if cpu_s is None else round(cpu_s / wall * 100, 1),
+            "cpu_ms_per_call_second": (
+                round(cpu_s * 1000 / (mean_held * wall), 2)
+                if cpu_s is not None and mean_held > 0
+                else None
+            ),
+            "event_loop_lag": _bench.hist_summary(lag, (0.5, 0.99)),
+            "event_loop_lag_share_le_20ms": None if share_ok is None else round(share_ok, 5),
+            "outbound_frames_late": int(late),
+        }
+        if idle is not None:
+            row["tasks_above_idle"] = int(
+                (after.of("voice_trio_tasks", w) or 0) - (idle.of("voice_trio_tasks", w) or 0)
+            )
+            row["fds_above_idle"] = int(
+                (after.of("process_open_fds", w) or 0) - (idle.of("process_open_fds", w) or 0)
+            )
+            row["registry_after"] = int(after.of("voice_active_calls", w) or 0)
+        out[w] = row
+    return out
+
+
+def worker_table(levels: list[dict[str, Any]]) -> str:
+    head = (
+        "| N | worker | calls (share) | mean calls held | CPU % | CPU ms/call-s "
+        "| loop lag p50 / p99 ms (≤ bucket) | late frames | tasks / fds above idle |"
+    )
+    rows = [head, "|" + "---|" * 9]
+    for lv in levels:
+        for name, w in lv.get("workers", {}).items():
+            lag = w["event_loop_lag"]
+            share = "-" if w["calls_share"] is None else f"{w['calls_share'] * 100:.0f} %"
+            rows.append(
+                f"| {lv['concurrency']} | {name} | {w['calls']} ({share}) "
+                f"| {_fmt(w['mean_active_calls'], 1)} | {_fmt(w['cpu_percent'])} "
+                f"| {_fmt(w['cpu_ms_per_call_second'], 2)} "
+                f"| {_fmt(lag['p50_ms'], 1)} / {_fmt(lag['p99_ms'], 1)} (≤ {_fmt(lag['p99_le_ms'])}) "
+                f"| {w['outbound_frames_late']} "
+                f"| {_fmt(w.get('tasks_above_idle'))} / {_fmt(w.get('fds_above_idle'))} |"
+            )
+    return "\n".join(rows)
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None or math.isinf(seconds) else round(seconds * 1000, 3)
 
@@ -518,6 +640,8 @@ async def run(opts: Options) -> int:
             "llm_ttft_s": opts.llm_ttft,
             "tts_ttfb_ms": opts.tts_ttfb,
             "max_calls_per_level": opts.max_calls,
+            "workers": opts.workers,
+            "store": "postgres" if opts.database_url else "sqlite",
         },
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "variant": opts.variant or None,
@@ -535,12 +659,20 @@ async def run(opts: Options) -> int:
                     tts_ttfb_ms=opts.tts_ttfb,
                     webhook_url=f"http://127.0.0.1:{port}/webhook/telnyx",
                 )
-                env = _bench.server_env(lab.server_env(), port, opts.out)
+                env = _bench.server_env(
+                    lab.server_env(),
+                    port,
+                    opts.out,
+                    workers=opts.workers,
+                    database_url=opts.database_url,
+                )
                 launcher = None
                 if opts.variant:
                     env["VARIANT"] = opts.variant
                     launcher = [sys.executable, str(HERE / "_variant_serve.py")]
-                server = _bench.ServerProcess(env, port, opts.out / "server.log", launcher)
+                server = _bench.ServerProcess(
+                    env, port, opts.out / "server.log", launcher, workers=opts.workers
+                )
                 await server.start()
                 runner = Runner(opts, lab, server)
                 nursery.start_soon(runner.lag.run)
@@ -585,6 +717,8 @@ async def run(opts: Options) -> int:
     _bench.write_json(opts.out / "results.json", {**meta, "levels": levels, "knee": knee})
     print()
     print(table(levels))
+    print()
+    print(worker_table(levels))
     print()
     print(
         f"knee (loop lag p99 <= 20 ms and no late frame): "

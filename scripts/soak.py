@@ -27,6 +27,11 @@ call":
   (the server's webhook-dedup memory keeps ids for 10 minutes) count as drift: for the 2 MB
   check, warm up for longer than that (e.g. ``--warm-up 0.3`` on a 10 000-call soak).
 
+With ``--workers N`` (and ``--database-url``: the workers share PostgreSQL) the counts are
+the host's, summed over the workers' ``/metrics``, and each worker is also held to its own
+baseline (tasks, descriptors within the tolerance, an empty registry): a worker that leaks
+cannot hide behind one that gave back more than it took.
+
 A leak is printed with what leaked: task and descriptor counts, descriptors by kind and the
 server's TCP sockets by direction, peer (which simulator) and state.
 
@@ -45,6 +50,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import _bench
 import httpx
@@ -76,6 +82,8 @@ class Options:
     out: Path
     quiet: bool
     slow_server: bool = False
+    workers: int = 1
+    database_url: str = ""
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -118,7 +126,19 @@ def parse_args(argv: list[str] | None = None) -> Options:
         action="store_true",
         help="run the server under tracemalloc (several times slower): the overload case",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server worker processes (default 1); more than 1 needs --database-url, and\n"
+        "each worker is judged against its own baseline",
+    )
+    parser.add_argument(
+        "--database-url", default="", help="PostgreSQL for the store (default: SQLite)"
+    )
     args = parser.parse_args(argv)
+    if args.workers > 1 and not args.database_url:
+        parser.error("--workers above 1 needs --database-url (the workers share PostgreSQL)")
     if args.calls is None and args.duration is None:
         args.calls = 1000
     if args.concurrency < 1 or args.turns < 1:
@@ -141,6 +161,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         out=Path(args.out),
         quiet=args.quiet,
         slow_server=args.slow_server,
+        workers=max(1, args.workers),
+        database_url=args.database_url,
     )
 
 
@@ -159,6 +181,8 @@ class Idle:
     rss: float
     fd_kinds: dict[str, int]
     sockets: dict[str, int] = field(default_factory=dict)
+    # With several workers: each one's (tasks, descriptors, registry, inbound connections).
+    workers: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -168,7 +192,30 @@ class Idle:
             "rss_mb": _bench.mb(self.rss),
             "fd_kinds": self.fd_kinds,
             "sockets": self.sockets,
+            "workers": {
+                w: {"trio_tasks": t, "open_fds": f, "registry": r, "inbound_connections": i}
+                for w, (t, f, r, i) in self.workers.items()
+            },
         }
+
+
+def excused(now: tuple[int, int, int, int], base: tuple[int, int, int, int]) -> int:
+    """Tasks and descriptors a worker may have above its baseline: one each per inbound
+    connection more than then. An idle keep-alive connection the simulators keep open
+    (one task, one descriptor) lands on either worker, and may sit on another one at the
+    end than at the baseline; the host's totals, judged exactly, still catch a worker
+    that keeps connections its peers let go."""
+    return max(0, now[3] - base[3])
+
+
+def back_at(current: dict[str, tuple[int, int, int, int]], target: Idle) -> bool:
+    """Every worker at or below its own baseline of tasks and descriptors."""
+    return all(
+        w in current
+        and current[w][0] <= base[0] + excused(current[w], base)
+        and current[w][1] <= base[1] + excused(current[w], base)
+        for w, base in target.workers.items()
+    )
 
 
 class Soak:
@@ -176,7 +223,15 @@ class Soak:
         self.opts = opts
         self.lab = lab
         self.server = server
-        self.client = httpx.AsyncClient(base_url=server.base_url, timeout=10, trust_env=False)
+        # With several workers a kept-alive scrape connection would sit on one worker and
+        # count among its tasks and descriptors, on another one the next time: close it.
+        headers = {"Connection": "close"} if opts.workers > 1 else {}
+        self.client = httpx.AsyncClient(
+            base_url=server.base_url, timeout=10, trust_env=False, headers=headers
+        )
+        self.ports = _bench.lab_ports(lab)
+        if opts.database_url:
+            self.ports[urlsplit(opts.database_url).port or 5432] = "store"
         self.progress = _bench.Progress()
         self.number = 0
         self.done = 0
@@ -186,6 +241,7 @@ class Soak:
         self.boundaries: list[dict[str, Any]] = []  # the registry empty after each wave
         self.t0 = trio.current_time()
         self.wave = 0
+        self.warm_up_calls = 0  # the lone calls before the baseline
 
     async def call(self) -> _bench.CallOutcome:
         self.number += 1
@@ -200,9 +256,40 @@ class Soak:
         )
 
     async def lone_call(self) -> None:
-        outcome = await self.call()
-        if not outcome.ok:
-            raise RuntimeError(f"a single call failed: {outcome.reason}")
+        """One call alone; with several workers, one at a time until each worker has
+        carried one (each worker's keep-alive pools then hold what one call leaves)."""
+        before = await _bench.scrape(self.client)
+        for _ in range(8 * self.opts.workers):
+            outcome = await self.call()
+            if not outcome.ok:
+                raise RuntimeError(f"a single call failed: {outcome.reason}")
+            await self.until_empty()
+            await trio.sleep(1.2)  # the workers publish their gauges every second
+            now = await _bench.scrape(self.client)
+            carried = [
+                w
+                for w in now.workers()
+                if (now.of("voice_calls_total", w) or 0) > (before.of("voice_calls_total", w) or 0)
+            ]
+            if len(carried) >= self.opts.workers:
+                return
+        raise RuntimeError("the calls did not reach every worker")
+
+    def by_worker(self, scrape: _bench.Scrape) -> dict[str, tuple[int, int, int, int]]:
+        """Each worker's live tasks, descriptors (but its store connections, a bounded
+        pool that grows under load and shrinks after minutes), registry size and inbound
+        connections; empty for a single process."""
+        out = {}
+        for w, pid in scrape.worker_pids().items():
+            sockets = self.server.socket_peers(self.ports, pid)
+            store = sum(n for key, n in sockets.items() if key.startswith("out store "))
+            out[w] = (
+                int(scrape.of("voice_trio_tasks", w) or 0),
+                int(scrape.of("process_open_fds", w) or 0) - store,
+                int(scrape.of("voice_active_calls", w) or 0),
+                sockets.get("in ESTABLISHED", 0),
+            )
+        return out
 
     async def until_empty(self, timeout: float = 60.0) -> _bench.Scrape:
         with trio.move_on_after(timeout):
@@ -221,12 +308,17 @@ class Soak:
         stable_since = trio.current_time()
         while True:
             current = await _bench.scrape(self.client)
-            state = (int(current.tasks or 0), int(current.fds or 0))
+            self.server.worker_pids = current.worker_pids()
+            sockets = self.server.socket_peers(self.ports)
+            store = sum(n for key, n in sockets.items() if key.startswith("out store "))
+            # Descriptors but the store's pool (see by_worker).
+            state = (int(current.tasks or 0), int(current.fds or 0) - store)
             now = trio.current_time()
             if state != previous or current.active_calls:
                 previous, stable_since = state, now
             if not current.active_calls:
-                if target is not None and state[0] <= target.tasks and state[1] <= target.fds:
+                back = state[0] <= target.tasks and state[1] <= target.fds if target else False
+                if target is not None and back and back_at(self.by_worker(current), target):
                     break
                 if now - stable_since >= STABLE_S:
                     break
@@ -239,7 +331,8 @@ class Soak:
             registry=int(current.active_calls or 0),
             rss=current.rss or 0.0,
             fd_kinds=self.server.fd_kinds(),
-            sockets=self.server.socket_peers(_bench.lab_ports(self.lab)),
+            sockets=sockets,
+            workers=self.by_worker(current),
         )
 
     def record(self, current: _bench.Scrape) -> dict[str, Any]:
@@ -256,7 +349,7 @@ class Soak:
 
     def target_reached(self, started_at: float) -> bool:
         opts = self.opts
-        if opts.calls is not None and self.number - 1 >= opts.calls:  # minus the warm-up call
+        if opts.calls is not None and self.number - self.warm_up_calls >= opts.calls:
             return True
         return opts.duration is not None and trio.current_time() - started_at >= opts.duration
 
@@ -268,7 +361,7 @@ class Soak:
             self.wave += 1
             size = opts.concurrency
             if opts.calls is not None:
-                size = min(size, opts.calls - (self.number - 1))
+                size = min(size, opts.calls - (self.number - self.warm_up_calls))
 
             async def one(i: int) -> None:
                 await trio.sleep(i * stagger)
@@ -285,7 +378,7 @@ class Soak:
                 for i in range(size):
                     nursery.start_soon(one, i)
             row = self.record(await self.until_empty())
-            row["sockets"] = self.server.socket_peers(_bench.lab_ports(self.lab))
+            row["sockets"] = self.server.socket_peers(self.ports)
             self.boundaries.append(row)
             _bench.prune_lab(self.lab)
 
@@ -360,6 +453,22 @@ def judge(
             f"(+{final.fds - baseline.fds}, tolerance {opts.fd_tolerance}; by kind: {kinds}; "
             f"TCP sockets by peer and state: {sockets})"
         )
+    for w, now in final.workers.items():
+        base = baseline.workers.get(w, (0, 0, 0, 0))
+        extra = excused(now, base)
+        tasks, fds, registry, inbound = now
+        if tasks > base[0] + extra:
+            problems.append(
+                f"worker {w}: Trio tasks {tasks} vs {base[0]} at the baseline "
+                f"(inbound connections {inbound} vs {base[3]})"
+            )
+        if registry != 0:
+            problems.append(f"worker {w}: {registry} calls still registered")
+        if fds > base[1] + extra + opts.fd_tolerance:
+            problems.append(
+                f"worker {w}: descriptors {fds} vs {base[1]} at the baseline "
+                f"(tolerance {opts.fd_tolerance}; inbound connections {inbound} vs {base[3]})"
+            )
     warm = warm_boundary(boundaries, done, opts.warm_up)
     drift = None
     if warm is not None and boundaries:
@@ -384,6 +493,15 @@ def judge(
         "tasks_delta": final.tasks - baseline.tasks,
         "fds_delta": final.fds - baseline.fds,
         "registry_at_end": final.registry,
+        "workers": {
+            w: {
+                "tasks_delta": now[0] - baseline.workers.get(w, (0, 0, 0, 0))[0],
+                "fds_delta": now[1] - baseline.workers.get(w, (0, 0, 0, 0))[1],
+                "registry_at_end": now[2],
+                "inbound_connections_delta": now[3] - baseline.workers.get(w, (0, 0, 0, 0))[3],
+            }
+            for w, now in final.workers.items()
+        },
     }
     return problems, numbers
 
@@ -427,6 +545,8 @@ async def run(opts: Options) -> int:
             "rss_drift_mb": opts.rss_drift_mb,
             "fd_tolerance": opts.fd_tolerance,
             "slow_server": opts.slow_server,
+            "workers": opts.workers,
+            "store": "postgres" if opts.database_url else "sqlite",
         },
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
@@ -451,14 +571,22 @@ async def run(opts: Options) -> int:
                     keep_alive_s=1.0,
                 )
                 server = _bench.ServerProcess(
-                    _bench.server_env(lab.server_env(), port, opts.out),
+                    _bench.server_env(
+                        lab.server_env(),
+                        port,
+                        opts.out,
+                        workers=opts.workers,
+                        database_url=opts.database_url,
+                    ),
                     port,
                     opts.out / "server.log",
                     [sys.executable, str(TRACED_SERVE)] if opts.slow_server else None,
+                    workers=opts.workers,
                 )
                 await server.start(timeout=90 if opts.slow_server else 30)
                 soak = Soak(opts, lab, server)
                 await soak.lone_call()
+                soak.warm_up_calls = soak.number
                 baseline = await soak.idle()
                 soak.record(await _bench.scrape(soak.client))
                 async with trio.open_nursery() as inner:
@@ -513,6 +641,12 @@ async def run(opts: Options) -> int:
         f"{numbers['rss_mb_at_end']} MB (drift {numbers['rss_drift_mb']} MB, "
         f"slope {numbers['rss_slope_mb_per_1000_calls']} MB/1000 calls)"
     )
+    for w, delta in numbers["workers"].items():
+        print(
+            f"  worker {w}: tasks {delta['tasks_delta']:+d}, fds {delta['fds_delta']:+d}, "
+            f"registry {delta['registry_at_end']}, inbound connections "
+            f"{delta['inbound_connections_delta']:+d}"
+        )
     print(plot(soak.samples, opts.out / "soak.png"))
     print(f"summary: {opts.out / 'soak.json'}; server log: {opts.out / 'server.log'}")
     if problems:

@@ -238,3 +238,37 @@ def test_check_config_names_a_language_the_stt_model_lacks(tmp_path, capsys, mon
     )
     assert "prompt caching: off (tools + persona at least" in out
     assert "claude-haiku-4-5 caches 4096 or more" in out
+
+
+@pytest.mark.parametrize(
+    ("env", "missing"),
+    [
+        ({}, "SERVER_SECRET, DATABASE_URL"),
+        ({"SERVER_SECRET": "s" * 32}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://voice@db/voice"}, "SERVER_SECRET"),
+    ],
+)
+def test_several_workers_without_a_shared_secret_and_database_are_refused(
+    tmp_path, capsys, monkeypatch, env: dict[str, str], missing: str
+) -> None:
+    """A stream token minted by one worker must verify on another (SERVER_SECRET), and
+    workers share call records, stream claims and call events (PostgreSQL)."""
+    assert Settings.from_env({}, None).workers == 1
+    with pytest.raises(ConfigError) as err:
+        Settings.from_env({"WORKERS": "2", **env}, None)
+    assert str(err.value) == (
+        "WORKERS: 2 workers need SERVER_SECRET (one secret for every worker's stream tokens)"
+        f" and DATABASE_URL (PostgreSQL, shared by the workers); missing: {missing}"
+    )
+    monkeypatch.chdir(tmp_path)
+    for name in ("WORKERS", "SERVER_SECRET", "DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve", "--workers", "3"]) == 2  # refused before anything starts
+    assert "3 workers need SERVER_SECRET" in capsys.readouterr().err
+    assert main(["serve", "--workers", "0"]) == 2
+    assert "WORKERS: expected an integer from 1 to 64 (got '0')" in capsys.readouterr().err
+    both = {"SERVER_SECRET": "s" * 32, "DATABASE_URL": "postgresql://voice@db/voice"}
+    assert Settings.from_env({"WORKERS": "4", **both}, None).workers == 4
+    assert Settings.from_env({}, None).with_workers(1).workers == 1

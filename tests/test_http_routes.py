@@ -1,7 +1,10 @@
+import pytest
 import trio
 from conftest import make_settings, start_server
+from test_store import ended, record
 
 from voice_trio import __version__
+from voice_trio.store import SqliteStore, StoreError
 
 
 async def test_index_health_stats_and_metrics(nursery: trio.Nursery) -> None:
@@ -16,13 +19,50 @@ async def test_index_health_stats_and_metrics(nursery: trio.Nursery) -> None:
         assert body["status"] == "ok" and body["version"] == __version__
         assert body["active_calls"] == 0 and body["mode"] == "media"
         assert body["uptime_seconds"] >= 0
+        # Which process answered: one of several workers would say which.
+        assert body["worker"] == "w1" and body["workers"] == 1
+        assert body["instance_id"] == server.app.center.instance_id
     stats = (await c.get("/api/sessions/stats")).json()
-    assert set(stats) == {"active_sessions", "total_calls", "uptime_seconds"}
+    assert stats == {
+        "active_sessions": 0,
+        "total_calls": 0,
+        "source": "store",
+        "this_process": {"active_sessions": 0, "total_calls": 0},
+        "uptime_seconds": stats["uptime_seconds"],
+    }
     metrics = await c.get("/metrics")
     assert metrics.status_code == 200
     assert metrics.headers["content-type"].startswith("text/plain")
     assert "voice_active_calls 0.0" in metrics.text
     assert "voice_event_loop_lag_seconds_bucket" in metrics.text
+    server.stop.set()
+
+
+async def test_stats_count_every_worker_and_instance_from_the_store(
+    nursery: trio.Nursery, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls carried by other processes sharing the store (workers of this host, other
+    hosts) are counted; when the store cannot answer, the numbers are this process's and
+    the body says so."""
+    path = tmp_path / "calls.sqlite3"
+    server = await start_server(nursery, make_settings(SQLITE_PATH=str(path)))
+    elsewhere = SqliteStore(path)  # another worker's view of the same store
+    await elsewhere.open()
+    try:
+        await elsewhere.start_call(record("v3:live-on-w2"))
+        await elsewhere.save_call(ended(record("v3:done-on-w2")), [])
+    finally:
+        await elsewhere.aclose()
+    stats = (await server.client.get("/api/sessions/stats")).json()
+    assert (stats["active_sessions"], stats["total_calls"], stats["source"]) == (1, 2, "store")
+    assert stats["this_process"] == {"active_sessions": 0, "total_calls": 0}
+
+    async def unavailable() -> None:
+        raise StoreError("sqlite store calls.sqlite3: database is locked")
+
+    monkeypatch.setattr(server.app.center.store, "count_calls", unavailable)
+    stats = (await server.client.get("/api/sessions/stats")).json()
+    assert (stats["active_sessions"], stats["total_calls"], stats["source"]) == (0, 0, "process")
     server.stop.set()
 
 

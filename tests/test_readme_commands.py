@@ -9,6 +9,7 @@ the README. (``make demo`` and ``make test`` are ``voice-trio demo`` and this su
 | ``curl -X POST …/api/call/initiate`` with the token     |                                   |
 | ``cp .env.example .env``; ``voice-trio check-config``   | test_check_config_…               |
 | ``voice-trio serve``; SIGTERM                           | test_serve_…                      |
+| ``voice-trio serve --workers 2`` (SERVER_SECRET, DATABASE_URL); SIGTERM | test_serve_with_workers_… |
 | ``hypercorn -k trio -b … voice_trio.asgi:app`` (-w 2)   | test_hypercorn_…                  |
 """
 
@@ -16,15 +17,18 @@ from __future__ import annotations
 
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import wave
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 import trio
 from processes import BIN, Program, clean_env, free_port
+from test_store import pg_dsn  # noqa: F401  (fixture: a fresh PostgreSQL database)
 
 pytestmark = pytest.mark.e2e
 
@@ -176,6 +180,61 @@ async def test_serve_answers_health_upgrades_and_stops_on_sigterm(tmp_path: Path
         server.kill()
 
 
+async def test_serve_with_workers_shares_the_port_and_stops_on_sigterm(
+    tmp_path: Path,
+    pg_dsn: str,  # noqa: F811
+) -> None:
+    started: Program | None = None
+    server = _run(
+        tmp_path,
+        "serve",
+        str(BIN / "voice-trio"),
+        "serve",
+        "--workers",
+        "2",
+        HOST="127.0.0.1",
+        PORT="0",
+        SERVER_SECRET="a shared secret for every worker",
+        DATABASE_URL=pg_dsn,
+    )
+    try:
+        found = await server.wait_for(r"Starting 2 workers on 127\.0\.0\.1:(\d+)")
+        port = int(found.group(1))
+        for worker in ("w1", "w2"):
+            await server.wait_for(rf"INFO  {worker} \[-\] Server listening on 127\.0\.0\.1:{port}")
+        answered = {(await _health(port)).json()["worker"] for _ in range(12)}
+        assert answered == {"w1", "w2"}  # each new connection goes to either worker
+        # In the store each worker is named by the port PORT=0 picked, so that a worker
+        # started again takes its predecessor's name (and ends its calls at once).
+        with psycopg.connect(pg_dsn) as db:
+            names = {name for (name,) in db.execute("SELECT name FROM instances")}
+        assert {name.split(":", 1)[1] for name in names} == {f"{port}/w1", f"{port}/w2"}
+        # The workers' SO_REUSEPORT group is this server's: a second one cannot join it.
+        second = started = _run(
+            tmp_path,
+            "second",
+            str(BIN / "voice-trio"),
+            "serve",
+            "--workers",
+            "2",
+            HOST="127.0.0.1",
+            PORT=str(port),
+            SERVER_SECRET="a shared secret for every worker",
+            DATABASE_URL=pg_dsn,
+        )
+        assert await second.wait(30) == 1
+        assert f"Cannot serve on 127.0.0.1:{port}: Address already in use" in second.output()
+        assert "Worker w1 started" not in second.output()
+        assert await server.stop() == 0
+        out = server.output()
+        assert out.count("Received SIGTERM, shutting down") == 2, out[-3000:]
+        assert "Every worker has stopped" in out and "Traceback" not in out
+    finally:
+        server.kill()
+        if started is not None and started.process.poll() is None:
+            await started.stop()  # it got in after all: its workers stop with it
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_hypercorn_serves_the_app_from_the_environment(tmp_path: Path, workers: int) -> None:
     port = free_port()
@@ -201,6 +260,15 @@ async def test_hypercorn_serves_the_app_from_the_environment(tmp_path: Path, wor
         assert len(pids) == workers
         r = await _health(port)
         assert r.status_code == 200 and r.json()["status"] == "ok"
+        # Each worker is its own instance in the store: one name each, or each start
+        # would drop its siblings' rows and end their calls.
+        db = sqlite3.connect(tmp_path / "voice_trio.sqlite3")
+        try:
+            names = [name for (name,) in db.execute("SELECT name FROM instances")]
+        finally:
+            db.close()
+        assert len(set(names)) == workers, names
+        assert {name.rsplit("/pid", 1)[-1] for name in names} == pids
         assert await server.stop() == 0
         assert "Traceback" not in server.output()
     finally:

@@ -215,6 +215,25 @@ async def test_list_filters(store: CallStore) -> None:
     assert [r.call_control_id for r in rest.calls] == ["b"] and rest.next_cursor is None
 
 
+async def test_calls_are_counted_across_instances(make_store: StoreFactory) -> None:
+    """``/api/sessions/stats`` reads these: every instance's calls, active and all."""
+    one, two = make_store(), make_store()
+    await one.open()
+    await two.open()
+    try:
+        assert await one.count_calls() == (0, 0)
+        await one.start_call(record("v3:a"))
+        await two.start_call(record("v3:b"))
+        await two.save_call(ended(record("v3:c")), [])
+        assert await one.count_calls() == (2, 3)
+        await one.save_call(ended(record("v3:a")), [])
+        counts = await two.count_calls()
+        assert (counts.active, counts.total) == (1, 3)
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
 async def test_list_refuses_bad_arguments(store: CallStore) -> None:
     for bad in ({"limit": 0}, {"limit": 101}, {"status": "done"}, {"cursor": "garbage!"}):
         with pytest.raises(ValueError):

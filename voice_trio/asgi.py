@@ -9,8 +9,11 @@ Code that brings its own settings imports ``voice_trio.web.dispatch.build_app`` 
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import sys
 
+from voice_trio.calls.center import CallCenter
 from voice_trio.config import ConfigError, Settings
 from voice_trio.observability import setup_logging
 from voice_trio.web.dispatch import VoiceApp, build_app
@@ -22,8 +25,12 @@ def _from_environment() -> VoiceApp:
     except ConfigError as exc:
         print(f"Configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    setup_logging(settings.log_level, settings.log_format, settings.secrets())
-    return build_app(settings)
+    # Hypercorn's workers (-w N) are processes it spawns, all on one port: each needs a
+    # name of its own in the store, or each start would end its siblings' calls.
+    spawned = multiprocessing.parent_process() is not None
+    worker = f"pid{os.getpid()}" if spawned else "w1"
+    setup_logging(settings.log_level, settings.log_format, settings.secrets(), worker=worker)
+    return build_app(settings, CallCenter(settings, worker=worker, shares_port=spawned))
 
 
 app = _from_environment()

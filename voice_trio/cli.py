@@ -32,7 +32,16 @@ def build_parser(with_simulators: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"voice-trio {__version__}")
     parser.add_argument("--env-file", default=".env", help="settings file (default: .env)")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("serve", help="run the server (Hypercorn, trio worker)")
+    serve = commands.add_parser("serve", help="run the server (Hypercorn, trio worker)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="server processes sharing the port, each with its own Trio loop (default:"
+        " WORKERS, 1); more than 1 needs SERVER_SECRET and DATABASE_URL",
+    )
+    # How the supervisor of several workers starts each of them (voice_trio.workers).
+    for hidden in ("--worker-index", "--listen-fd", "--orders-fd"):
+        serve.add_argument(hidden, type=int, help=argparse.SUPPRESS)
     commands.add_parser("check-config", help="print the effective settings, secrets masked")
     demo = commands.add_parser("demo", help="a whole call against the simulators, offline")
     demo.add_argument("--wav", help="write the call audio (caller, bot) to this WAV file")
@@ -59,22 +68,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         settings = Settings.load(args.env_file)
+        if getattr(args, "workers", None) is not None:
+            settings = settings.with_workers(args.workers)
     except ConfigError as exc:
         print(f"Configuration error: {exc}", file=sys.stderr)
         return 2
     if args.command == "check-config":
         return check_config(settings)
-    setup_logging(settings.log_level, settings.log_format, settings.secrets())
     if args.command == "serve":
-        from voice_trio.server import serve
-
-        trio.run(serve, settings)
-        return 0
+        return serve(settings, args)
+    setup_logging(settings.log_level, settings.log_format, settings.secrets())
     if args.command == "demo":
         from voice_trio.demo import run_demo
 
         return trio.run(run_demo, settings, args.wav)
     return 2
+
+
+def serve(settings: Settings, args: argparse.Namespace) -> int:
+    """One process, the supervisor of several workers, or one of those workers."""
+    from voice_trio import workers
+    from voice_trio.server import serve
+
+    if args.worker_index is not None:
+        workers.run_worker(settings, args.worker_index, args.listen_fd, args.orders_fd)
+        return 0
+    if settings.workers > 1:
+        setup_logging(
+            settings.log_level,
+            settings.log_format,
+            settings.secrets(),
+            worker="main",
+            workers=settings.workers,
+        )
+        return trio.run(workers.supervise, settings, args.env_file)
+    setup_logging(settings.log_level, settings.log_format, settings.secrets(), worker="w1")
+    trio.run(serve, settings)
+    return 0
 
 
 def check_config(settings: Settings) -> int:

@@ -31,9 +31,12 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 class ConfigError(ValueError):
     """A setting has a value the server cannot use."""
 
-    def __init__(self, name: str, expected: str, value: str | None = None) -> None:
+    def __init__(
+        self, name: str, expected: str, value: str | None = None, *, reason: str = ""
+    ) -> None:
         shown = "" if value is None else f" (got {value!r})"
-        super().__init__(f"{name}: expected {expected}{shown}")
+        # ``reason``: a setting that is fine alone but needs others (WORKERS > 1).
+        super().__init__(f"{name}: {reason}" if reason else f"{name}: expected {expected}{shown}")
         self.name = name
 
 
@@ -278,6 +281,13 @@ class Settings:
     claude_model: str = _setting("CLAUDE_MODEL", "claude-haiku-4-5", _str, doc="Claude model id")
     port: int = _setting("PORT", 3000, _int_range(0, 65535), doc="HTTP port")
     host: str = _setting("HOST", "0.0.0.0", _str, doc="bind address")
+    workers: int = _setting(
+        "WORKERS",
+        1,
+        _int_range(1, 64),
+        doc="server processes sharing the port (voice-trio serve --workers); more than 1"
+        " needs SERVER_SECRET and DATABASE_URL",
+    )
     webhook_base_url: str = _setting(
         "WEBHOOK_BASE_URL", "", _url("https", "http"), doc="public base URL Telnyx reaches us on"
     )
@@ -505,7 +515,34 @@ class Settings:
             if raw is None or raw.strip() == "":
                 continue
             values[f.name] = meta["parse"](meta["env"], raw)
-        return cls(**values).with_checked_language()
+        return cls(**values).with_checked_language().with_workers(values.get("workers", 1))
+
+    def with_workers(self, count: int) -> Settings:
+        """These settings for ``count`` worker processes on one port. More than one need a
+        shared ``SERVER_SECRET`` (a stream token minted by one worker must verify on the
+        others) and PostgreSQL (``DATABASE_URL``): the workers share call records, stream
+        claims, fallback-call state and the call-event bus, and SQLite's single writer
+        cannot carry that."""
+        if not 1 <= count <= 64:
+            raise ConfigError("WORKERS", "an integer from 1 to 64", str(count))
+        if count > 1:
+            missing = [
+                name
+                for name, value in (
+                    ("SERVER_SECRET", self.server_secret),
+                    ("DATABASE_URL", self.database_url),
+                )
+                if not value
+            ]
+            if missing:
+                raise ConfigError(
+                    "WORKERS",
+                    "",
+                    reason=f"{count} workers need SERVER_SECRET (one secret for every worker's"
+                    " stream tokens) and DATABASE_URL (PostgreSQL, shared by the workers);"
+                    " missing: " + ", ".join(missing),
+                )
+        return self if count == self.workers else replace(self, workers=count)
 
     def with_checked_language(self) -> Settings:
         """These settings with ``AGENT_LANGUAGE`` checked against the languages the agent

@@ -11,12 +11,14 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily
+
+from voice_trio.host_metrics import WORKER_INFO, HostCollector, PerWorker, multiprocess_mode
 
 if TYPE_CHECKING:
     from voice_trio.providers.claude import LlmUsage
@@ -27,12 +29,17 @@ log = logging.getLogger("voice_trio")
 
 
 class HumanFormatter(logging.Formatter):
-    """``[HH:MM:SS.mmm] LEVEL [call-id] message`` (the message carries its emoji marker)."""
+    """``[HH:MM:SS.mmm] LEVEL [call-id] message`` (the message carries its emoji marker);
+    with several workers, ``[HH:MM:SS.mmm] LEVEL w2 [call-id] message``."""
+
+    def __init__(self, worker: str = "") -> None:
+        super().__init__()
+        self.worker = f"{worker} " if worker else ""
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         line = (
-            f"[{stamp}.{int(record.msecs):03d}] {record.levelname:<5} "
+            f"[{stamp}.{int(record.msecs):03d}] {record.levelname:<5} {self.worker}"
             f"[{getattr(record, 'call_id', '-')}] {record.getMessage()}"
         )
         if record.exc_info:
@@ -41,7 +48,12 @@ class HumanFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line."""
+    """One JSON object per line; ``worker`` names the process of a server (``w1`` …, or
+    ``main`` for the supervisor of several workers)."""
+
+    def __init__(self, worker: str = "") -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -52,6 +64,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.worker:
+            entry["worker"] = self.worker
         for key in ("event", "stage_ms"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
@@ -136,10 +150,22 @@ class ContextFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str = "INFO", fmt: str = "human", secrets: Iterable[str] = ()) -> None:
-    """Configure the ``voice_trio`` logger tree (idempotent: replaces earlier handlers)."""
+def setup_logging(
+    level: str = "INFO",
+    fmt: str = "human",
+    secrets: Iterable[str] = (),
+    *,
+    worker: str = "",
+    workers: int = 1,
+) -> None:
+    """Configure the ``voice_trio`` logger tree (idempotent: replaces earlier handlers).
+    ``worker`` names this process in JSON lines always, in human lines only when there
+    are several ``workers`` (the single-process format is what the checklist greps)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else HumanFormatter())
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter(worker))
+    else:
+        handler.setFormatter(HumanFormatter(worker if workers > 1 else ""))
     handler.addFilter(ContextFilter(secrets))
     log.handlers[:] = [handler]
     log.setLevel(level)
@@ -162,8 +188,14 @@ class WireCounts:
         self.stt_in = 0
         self.stt_out = 0
 
+    def get(self, key: tuple[str, str]) -> int:
+        """The count of ``(peer, direction)``, e.g. ``("carrier", "in")``."""
+        value: int = getattr(self, f"{key[0]}_{key[1]}")
+        return value
+
 
 WIRE = WireCounts()
+WIRE_KEYS = (("carrier", "in"), ("carrier", "out"), ("stt", "in"), ("stt", "out"))
 
 
 class _WireCollector:
@@ -173,10 +205,8 @@ class _WireCollector:
             "WebSocket messages on the media path",
             labels=["peer", "direction"],
         )
-        family.add_metric(["carrier", "in"], WIRE.carrier_in)
-        family.add_metric(["carrier", "out"], WIRE.carrier_out)
-        family.add_metric(["stt", "in"], WIRE.stt_in)
-        family.add_metric(["stt", "out"], WIRE.stt_out)
+        for key in WIRE_KEYS:
+            family.add_metric(list(key), WIRE.get(key))
         yield family
 
 
@@ -185,13 +215,35 @@ LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class Metrics:
-    """The server's Prometheus metrics, in a registry of their own (one per app)."""
+    """The server's Prometheus metrics, in a registry of their own (one per app).
 
-    def __init__(self) -> None:
+    With ``worker`` (one of several processes on a host; prometheus-client in multiprocess
+    mode, ``voice_trio.host_metrics``) the metrics where the worker matters carry a
+    ``worker`` label, and ``registry`` renders the whole host. Without it (one process),
+    ``registry`` holds this process's metrics alone, as always.
+    """
+
+    def __init__(self, worker: str | None = None) -> None:
+        self.worker = worker
         self.registry = CollectorRegistry()
         r = self.registry
-        self.calls = Counter("voice_calls", "Calls handled", ["mode", "end_reason"], registry=r)
-        self.active_calls = Gauge("voice_active_calls", "Calls in progress", registry=r)
+        if worker is not None and not multiprocess_mode():
+            raise RuntimeError("per-worker metrics need PROMETHEUS_MULTIPROC_DIR")
+        by_worker = [] if worker is None else ["worker"]
+        calls = Counter(
+            "voice_calls", "Calls handled", [*by_worker, "mode", "end_reason"], registry=r
+        )
+        self.calls: Counter | PerWorker[Counter] = (
+            calls if worker is None else PerWorker(calls, worker)
+        )
+        active = Gauge(
+            "voice_active_calls",
+            "Calls in progress",
+            by_worker,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.active_calls = active if worker is None else active.labels(worker)
         self.webhooks = Counter(
             "voice_webhooks", "Telnyx webhooks received", ["event_type", "outcome"], registry=r
         )
@@ -223,15 +275,21 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
             registry=r,
         )
-        self.loop_lag = Histogram(
+        lag = Histogram(
             "voice_event_loop_lag_seconds",
             "Trio scheduling lag of a periodic probe",
+            by_worker,
             buckets=LAG_BUCKETS,
             registry=r,
         )
-        self.frames_late = Counter(
-            "voice_outbound_frames_late", "Outbound audio written after its play time", registry=r
+        self.loop_lag = lag if worker is None else lag.labels(worker)
+        late = Counter(
+            "voice_outbound_frames_late",
+            "Outbound audio written after its play time",
+            by_worker,
+            registry=r,
         )
+        self.frames_late = late if worker is None else late.labels(worker)
         self.barge_ins = Counter("voice_barge_ins", "Bot turns cut by the caller", registry=r)
         self.speculations = Counter(
             "voice_speculations",
@@ -275,10 +333,38 @@ class Metrics:
             "Times the call-event bus got its lost LISTEN connection back",
             registry=r,
         )
-        self.trio_tasks = Gauge("voice_trio_tasks", "Live Trio tasks in the server", registry=r)
-        # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...
-        ProcessCollector(registry=r)
-        r.register(_WireCollector())
+        tasks = Gauge(
+            "voice_trio_tasks",
+            "Live Trio tasks in the server",
+            by_worker,
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.trio_tasks = tasks if worker is None else tasks.labels(worker)
+        if worker is None:
+            # process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...
+            ProcessCollector(registry=r)
+            r.register(_WireCollector())
+            return
+        # One of several workers: the metrics above go to the shared files; render them all.
+        info = Gauge(
+            WORKER_INFO,
+            "1 for each live worker process, by worker and pid",
+            ["worker"],
+            registry=None,
+            multiprocess_mode="liveall",
+        )
+        info.labels(worker).set(1)
+        wire = Counter(
+            "voice_ws_messages",
+            "WebSocket messages on the media path",
+            ["worker", "peer", "direction"],
+            registry=None,
+        )
+        self._wire = {key: wire.labels(worker, *key) for key in WIRE_KEYS}
+        self._wire_published = dict.fromkeys(WIRE_KEYS, 0)
+        self.registry = CollectorRegistry()
+        self.registry.register(HostCollector())
 
     def count_llm_usage(self, usage: LlmUsage) -> None:
         """Add one usage report (an increase) of a Claude reply."""
@@ -291,9 +377,18 @@ class Metrics:
             if tokens > 0:
                 self.llm_tokens.labels(kind).inc(tokens)
 
-    def sample_runtime(self) -> None:
-        """Refresh the gauges that are read at scrape time (call from the event loop)."""
+    def publish(self, active_calls: int) -> None:
+        """Refresh the gauges that are computed rather than counted, and (one of several
+        workers) the media-path message counts, for the next scrape on any worker. Call
+        from the event loop: at each scrape, and every second with several workers."""
+        self.active_calls.set(active_calls)
         self.trio_tasks.set(count_tasks())
+        if self.worker is None:
+            return
+        for key, child in self._wire.items():
+            now = WIRE.get(key)
+            child.inc(now - self._wire_published[key])
+            self._wire_published[key] = now
 
 
 def count_tasks() -> int:
@@ -318,3 +413,11 @@ async def watch_loop_lag(metrics: Metrics, interval: float = 0.05) -> None:
         now = trio.current_time()
         metrics.loop_lag.observe(max(0.0, now - deadline))
         deadline = now + interval
+
+
+async def publish_every(metrics: Metrics, active_calls: Callable[[], int], period: float) -> None:
+    """``Metrics.publish`` every ``period`` seconds: with several workers, a scrape on one
+    reads the others' computed gauges from what they last published."""
+    while True:
+        metrics.publish(active_calls())
+        await trio.sleep(period)

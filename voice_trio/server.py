@@ -100,23 +100,47 @@ def fit_descriptor_limit(connections: int) -> None:
 
 
 class Signals:
-    """SIGINT and SIGTERM, received until the server has finished (module docstring)."""
+    """SIGINT and SIGTERM, received until the server has finished (module docstring):
+    this process's own, or those its supervisor relays (``voice_trio.workers``)."""
+
+    RELAYED = frozenset({"SIGINT", "SIGTERM"})
 
     def __init__(self, center: CallCenter, bound: float) -> None:
         self.center = center
         self.bound = bound
         self.first = trio.Event()
 
+    def receive(self, name: str, why: str = "") -> None:
+        """The signal ``name`` came: the first starts the drain, later ones hurry it."""
+        if not self.first.is_set():
+            why = why or f"Received {name}"
+            log.info("%s, shutting down (exit within %.0f s)", why, self.bound)
+            self.first.set()
+        else:
+            log.warning("Received %s again: %s", name, self.center.hurry())
+
     async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
             task_status.started()
             async for signum in received:
-                name = signal.Signals(signum).name
-                if not self.first.is_set():
-                    log.info("Received %s, shutting down (exit within %.0f s)", name, self.bound)
-                    self.first.set()
-                else:
-                    log.warning("Received %s again: %s", name, self.center.hurry())
+                self.receive(signal.Signals(signum).name)
+
+    async def watch_supervisor(
+        self, orders: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Signal names the supervisor relays, one per line on the pipe ``orders``. The
+        pipe's end means the supervisor is gone: nobody would relay a signal any more, so
+        that ends this worker too, as a SIGTERM would."""
+        pending = b""
+        async with trio.lowlevel.FdStream(orders) as pipe:
+            task_status.started()
+            while chunk := await pipe.receive_some(256):
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    if (name := line.decode("ascii", "replace")) in self.RELAYED:
+                        self.receive(name)
+        if not self.first.is_set():
+            self.receive("SIGTERM", "The supervisor is gone")
 
 
 async def serve(
@@ -125,10 +149,12 @@ async def serve(
     app: VoiceApp | None = None,
     shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     listener: socket.socket | None = None,
+    orders: int | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown_trigger`` (default: the first SIGINT/SIGTERM) returns, then
-    drain the calls still running before Hypercorn stops."""
+    drain the calls still running before Hypercorn stops. A worker of several takes its
+    signals from its supervisor, through the pipe ``orders``."""
     app = app or build_app(settings)
     center = app.center
     refused = center.metrics.connections_refused
@@ -143,7 +169,10 @@ async def serve(
         trigger: Callable[[], Awaitable[object]]
         if shutdown_trigger is None:
             signals = Signals(center, drain_bound(settings))
-            await nursery.start(signals.watch)
+            if orders is None:
+                await nursery.start(signals.watch)
+            else:
+                await nursery.start(signals.watch_supervisor, orders)
             trigger = signals.first.wait
         else:
             trigger = shutdown_trigger

@@ -89,9 +89,19 @@ class CallRequest:
 
 
 class CallCenter:
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        *,
+        worker: str = "w1",
+        shares_port: bool = False,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        # Which process of the host this is (``w1`` … under ``voice-trio serve``); with
+        # ``shares_port``, other processes serve the same host and port.
+        self.worker = worker
         self.registry = CallRegistry()
         self.seen_events = SeenEvents()
         # Sockets that could not prove their call: a summary, never what they sent.
@@ -137,11 +147,15 @@ class CallCenter:
         self.stream_secret = (settings.server_secret or secrets.token_hex(32)).encode()
         # This process in the store. A restart on the same host and port takes the same
         # name, which tells the store that the previous process is gone (port 0: never).
+        # Workers sharing a port are told apart by their worker: with one name, each
+        # start would drop its siblings' rows and end their calls as ``server_lost``.
         self.instance_id = secrets.token_hex(8)
         host = socket.gethostname()
         self.instance_name = f"{host}:{settings.port or self.instance_id}"
         # Local until the store is open; PostgreSQL gives it other processes to talk to.
         self.bus = EventBus(None, self.instance_id, self.metrics)
+        if shares_port:
+            self.instance_name += f"/{worker}"
 
     @property
     def uptime(self) -> float:

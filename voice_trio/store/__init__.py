@@ -25,6 +25,7 @@ from voice_trio.store.errors import StaleState, StoreError
 from voice_trio.store.postgres import DEFAULT_POOL_SIZE, PostgresStore
 from voice_trio.store.records import (
     MAX_PAGE,
+    CallCounts,
     CallPage,
     CallRecord,
     CallState,
@@ -36,6 +37,7 @@ from voice_trio.store.sqlite import SqliteStore
 
 __all__ = [
     "MAX_PAGE",
+    "CallCounts",
     "CallPage",
     "CallRecord",
     "CallState",

@@ -28,6 +28,7 @@ from voice_trio.store.records import (
     EVENT_TTL,
     SERVER_LOST,
     STATE_TTL,
+    CallCounts,
     CallQuery,
     CallRecord,
     CallState,
@@ -37,6 +38,7 @@ from voice_trio.store.records import (
 from voice_trio.store.schema import (
     CALL_COLUMNS,
     CALL_TIMES,
+    COUNT_CALLS,
     CREATE_MIGRATIONS_TABLE,
     END_ORPHANED_CALLS,
     MIGRATION_LOCK,
@@ -166,6 +168,14 @@ class PostgresStore(CallStore):
                     (call_control_id,),
                 ).fetchall()
             return _record(row), [_turn(t) for t in turns]
+
+        return await self._run(read)
+
+    async def count_calls(self) -> CallCounts:
+        def read() -> CallCounts:
+            with self.pool.connection() as conn:
+                active, total = conn.execute(COUNT_CALLS).fetchone()  # type: ignore[misc]
+            return CallCounts(int(active), int(total))
 
         return await self._run(read)
 

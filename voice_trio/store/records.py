@@ -15,7 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import trio
 
@@ -223,6 +223,11 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
     return float(created_at), call_control_id
 
 
+class CallCounts(NamedTuple):
+    active: int
+    total: int
+
+
 class CallStore(ABC):
     """Call records, transcripts and fallback-mode shared state.
 
@@ -297,6 +302,10 @@ class CallStore(ABC):
         more = len(rows) > limit
         calls = rows[:limit]
         return CallPage(calls, encode_cursor(calls[-1]) if more else None)
+
+    @abstractmethod
+    async def count_calls(self) -> CallCounts:
+        """Calls on file across the deployment: active ones, and all."""
 
     @abstractmethod
     async def _list(self, query: CallQuery) -> list[CallRecord]:

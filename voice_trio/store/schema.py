@@ -150,6 +150,12 @@ CREATE TABLE instances (
     )
 
 
+# ``CallStore.count_calls``: one pass over the table (the status index does not cover the
+# total), fine for the stats route's occasional reads.
+COUNT_CALLS = (
+    "SELECT COALESCE(SUM(CASE WHEN status = 'active' THEN 1 ELSE 0 END), 0), count(*) FROM calls"
+)
+
 # ``CallStore.end_orphaned_calls``; ``{p}`` is the driver's placeholder.
 END_ORPHANED_CALLS = """
 UPDATE calls SET status = 'ended', end_reason = {p}, ended_at = {p}

@@ -24,6 +24,7 @@ from voice_trio.store.records import (
     EVENT_TTL,
     SERVER_LOST,
     STATE_TTL,
+    CallCounts,
     CallQuery,
     CallRecord,
     CallState,
@@ -33,6 +34,7 @@ from voice_trio.store.records import (
 )
 from voice_trio.store.schema import (
     CALL_COLUMNS,
+    COUNT_CALLS,
     CREATE_MIGRATIONS_TABLE,
     END_ORPHANED_CALLS,
     TURN_COLUMNS,
@@ -136,6 +138,13 @@ class SqliteStore(CallStore):
                     (call_control_id,),
                 ).fetchall()
             return _record(row), [_turn(t) for t in turns]
+
+        return await self._run(read)
+
+    async def count_calls(self) -> CallCounts:
+        def read() -> CallCounts:
+            active, total = self.conn.execute(COUNT_CALLS).fetchone()
+            return CallCounts(int(active), int(total))
 
         return await self._run(read)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import trio
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
@@ -14,7 +15,8 @@ from werkzeug.exceptions import HTTPException
 from voice_trio import __version__
 from voice_trio.calls.center import CallCenter
 from voice_trio.forwarded import request_origin
-from voice_trio.observability import watch_loop_lag
+from voice_trio.observability import publish_every, watch_loop_lag
+from voice_trio.store import StoreError
 from voice_trio.web.api import api_refusal, register_api
 from voice_trio.web.calls_api import register_calls_api
 from voice_trio.web.live_api import register_live_api
@@ -23,6 +25,11 @@ from voice_trio.web.webhooks import register_webhooks
 log = logging.getLogger("voice_trio.web")
 
 MAX_BODY_BYTES = 256 * 1024
+# With several workers, how often each publishes its computed gauges (active calls, live
+# tasks, media-path message counts) for scrapes that land on a sibling.
+PUBLISH_SECONDS = 1.0
+# The stats route waits this long for the store's counts, then answers from this process.
+STATS_STORE_SECONDS = 2.0
 ENDPOINTS = [
     "GET /health",
     "GET /api/health",
@@ -53,6 +60,10 @@ def create_app(center: CallCenter) -> QuartTrio:
     async def startup() -> None:
         await center.start(app.nursery)
         app.nursery.start_soon(watch_loop_lag, center.metrics)
+        if center.metrics.worker is not None:
+            # A scrape on a sibling worker reads this one's gauges from what it published.
+            active = center.registry.__len__
+            app.nursery.start_soon(publish_every, center.metrics, active, PUBLISH_SECONDS)
 
     @app.after_serving
     async def shutdown() -> None:
@@ -92,6 +103,7 @@ def create_app(center: CallCenter) -> QuartTrio:
     @app.get("/health")
     @app.get("/api/health")
     async def health() -> Any:
+        # This process only: a load balancer's probe asks about the process it reached.
         # Draining: still serving its calls, but a load balancer should send no new ones.
         draining = center.going_away.is_set()
         body = {
@@ -100,6 +112,9 @@ def create_app(center: CallCenter) -> QuartTrio:
             "uptime_seconds": round(center.uptime, 3),
             "active_calls": len(center.registry),
             "mode": settings.mode,
+            "worker": center.worker,
+            "workers": settings.workers,
+            "instance_id": center.instance_id,
             # Facts and orders for calls held by other processes: connected | reconnecting
             # (PostgreSQL's LISTEN connection lost) | local (SQLite: one process).
             "events": center.bus.state,
@@ -108,16 +123,15 @@ def create_app(center: CallCenter) -> QuartTrio:
 
     @app.get("/api/sessions/stats")
     async def stats() -> Any:
-        return {
-            "active_sessions": len(center.registry),
-            "total_calls": center.registry.total_calls,
-            "uptime_seconds": round(center.uptime, 3),
-        }
+        return await deployment_stats(center)
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        center.metrics.active_calls.set(len(center.registry))
-        center.metrics.sample_runtime()
+        # One of several workers leaves this to its publisher: every worker's gauges are
+        # then as each last published them (at most PUBLISH_SECONDS old), so the answer
+        # is the same whichever worker gives it.
+        if center.metrics.worker is None:
+            center.metrics.publish(len(center.registry))
         return Response(
             generate_latest(center.metrics.registry), content_type=CONTENT_TYPE_PLAIN_0_0_4
         )
@@ -143,6 +157,29 @@ def create_app(center: CallCenter) -> QuartTrio:
     register_live_api(app, center)
     register_webhooks(app, center)
     return app
+
+
+async def deployment_stats(center: CallCenter) -> dict[str, Any]:
+    """Calls of the whole deployment, from the shared store (every worker and instance
+    writes its calls there); this process's own numbers when the store cannot answer,
+    and ``source`` says which."""
+    counts = None
+    if center.store is not None:
+        with trio.move_on_after(STATS_STORE_SECONDS):
+            try:
+                counts = await center.store.count_calls()
+            except StoreError as exc:
+                log.warning("Stats from this process only (store unavailable: %s)", exc)
+    here = {"active_sessions": len(center.registry), "total_calls": center.registry.total_calls}
+    if counts is None:
+        return {**here, "source": "process", "uptime_seconds": round(center.uptime, 3)}
+    return {
+        "active_sessions": counts.active,
+        "total_calls": counts.total,
+        "source": "store",
+        "this_process": here,
+        "uptime_seconds": round(center.uptime, 3),
+    }
 
 
 def _error(status: int, error: str, reason: str, **extra: Any) -> Any:
