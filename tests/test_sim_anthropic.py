@@ -679,7 +679,8 @@ async def test_sdk_ttft_is_roughly_respected(
         async for _ in stream.text_stream:
             first = trio.current_time() - started
             break
-    assert 0.2 <= first < 0.6
+    # Never sooner than the TTFT; later only by what a busy machine adds to one request.
+    assert 0.2 <= first < 2.0
 
 
 async def test_cli_serves_and_announces(capsys: pytest.CaptureFixture[str]) -> None:
