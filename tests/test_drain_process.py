@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -102,12 +103,7 @@ async def _drain_with_calls_in_flight(lab, port: int, process, tmp_path) -> None
         async with trio.open_nursery() as callers:
             for party in parties:
                 callers.start_soon(party.run)
-            with trio.fail_after(15):
-                for party in parties:  # every greeting has been heard in full
-                    while not party.results.bot_turns or (  # noqa: ASYNC110
-                        party.results.bot_turns[-1].ended_at is None
-                    ):
-                        await trio.sleep(0.05)
+            await _greetings_heard(parties)
             assert (await api.get("/health")).json()["active_calls"] == len(parties)
 
             process.send_signal(signal.SIGTERM)
@@ -163,7 +159,17 @@ async def _drain_with_calls_in_flight(lab, port: int, process, tmp_path) -> None
     assert rows[sim_calls[-1].call_control_id] == "caller_hangup"
 
 
-async def _start_server(lab, tmp_path, drain_timeout: int, port: int | None = None):
+SERVE = [sys.executable, "-m", "voice_trio.cli", "--env-file", "/nonexistent", "serve"]
+
+
+async def _start_server(
+    lab,
+    tmp_path,
+    drain_timeout: int,
+    port: int | None = None,
+    command: Callable[[int], list[str]] = lambda port: SERVE,
+):
+    """A server process on the lab, once it answers ``/health``; killed if it never does."""
     if port is None:
         with reserve_listener("127.0.0.1") as probe:
             port = probe.getsockname()[1]
@@ -171,8 +177,9 @@ async def _start_server(lab, tmp_path, drain_timeout: int, port: int | None = No
     env = _server_env(lab, port, tmp_path) | {"DRAIN_TIMEOUT": str(drain_timeout)}
     with (tmp_path / "server.log").open("wb") as log:
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "voice_trio.cli", "--env-file", "/nonexistent", "serve"],
+            command(port),
             env=env,
+            cwd=tmp_path,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -193,6 +200,16 @@ async def _start_server(lab, tmp_path, drain_timeout: int, port: int | None = No
         await process.wait()
         raise
     return process, port
+
+
+async def _greetings_heard(parties) -> None:
+    """Until every party has heard the greeting in full."""
+    with trio.fail_after(30):
+        for party in parties:
+            while not party.results.bot_turns or (  # noqa: ASYNC110
+                party.results.bot_turns[-1].ended_at is None
+            ):
+                await trio.sleep(0.05)
 
 
 async def _calls_in_progress(lab, count: int):
@@ -234,12 +251,7 @@ async def test_further_signals_shorten_the_drain_but_every_call_is_hung_up_and_r
         async with trio.open_nursery() as callers:
             for party in parties:
                 callers.start_soon(party.run)
-            with trio.fail_after(15):
-                for party in parties:  # every greeting has been heard in full
-                    while not party.results.bot_turns or (  # noqa: ASYNC110
-                        party.results.bot_turns[-1].ended_at is None
-                    ):
-                        await trio.sleep(0.05)
+            await _greetings_heard(parties)
             first_at = time.monotonic()
             for _ in range(signals):
                 process.send_signal(signal.SIGTERM)
@@ -322,36 +334,21 @@ async def test_under_hypercorns_own_command_line_a_stop_still_hangs_calls_up(
 ) -> None:
     """``hypercorn … voice_trio.asgi:app`` has no drain of ours: Hypercorn cuts connections
     after its graceful timeout. A call cut that way is still hung up and recorded."""
-    with reserve_listener("127.0.0.1") as probe:
-        port = probe.getsockname()[1]
-    lab.telnyx.default_webhook_url = f"http://127.0.0.1:{port}/webhook/telnyx"
-    with (tmp_path / "server.log").open("wb") as log:
-        process = await trio.lowlevel.open_process(
-            [
-                str(Path(sys.executable).parent / "hypercorn"),
-                "-k",
-                "trio",
-                "--graceful-timeout",
-                "1",
-                "-b",
-                f"127.0.0.1:{port}",
-                "voice_trio.asgi:app",
-            ],
-            env=_server_env(lab, port, tmp_path),
-            cwd=tmp_path,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-        )
+    hypercorn = [str(Path(sys.executable).parent / "hypercorn"), "-k", "trio"]
+    process, _ = await _start_server(
+        lab,
+        tmp_path,
+        drain_timeout=0,
+        command=lambda port: [
+            *hypercorn,
+            "--graceful-timeout",
+            "1",
+            "-b",
+            f"127.0.0.1:{port}",
+            "voice_trio.asgi:app",
+        ],
+    )
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as api:
-            with trio.fail_after(60):
-                while True:
-                    try:
-                        if (await api.get("/health")).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        await trio.sleep(0.1)
         parties, sim_calls = await _calls_in_progress(lab, 1)
         async with trio.open_nursery() as callers:
             callers.start_soon(parties[0].run)
