@@ -12,7 +12,7 @@ import sys
 
 
 def no_stt_batching() -> None:
-    from voice_trio.calls import stt_link
+    from voice_trio.providers.deepgram import link as stt_link
 
     stt_link.BATCH_SECONDS = 0.0  # one WebSocket message per 20 ms carrier frame
 

@@ -20,7 +20,7 @@ import trio
 import wsproto
 from wsproto.events import Request
 
-from voice_trio.providers.telnyx_media import build_media, parse_frame
+from voice_trio.providers.telnyx.media import build_media, parse_frame
 
 AUDIO = os.urandom(160)
 FRAME = json.dumps(

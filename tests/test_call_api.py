@@ -4,7 +4,7 @@ import trio
 import trio.lowlevel
 from conftest import make_settings, start_server
 
-from voice_trio.providers.telnyx_control import decode_client_state
+from voice_trio.providers.telnyx.control import decode_client_state
 
 
 async def test_initiate_sends_exactly_the_documented_dial(nursery, telnyx_peer) -> None:

@@ -208,9 +208,9 @@ def test_agent_languages_that_work(env: dict[str, str], language: str) -> None:
 
 
 def test_every_accepted_language_has_the_agents_phrases_and_persona() -> None:
-    from voice_trio.calls.dtmf import key_note
-    from voice_trio.calls.persona import load_persona
-    from voice_trio.calls.phrases import ENGLISH, SPANISH, phrases_for
+    from voice_trio.conversation.dtmf import key_note
+    from voice_trio.conversation.persona import load_persona
+    from voice_trio.conversation.phrases import ENGLISH, SPANISH, phrases_for
     from voice_trio.languages import STT_LANGUAGES
 
     for model, codes in STT_LANGUAGES.items():

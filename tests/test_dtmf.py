@@ -4,8 +4,8 @@ that Claude reads as keys, and shortcuts that act at once."""
 import trio
 from conftest import FAST_SPEECH_MS, start_lab_server
 
-from voice_trio.calls.dtmf import STREAM, WEBHOOK, KeyCollector, PressDeduper, key_note
 from voice_trio.calls.signals import CallSignals
+from voice_trio.conversation.dtmf import STREAM, WEBHOOK, KeyCollector, PressDeduper, key_note
 from voice_trio.sim.caller import Dtmf, ScriptedCaller, Wait, WaitForBot
 from voice_trio.sim.lab import OUR_NUMBER
 

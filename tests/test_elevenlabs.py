@@ -22,7 +22,7 @@ from trio_websocket import (
 )
 
 from voice_trio.audio import alaw_to_mulaw
-from voice_trio.providers.deepgram_tts import TtsError
+from voice_trio.providers.deepgram.tts import TtsError
 from voice_trio.providers.elevenlabs_tts import (
     AudioMessage,
     ElevenLabsError,

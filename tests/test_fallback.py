@@ -11,8 +11,8 @@ import pytest
 import trio
 from conftest import FAST_SPEECH_MS, count_fds, start_lab_server, task_names
 
-from voice_trio.calls.dtmf import key_note
-from voice_trio.calls.telnyx_speech import base_language, caller_words, speak_language
+from voice_trio.conversation.dtmf import key_note
+from voice_trio.providers.telnyx.speech import base_language, caller_words, speak_language
 from voice_trio.sim.caller import Dtmf, HangUp, Say, ScriptedCaller, Wait, WaitForBot
 from voice_trio.sim.lab import OUR_NUMBER
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import trio
 
-from voice_trio.calls import fallback_state as fs
+from voice_trio.fallback import state as fs
 from voice_trio.store import SqliteStore
 
 SILENCE = 8.0

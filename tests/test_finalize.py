@@ -6,8 +6,8 @@ from __future__ import annotations
 import trio
 from conftest import FAST_SPEECH_MS
 
-from voice_trio.calls.stt_link import open_stt_link
-from voice_trio.providers.deepgram_stt import SttOptions, Transcript
+from voice_trio.providers.deepgram.link import open_stt_link
+from voice_trio.providers.deepgram.stt import SttOptions, Transcript
 from voice_trio.sim.lab import DEEPGRAM_KEY
 from voice_trio.sim.speech import encode_speech, silence
 

@@ -9,7 +9,7 @@ from conftest import Signer, make_settings, start_lab_server, start_server, webh
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from voice_trio.providers.telnyx_webhooks import (
+from voice_trio.providers.telnyx.webhooks import (
     WebhookInvalid,
     WebhookRejected,
     WebhookVerifier,
@@ -100,7 +100,7 @@ async def test_a_start_with_odd_fields_the_server_does_not_use_still_opens_the_c
 
 
 async def test_a_call_that_fails_unexpectedly_ends_alone(nursery, lab, monkeypatch) -> None:
-    from voice_trio.calls import session as session_module
+    from voice_trio.media import session as session_module
 
     original = session_module.CallSession.converse
 

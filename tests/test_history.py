@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from voice_trio.calls.history import DEFAULT_OPENING, Conversation, Turn
+from voice_trio.conversation.history import DEFAULT_OPENING, Conversation, Turn
 
 
 def roles(messages: list[dict[str, str]]) -> list[str]:

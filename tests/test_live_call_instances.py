@@ -10,7 +10,7 @@ import trio
 from conftest import FAST_SPEECH_MS, LiveServer, start_lab_server
 from test_store import pg_dsn  # noqa: F401  (fixture: a fresh PostgreSQL database)
 
-from voice_trio.calls.phrases import SPANISH, local_now
+from voice_trio.conversation.phrases import SPANISH, local_now
 from voice_trio.server import reserve_listener
 from voice_trio.sim.caller import (
     Dtmf,

@@ -5,7 +5,7 @@ import pytest
 import trio
 from conftest import FAST_SPEECH_MS, start_lab_server
 
-from voice_trio.calls.sentences import SentenceChunker
+from voice_trio.conversation.sentences import SentenceChunker
 from voice_trio.sim.anthropic import Fault
 from voice_trio.sim.caller import HangUp, Say, ScriptedCaller, WaitForBot
 from voice_trio.sim.lab import OUR_NUMBER

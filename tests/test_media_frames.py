@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from voice_trio.providers.telnyx_media import (
+from voice_trio.providers.telnyx.media import (
     G711_CODECS,
     Connected,
     Dtmf,

@@ -8,7 +8,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from voice_trio.calls.persona import load_persona, persona_is_cacheable, system_blocks, tools_for
+from voice_trio.conversation.persona import (
+    load_persona,
+    persona_is_cacheable,
+    system_blocks,
+    tools_for,
+)
 from voice_trio.observability import Metrics
 from voice_trio.providers.claude import LlmUsage
 from voice_trio.providers.claude_cache import (

@@ -17,7 +17,7 @@ import trio
 import trio_websocket
 from conftest import count_fds
 
-from voice_trio.providers.deepgram_stt import (
+from voice_trio.providers.deepgram.stt import (
     SpeechStarted,
     SttClosed,
     SttMetadata,
@@ -31,7 +31,7 @@ from voice_trio.providers.deepgram_stt import (
     open_stt,
     parse_stt_message,
 )
-from voice_trio.providers.deepgram_tts import DeepgramTTS, TtsError, parse_tts_error, speak_url
+from voice_trio.providers.deepgram.tts import DeepgramTTS, TtsError, parse_tts_error, speak_url
 from voice_trio.sim._serve import serve_asgi
 
 RESULTS_EXAMPLE = """{"type": "Results", "channel_index": [0, 1], "duration": 3.69, "start": 0.0,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from voice_trio.calls.sentences import SentenceChunker, clip_reply
+from voice_trio.conversation.sentences import SentenceChunker, clip_reply
 
 
 def chunk(deltas: list[str], max_clause: int = 120) -> tuple[list[list[str]], list[str]]:

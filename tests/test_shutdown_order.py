@@ -11,7 +11,7 @@ import sqlite3
 import trio
 from conftest import make_settings, start_server, webhook_body
 
-from voice_trio.calls import center as center_module
+from voice_trio.instance import center as center_module
 
 
 def _settings(peer_base: str, signer, tmp_path):

@@ -11,7 +11,7 @@ import trio
 import trio.testing
 from conftest import FAST_SPEECH_MS, start_lab_server
 
-from voice_trio.calls.speculation import (
+from voice_trio.media.speculation import (
     ENDPOINT,
     QUIET,
     Speculator,
@@ -19,7 +19,7 @@ from voice_trio.calls.speculation import (
     is_voiced,
     normalize,
 )
-from voice_trio.calls.turns import TurnDetector, UserTurn
+from voice_trio.media.turns import TurnDetector, UserTurn
 from voice_trio.sim.caller import HangUp, Say, ScriptedCaller, WaitForBot
 from voice_trio.sim.lab import OUR_NUMBER
 from voice_trio.sim.speech import encode_speech, silence

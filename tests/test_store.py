@@ -17,8 +17,8 @@ import pytest
 import trio
 from conftest import make_settings
 
-from voice_trio.calls.turn_record import TurnRecord
 from voice_trio.config import ConfigError, Settings
+from voice_trio.conversation.turn_record import TurnRecord
 from voice_trio.store import (
     CallRecord,
     CallStore,

@@ -12,7 +12,7 @@ import trio_websocket
 from conftest import Signer, make_settings, start_lab_server, start_server, webhook_body
 from prometheus_client import generate_latest
 
-from voice_trio.calls.center import CallCenter
+from voice_trio.instance.center import CallCenter
 from voice_trio.sim.caller import HangUp, Say, ScriptedCaller, WaitForBot
 from voice_trio.sim.lab import OUR_NUMBER
 from voice_trio.store import StoreError

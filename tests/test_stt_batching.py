@@ -16,8 +16,8 @@ import pytest
 import trio
 import trio.testing
 
-from voice_trio.calls.stt_link import open_stt_link
-from voice_trio.providers.deepgram_stt import SpeechStarted, SttEvent, SttOptions, Transcript
+from voice_trio.providers.deepgram.link import open_stt_link
+from voice_trio.providers.deepgram.stt import SpeechStarted, SttEvent, SttOptions, Transcript
 
 FRAME = 160  # 20 ms of mu-law 8 kHz
 BATCH = 800  # 100 ms
@@ -197,7 +197,7 @@ async def test_batch_seconds_is_bounded(fake: FakeStream) -> None:
 
 
 def test_the_replay_ring_gives_memory_back_once_released() -> None:
-    from voice_trio.calls.stt_link import _AudioRing
+    from voice_trio.providers.deepgram.link import _AudioRing
 
     ring = _AudioRing(80_000, 1)
     for _ in range(400):  # 8 s of audio

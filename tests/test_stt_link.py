@@ -17,7 +17,7 @@ import trio
 import trio.testing
 from conftest import count_fds, task_names
 
-from voice_trio.calls.stt_link import (
+from voice_trio.providers.deepgram.link import (
     SttLink,
     SttLost,
     _AudioRing,
@@ -25,7 +25,7 @@ from voice_trio.calls.stt_link import (
     _Timeline,
     open_stt_link,
 )
-from voice_trio.providers.deepgram_stt import (
+from voice_trio.providers.deepgram.stt import (
     SpeechStarted,
     SttEvent,
     SttMetadata,

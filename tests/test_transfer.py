@@ -49,7 +49,7 @@ def assert_transferred(lab, server, sim_call, results, record) -> None:
     leg = sim_call.transfer_legs[0]
     assert leg.events == ["call.initiated", "call.answered", "call.bridged"]
     assert server.app.center.metrics is not None
-    assert not [n for n in task_names() if "calls.session" in n or "calls.dtmf" in n]
+    assert not [n for n in task_names() if "media.session" in n or "conversation.dtmf" in n]
     assert len(server.app.center.signals) == 0
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from voice_trio.calls.turns import CallerSpeaking, TurnDetector, TurnSignal, UserTurn
+from voice_trio.media.turns import CallerSpeaking, TurnDetector, TurnSignal, UserTurn
 
 
 def interim(d: TurnDetector, text: str, confidence: float = 0.9) -> TurnSignal | None:

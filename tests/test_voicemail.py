@@ -4,7 +4,7 @@ greeting and a hang-up; a person gets the conversation."""
 import trio
 from conftest import FAST_SPEECH_MS, start_lab_server
 
-from voice_trio.calls.phrases import SPANISH, local_now
+from voice_trio.conversation.phrases import SPANISH, local_now
 from voice_trio.sim.caller import HangUp, Say, ScriptedCaller, WaitForBot, answering_machine
 
 PATIENT = "+573001234567"

@@ -13,8 +13,8 @@ import multiprocessing
 import os
 import sys
 
-from voice_trio.calls.center import CallCenter
 from voice_trio.config import ConfigError, Settings
+from voice_trio.instance.center import CallCenter
 from voice_trio.observability import setup_logging
 from voice_trio.web.dispatch import VoiceApp, build_app
 

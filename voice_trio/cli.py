@@ -139,7 +139,7 @@ def language_line(settings: Settings) -> str:
 
 def prompt_caching_line(settings: Settings) -> str:
     """Whether the persona gets a prompt-cache breakpoint with this model, and why."""
-    from voice_trio.calls.persona import load_persona, persona_is_cacheable, tools_for
+    from voice_trio.conversation.persona import load_persona, persona_is_cacheable, tools_for
     from voice_trio.providers.claude_cache import min_cacheable_tokens, tokens_at_least
 
     can_transfer = bool(settings.transfer_number)

@@ -1,7 +1,7 @@
 """Which ``AGENT_LANGUAGE`` values work: a language the agent speaks, in a code the STT model takes.
 
-The agent's own words (its fixed phrases in ``calls/phrases.py``, the key-press notes in
-``calls/dtmf.py``, the built-in persona in ``prompts/``) exist in Spanish and English only;
+The agent's own words (its fixed phrases in ``conversation/phrases.py``, the key-press notes in
+``conversation/dtmf.py``, the built-in persona in ``prompts/``) exist in Spanish and English only;
 any other value would get Spanish phrases on a call in another language. The caller's words
 go to Deepgram as ``language=AGENT_LANGUAGE``, and a model refuses a code it lacks (HTTP 400
 at the handshake): every media call would then lose its transcription and fall back. Both

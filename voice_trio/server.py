@@ -19,13 +19,13 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
-from voice_trio.calls.center import (
+from voice_trio.config import Settings
+from voice_trio.instance.center import (
     BACKGROUND_GRACE_SECONDS,
     GOODBYE_SECONDS,
     HANG_UP_SECONDS,
     CallCenter,
 )
-from voice_trio.config import Settings
 from voice_trio.web.dispatch import VoiceApp, build_app
 from voice_trio.web.hypercorn_fixes import ConnectionLimits
 

@@ -47,8 +47,8 @@ from functools import partial
 import trio
 from prometheus_client.multiprocess import mark_process_dead
 
-from voice_trio.calls.center import CallCenter
 from voice_trio.config import Settings
+from voice_trio.instance.center import CallCenter
 from voice_trio.observability import Metrics, setup_logging
 from voice_trio.server import drain_bound, reserve_listener, serve
 from voice_trio.web.dispatch import build_app

@@ -4,7 +4,7 @@ wherever the webhook or the API request landed (DESIGN.md §4).
 A media call lives in the process that holds its socket, but Telnyx posts the call's
 webhooks, and operators send their API requests, to any instance or worker. Every process
 listens on one channel; an event names its kind (``k``), its call (``c``) and its sender
-(``o``), and the process that holds the call acts on it (:mod:`voice_trio.calls.live`); the
+(``o``), and the process that holds the call acts on it (:mod:`voice_trio.instance.live`); the
 others drop it. The engine is PostgreSQL ``LISTEN``/``NOTIFY`` over ``DATABASE_URL``
 (:mod:`voice_trio.store.notify`): the store every instance already shares, so there is no
 other service to run. With SQLite there is one process and no bus (``state`` is ``local``):

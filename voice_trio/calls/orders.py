@@ -1,7 +1,7 @@
 """An operator's orders for a live call (hang up, transfer, say) and what came of them.
 
 Plain data, checked the same way where the API receives an order and where one arrives over
-the call-event bus (:mod:`voice_trio.calls.live`): a process never acts on an order it has
+the call-event bus (:mod:`voice_trio.instance.live`): a process never acts on an order it has
 not checked itself.
 """
 

@@ -8,7 +8,7 @@ socket is up, so facts for a call with no session yet are kept (bounded, oldest 
 forgotten first) and handed over when the session attaches.
 
 Webhooks land on any instance (DESIGN.md §4): a fact for a call not running in the process
-that got it is passed on over the call-event bus (:mod:`voice_trio.calls.live`), and every
+that got it is passed on over the call-event bus (:mod:`voice_trio.instance.live`), and every
 process keeps it here for a session not attached yet, so a verdict that beats the socket
 reaches the call wherever the socket lands. Sessions still treat every fact as optional (the
 bus delivers at most once): a missing machine verdict means a person, a missing
@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from voice_trio.providers.telnyx_webhooks import AMD_DETECTION_EVENTS, AMD_GREETING_EVENTS
+from voice_trio.providers.telnyx.webhooks import AMD_DETECTION_EVENTS, AMD_GREETING_EVENTS
 
 # ``call.speak.ended``: a sentence that went out through Telnyx speak (bot_voice) has played.
 SIGNAL_EVENTS = (

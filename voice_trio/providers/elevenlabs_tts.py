@@ -1,6 +1,6 @@
 """ElevenLabs streaming text-to-speech over the WebSocket ``stream-input`` protocol.
 
-Same shape as :class:`voice_trio.providers.deepgram_tts.DeepgramTTS`, so the call layer can
+Same shape as :class:`voice_trio.providers.deepgram.tts.DeepgramTTS`, so the call layer can
 use either: ``synthesize(text)`` is an async context manager yielding an async iterator of
 raw mu-law 8 kHz chunks (``output_format=ulaw_8000``: no transcoding, no container).
 
@@ -30,7 +30,7 @@ import trio
 import trio_websocket
 
 from voice_trio.providers import websocket_fixes
-from voice_trio.providers.deepgram_tts import TtsError
+from voice_trio.providers.deepgram.tts import TtsError
 
 websocket_fixes.apply()
 

@@ -90,7 +90,7 @@ class CallRecord:
 
 
 class _TurnLike(Protocol):
-    """What ``TurnEntry.from_turn`` reads (``calls.turn_record.TurnRecord`` has it)."""
+    """What ``TurnEntry.from_turn`` reads (``conversation.turn_record.TurnRecord`` has it)."""
 
     kind: str
     user_text: str

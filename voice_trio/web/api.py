@@ -26,10 +26,10 @@ import trio
 from quart import jsonify, request
 from quart_trio import QuartTrio
 
-from voice_trio.calls.center import CallCenter, CallRequest
 from voice_trio.config import E164, Settings
 from voice_trio.forwarded import HeaderLookup, request_origin
-from voice_trio.providers.telnyx_control import TelnyxError
+from voice_trio.instance.center import CallCenter, CallRequest
+from voice_trio.providers.telnyx.control import TelnyxError
 
 log = logging.getLogger("voice_trio.web")
 

@@ -13,8 +13,8 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from voice_trio import __version__
-from voice_trio.calls.center import CallCenter
 from voice_trio.forwarded import request_origin
+from voice_trio.instance.center import CallCenter
 from voice_trio.observability import publish_every, watch_loop_lag
 from voice_trio.store import StoreError
 from voice_trio.web.api import api_refusal, register_api

@@ -26,8 +26,8 @@ from zoneinfo import ZoneInfo
 from quart import jsonify, request
 from quart_trio import QuartTrio
 
-from voice_trio.calls.center import CallCenter
 from voice_trio.config import E164
+from voice_trio.instance.center import CallCenter
 from voice_trio.store import MAX_PAGE, CallRecord, CallStore, StoreError, TurnEntry
 from voice_trio.store.records import MAX_EPOCH, STATUSES, decode_cursor
 

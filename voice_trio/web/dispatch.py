@@ -12,8 +12,8 @@ from typing import cast
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
-from voice_trio.calls.center import CallCenter
 from voice_trio.config import Settings
+from voice_trio.instance.center import CallCenter
 from voice_trio.web import hypercorn_fixes
 from voice_trio.web.app import create_app
 from voice_trio.web.media import serve_media_stream

@@ -1,7 +1,7 @@
 """``POST /api/calls/<call_control_id>/hangup|transfer|say``: act on a live call.
 
 Any instance (or worker) may receive the request, whichever process holds the call: the
-order is checked here and carried out by the call center (``calls.live``), over the
+order is checked here and carried out by the call center (``instance.live``), over the
 call-event bus if need be. Answers:
 
 - 200 with what happens now (``hanging_up``, ``transferring`` to a number, ``queued``);
@@ -23,8 +23,8 @@ from typing import Any
 from quart import jsonify, request
 from quart_trio import QuartTrio
 
-from voice_trio.calls.center import CallCenter
 from voice_trio.calls.orders import ACTIONS, InvalidOrder, Order
+from voice_trio.instance.center import CallCenter
 from voice_trio.web.api import InvalidRequest, parse_json
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from voice_trio.calls.center import CallCenter
-from voice_trio.calls.media_call import run_media_call
+from voice_trio.instance.center import CallCenter
+from voice_trio.media.call import run_media_call
 from voice_trio.web.media_socket import AsgiWebSocket, Receive, Scope, Send
 
 

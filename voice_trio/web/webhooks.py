@@ -13,10 +13,10 @@ from typing import Any
 from quart import jsonify, request
 from quart_trio import QuartTrio
 
-from voice_trio.calls.center import CallCenter
 from voice_trio.config import Settings
+from voice_trio.instance.center import CallCenter
 from voice_trio.observability import call_id_var
-from voice_trio.providers.telnyx_webhooks import (
+from voice_trio.providers.telnyx.webhooks import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     WebhookInvalid,

@@ -1,6 +1,6 @@
 """The call record of a fallback-mode call: built from its shared state, written to the store.
 
-The state (:mod:`voice_trio.calls.fallback_state`) holds the record's fixed fields, every
+The state (:mod:`voice_trio.fallback.state`) holds the record's fixed fields, every
 bot turn as a ``TurnEntry`` dict and the call's usage; whoever holds the turn when the call
 ends writes the record from it (:class:`FallbackRecords`). A degraded call's record was
 started by its media session: that part is read back and put first. A store that fails
@@ -17,8 +17,8 @@ from voice_trio.store import CallRecord, CallStore, TurnEntry
 from voice_trio.store.outage import keep
 
 if TYPE_CHECKING:
-    from voice_trio.calls.center import CallCenter
-    from voice_trio.calls.turn_record import TurnRecord
+    from voice_trio.conversation.turn_record import TurnRecord
+    from voice_trio.instance.center import CallCenter
 
 log = logging.getLogger("voice_trio.calls")
 

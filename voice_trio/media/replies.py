@@ -1,11 +1,11 @@
 """``Replies``: the bot's answer to each caller turn of a media call, from Claude.
 
 A turn's reply is asked of Claude when the turn ends, or was asked before it ended: a
-speculative reply (:mod:`~voice_trio.calls.speculation`) started on a stable transcript is
+speculative reply (:mod:`~voice_trio.media.speculation`) started on a stable transcript is
 adopted when the turn ends with the same text, and its buffered sentences go to TTS at once.
-Either way the sentences become a bot turn (:class:`~voice_trio.calls.bot_voice.BotVoice`),
+Either way the sentences become a bot turn (:class:`~voice_trio.media.voice.BotVoice`),
 and the tools Claude called are noted for ``converse``: ``end_call`` ends the call after
-the reply, ``transfer_call`` leaves a transfer pending (:mod:`~voice_trio.calls.controls`).
+the reply, ``transfer_call`` leaves a transfer pending (:mod:`~voice_trio.media.controls`).
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from voice_trio.calls.bot_voice import BotVoice
-from voice_trio.calls.controls import CallControls
-from voice_trio.calls.history import Conversation
-from voice_trio.calls.speculation import Speculation, Speculator, normalize
-from voice_trio.calls.thinking import think_reply
-from voice_trio.calls.turn_record import TurnRecord
+from voice_trio.conversation.history import Conversation
+from voice_trio.conversation.thinking import think_reply
+from voice_trio.conversation.turn_record import TurnRecord
+from voice_trio.media.controls import CallControls
+from voice_trio.media.speculation import Speculation, Speculator, normalize
+from voice_trio.media.voice import BotVoice
 
 if TYPE_CHECKING:
-    from voice_trio.calls.center import CallCenter
+    from voice_trio.instance.center import CallCenter
 
 log = logging.getLogger("voice_trio.calls")
 

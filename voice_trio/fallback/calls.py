@@ -6,7 +6,7 @@ one of four ways:
 
 - Telnyx says so: a ``streaming.failed`` webhook. Whichever instance it lands on, it is
   decided deployment-wide: the process holding the call's socket hands the call over (the
-  fact reaches it over the call-event bus, ``calls.live``); if no socket claimed the
+  fact reaches it over the call-event bus, ``instance.live``); if no socket claimed the
   stream anywhere, the instance that got the webhook claims it and starts fallback mode.
 - It never comes: no media socket with a ``start`` frame ``STREAM_CONNECT_TIMEOUT_MS`` after
   ``streaming_start`` was sent (and no socket claimed the call's stream on another
@@ -37,20 +37,20 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from voice_trio.calls import fallback_state as fs
-from voice_trio.calls.fallback import FallbackCall
-from voice_trio.calls.fallback_records import FallbackRecords
-from voice_trio.calls.history import Conversation
 from voice_trio.calls.registry import ActiveCall
-from voice_trio.calls.session import STREAM_LOST, STT_LOST, STT_UNAVAILABLE
-from voice_trio.calls.telnyx_speech import caller_words
+from voice_trio.conversation.history import Conversation
+from voice_trio.fallback import state as fs
+from voice_trio.fallback.call import FallbackCall
+from voice_trio.fallback.records import FallbackRecords
+from voice_trio.media.session import STREAM_LOST, STT_LOST, STT_UNAVAILABLE
 from voice_trio.observability import call_id_var
-from voice_trio.providers.telnyx_control import decode_client_state
-from voice_trio.providers.telnyx_webhooks import WebhookEvent
+from voice_trio.providers.telnyx.control import decode_client_state
+from voice_trio.providers.telnyx.speech import caller_words
+from voice_trio.providers.telnyx.webhooks import WebhookEvent
 from voice_trio.store import CallState, SqliteStore
 
 if TYPE_CHECKING:
-    from voice_trio.calls.center import CallCenter
+    from voice_trio.instance.center import CallCenter
 
 log = logging.getLogger("voice_trio.calls")
 

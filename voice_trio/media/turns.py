@@ -5,7 +5,7 @@ transcript concatenated until one carries ``speech_final``; if ``UtteranceEnd`` 
 with finals collected and no ``speech_final`` since the last turn, those finals are the
 turn; an ``UtteranceEnd`` after a ``speech_final`` turn has nothing left and is ignored.
 
-Faster turns (:mod:`voice_trio.calls.speculation`): the detector also keeps how far into
+Faster turns (:mod:`voice_trio.media.speculation`): the detector also keeps how far into
 the stream Deepgram has transcribed (``covered_until``, on the link timeline) and the best
 guess of the turn so far (``candidate``: finals plus the latest interim), so the session
 can tell when a transcript covers every voiced byte it sent. A final that Deepgram sent

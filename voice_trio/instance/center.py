@@ -8,10 +8,10 @@ that work is given ``BACKGROUND_GRACE_SECONDS`` to finish (then cancelled) *befo
 store and the clients close, and webhooks that come later are refused (``accepting_work``)
 so that Telnyx retries them elsewhere instead of losing them.
 
-A call in fallback mode (``voice_trio.calls.degrade``) keeps its state in the store, so its
+A call in fallback mode (``voice_trio.fallback.calls``) keeps its state in the store, so its
 webhooks may land on any instance; ``call.hangup`` ends any call here through the registry
 (and a fallback call everywhere, through the store). A fact for a media call held by another
-process is passed on to it over the call-event bus (``calls.bus``, ``calls.live``), which
+process is passed on to it over the call-event bus (``calls.bus``, ``instance.live``), which
 runs in the background nursery while the store is open (PostgreSQL only).
 """
 
@@ -29,21 +29,21 @@ import trio
 
 from voice_trio.calls import stream_token
 from voice_trio.calls.bus import EventBus
-from voice_trio.calls.degrade import FallbackCalls, RecentCalls
-from voice_trio.calls.live import LiveCalls
-from voice_trio.calls.persona import load_persona, persona_is_cacheable, tools_for
-from voice_trio.calls.phrases import PhraseCache, local_now, phrases_for
 from voice_trio.calls.registry import CallRegistry, SeenEvents
-from voice_trio.calls.sentences import SentenceChunker
 from voice_trio.calls.signals import SIGNAL_EVENTS, CallSignals
 from voice_trio.config import Settings
+from voice_trio.conversation.persona import load_persona, persona_is_cacheable, tools_for
+from voice_trio.conversation.phrases import PhraseCache, local_now, phrases_for
+from voice_trio.conversation.sentences import SentenceChunker
+from voice_trio.fallback.calls import FallbackCalls, RecentCalls
+from voice_trio.instance.live import LiveCalls
 from voice_trio.observability import LogSummary, Metrics, call_id_var
 from voice_trio.providers.claude import ClaudeClient
 from voice_trio.providers.claude_cache import min_cacheable_tokens, tokens_at_least
-from voice_trio.providers.deepgram_stt import SttOptions
-from voice_trio.providers.deepgram_tts import DeepgramTTS
+from voice_trio.providers.deepgram.stt import SttOptions
+from voice_trio.providers.deepgram.tts import DeepgramTTS
 from voice_trio.providers.elevenlabs_tts import ElevenLabsTTS
-from voice_trio.providers.telnyx_control import (
+from voice_trio.providers.telnyx.control import (
     CALL_ALREADY_ENDED,
     DialResult,
     TelnyxControl,
@@ -51,7 +51,7 @@ from voice_trio.providers.telnyx_control import (
     decode_client_state,
     encode_client_state,
 )
-from voice_trio.providers.telnyx_webhooks import WebhookEvent
+from voice_trio.providers.telnyx.webhooks import WebhookEvent
 from voice_trio.store import CallStore, StoreError, store_for
 from voice_trio.store.records import SERVER_LOST
 

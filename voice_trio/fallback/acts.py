@@ -1,6 +1,6 @@
 """What a fallback-mode call does with its turn: the opening, a reply, a goodbye.
 
-Each act runs in :class:`~voice_trio.calls.fallback.FallbackCall` while it holds the call's
+Each act runs in :class:`~voice_trio.fallback.call.FallbackCall` while it holds the call's
 turn, and says things through ``FallbackCall.speak`` (counted in the shared state, then
 Telnyx ``speak``); it ends by giving the turn back, or by ending the call.
 """
@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from voice_trio.calls import fallback_state as fs
-from voice_trio.calls.phrases import local_now
-from voice_trio.calls.replies import SENTENCE_QUEUE
-from voice_trio.calls.telnyx_speech import base_language
-from voice_trio.calls.thinking import think_reply
-from voice_trio.calls.turn_record import TurnRecord
-from voice_trio.providers.telnyx_control import TelnyxError
+from voice_trio.conversation.phrases import local_now
+from voice_trio.conversation.thinking import think_reply
+from voice_trio.conversation.turn_record import TurnRecord
+from voice_trio.fallback import state as fs
+from voice_trio.media.replies import SENTENCE_QUEUE
+from voice_trio.providers.telnyx.control import TelnyxError
+from voice_trio.providers.telnyx.speech import base_language
 
 if TYPE_CHECKING:
-    from voice_trio.calls.fallback import FallbackCall
+    from voice_trio.fallback.call import FallbackCall
 
 log = logging.getLogger("voice_trio.calls")
 

@@ -4,21 +4,21 @@ Tasks of the call's nursery (DESIGN.md §3):
 
 - ``read_carrier``: Telnyx frames → (reorder, transcode) → Deepgram; marks; stop/close.
 - ``listen``: Deepgram events → ``TurnDetector`` → user turns; caller speech barges in.
-- ``converse``: greeting, then one reply per user turn (:mod:`~voice_trio.calls.replies`);
+- ``converse``: greeting, then one reply per user turn (:mod:`~voice_trio.media.replies`);
   silence reprompt/goodbye.
 - ``watch_duration``: the maximum call length.
 - ``controls.run``: key presses (``dtmf`` frames and ``call.dtmf.received``, counted once)
-  barge in and reach the conversation as a bracketed note (:mod:`voice_trio.calls.dtmf`).
+  barge in and reach the conversation as a bracketed note (:mod:`voice_trio.conversation.dtmf`).
 
 Some events cut the conversation short: a key shortcut, Claude's ``transfer_call`` tool, an
 answering machine on an outbound call, an operator's hang-up or transfer
-(:mod:`~voice_trio.calls.controls`). ``converse`` carries them out between turns, and says
+(:mod:`~voice_trio.media.controls`). ``converse`` carries them out between turns, and says
 an operator's text (``POST /api/calls/{id}/say``) once the bot's turn under way has ended.
 
-A bot turn runs in its own cancel scope (:mod:`~voice_trio.calls.bot_voice`): Claude's
+A bot turn runs in its own cancel scope (:mod:`~voice_trio.media.voice`): Claude's
 stream, the TTS stream and the pacing of its audio stop together when the caller barges in.
 
-Faster turns (:mod:`~voice_trio.calls.speculation`): ``read_carrier`` also watches the
+Faster turns (:mod:`~voice_trio.media.speculation`): ``read_carrier`` also watches the
 caller's audio for the end of speech, sends Deepgram ``Finalize`` after a short silence and
 ends a turn itself once the endpointing silence has passed and the finals cover the voice;
 a stable transcript starts a speculative reply (``speculator``) that the turn adopts when it
@@ -34,27 +34,27 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from voice_trio.audio import ALAW_TO_MULAW, BYTES_PER_MS
-from voice_trio.calls.bot_voice import BotVoice
-from voice_trio.calls.controls import CallControls
-from voice_trio.calls.dtmf import STREAM
-from voice_trio.calls.history import Conversation
-from voice_trio.calls.phrases import local_now
-from voice_trio.calls.playback import Playback
 from voice_trio.calls.registry import ActiveCall
-from voice_trio.calls.replies import Replies
-from voice_trio.calls.speculation import ENDPOINT, QUIET, Speculator, SpeechEndWatch
-from voice_trio.calls.stt_link import SttLink, SttLost, open_stt_link
-from voice_trio.calls.transfer import TRANSFERRED
-from voice_trio.calls.turn_record import TurnRecord
-from voice_trio.calls.turns import CallerSpeaking, TurnDetector, UserTurn
-from voice_trio.calls.voicemail import MachineDetection
-from voice_trio.providers.deepgram_stt import (
+from voice_trio.conversation.dtmf import STREAM
+from voice_trio.conversation.history import Conversation
+from voice_trio.conversation.phrases import local_now
+from voice_trio.conversation.turn_record import TurnRecord
+from voice_trio.media.controls import CallControls
+from voice_trio.media.playback import Playback
+from voice_trio.media.replies import Replies
+from voice_trio.media.speculation import ENDPOINT, QUIET, Speculator, SpeechEndWatch
+from voice_trio.media.transfer import TRANSFERRED
+from voice_trio.media.turns import CallerSpeaking, TurnDetector, UserTurn
+from voice_trio.media.voice import BotVoice
+from voice_trio.media.voicemail import MachineDetection
+from voice_trio.providers.deepgram.link import SttLink, SttLost, open_stt_link
+from voice_trio.providers.deepgram.stt import (
     SpeechStarted,
     Transcript,
     UtteranceEnd,
 )
-from voice_trio.providers.telnyx_control import decode_client_state
-from voice_trio.providers.telnyx_media import (
+from voice_trio.providers.telnyx.control import decode_client_state
+from voice_trio.providers.telnyx.media import (
     Dtmf,
     FrameError,
     FrameReorderer,
@@ -68,7 +68,7 @@ from voice_trio.providers.telnyx_media import (
 
 if TYPE_CHECKING:
     # Only a type here: center imports the fallback mode, which imports this module.
-    from voice_trio.calls.center import CallCenter
+    from voice_trio.instance.center import CallCenter
 
 log = logging.getLogger("voice_trio.calls")
 
@@ -310,7 +310,7 @@ class CallSession:
 
     def consider_speculation(self) -> None:
         """Start (or replace, or drop) the speculative reply; the rule is in
-        :mod:`~voice_trio.calls.speculation`: silence, and a transcript covering the voice,
+        :mod:`~voice_trio.media.speculation`: silence, and a transcript covering the voice,
         while the bot is idle and waiting for the caller."""
         ready = (
             self.settings.speculative_replies

@@ -18,7 +18,7 @@ import trio
 
 from voice_trio.audio import BYTES_PER_MS, FRAME_BYTES, MULAW_SILENCE
 from voice_trio.observability import Metrics
-from voice_trio.providers.telnyx_media import build_clear, build_mark, build_media
+from voice_trio.providers.telnyx.media import build_clear, build_mark, build_media
 
 
 @dataclass(slots=True)

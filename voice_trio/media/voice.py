@@ -5,7 +5,7 @@ streamed reply, an adopted speculation) fills a bounded audio queue, and ``pace`
 that audio to Telnyx at playback speed. Barge-in, an action that cuts the conversation
 short and the end of the call's time cancel the scope (``cut``, ``stop``): Claude's
 stream, the TTS stream and the pacing stop together. Either way the turn's
-:class:`~voice_trio.calls.turn_record.TurnRecord` keeps what the caller actually heard.
+:class:`~voice_trio.conversation.turn_record.TurnRecord` keeps what the caller actually heard.
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from voice_trio.calls.history import Conversation
-from voice_trio.calls.playback import Playback
 from voice_trio.calls.registry import ActiveCall
-from voice_trio.calls.sentences import SentenceChunker
-from voice_trio.calls.telnyx_speech import speak_language
-from voice_trio.calls.turn_record import TurnRecord
-from voice_trio.providers.deepgram_tts import TtsError
-from voice_trio.providers.telnyx_control import TelnyxError
+from voice_trio.conversation.history import Conversation
+from voice_trio.conversation.sentences import SentenceChunker
+from voice_trio.conversation.turn_record import TurnRecord
+from voice_trio.media.playback import Playback
+from voice_trio.providers.deepgram.tts import TtsError
+from voice_trio.providers.telnyx.control import TelnyxError
+from voice_trio.providers.telnyx.speech import speak_language
 
 if TYPE_CHECKING:
-    from voice_trio.calls.center import CallCenter
+    from voice_trio.instance.center import CallCenter
 
 log = logging.getLogger("voice_trio.calls")
 

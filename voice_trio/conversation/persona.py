@@ -37,7 +37,7 @@ TRANSFER_TOOL: dict[str, Any] = {
         "required": [],
     },
 }
-# How a caller's key presses appear in the conversation (see calls.dtmf.key_note).
+# How a caller's key presses appear in the conversation (see conversation.dtmf.key_note).
 KEYS_FACT = (
     "Un texto entre corchetes como [la persona marcó 1 en el teclado] no es voz: son teclas "
     "que la persona marcó en el teléfono."

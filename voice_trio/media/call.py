@@ -7,7 +7,7 @@ the call is registered, runs inside its own cancel scope, and is unregistered in
 ``finally`` — whatever ended it: ``stop``, the socket closing, a ``call.hangup`` webhook,
 the conversation ending itself, or server shutdown. If the stream failed while the call is
 up (the socket closed without ``stop``, or ``streaming.failed``), the call is handed over
-to fallback mode with its conversation in the same step (``voice_trio.calls.degrade``).
+to fallback mode with its conversation in the same step (``voice_trio.fallback.calls``).
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from typing import Protocol
 import trio
 
 from voice_trio.calls import stream_token
-from voice_trio.calls.center import CallCenter
-from voice_trio.calls.degrade import DEGRADE_REASONS
 from voice_trio.calls.registry import ActiveCall
-from voice_trio.calls.session import STREAM_LOST, STT_UNAVAILABLE, CallSession
+from voice_trio.fallback.calls import DEGRADE_REASONS
+from voice_trio.instance.center import CallCenter
+from voice_trio.media.session import STREAM_LOST, STT_UNAVAILABLE, CallSession
 from voice_trio.observability import call_id_var
-from voice_trio.providers.deepgram_stt import SttError
-from voice_trio.providers.telnyx_control import decode_client_state
-from voice_trio.providers.telnyx_media import (
+from voice_trio.providers.deepgram.stt import SttError
+from voice_trio.providers.telnyx.control import decode_client_state
+from voice_trio.providers.telnyx.media import (
     AUTH_TOKEN_FIELD,
     G711_CODECS,
     Connected,

@@ -43,7 +43,7 @@ from typing import Any
 
 import trio
 
-from voice_trio.providers.deepgram_stt import (
+from voice_trio.providers.deepgram.stt import (
     SpeechStarted,
     SttClosed,
     SttError,

@@ -26,8 +26,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from voice_trio.calls.dtmf import KEY_GAP_S, key_note
-from voice_trio.calls.history import Conversation
+from voice_trio.conversation.dtmf import KEY_GAP_S, key_note
+from voice_trio.conversation.history import Conversation
 from voice_trio.store import CallState, CallStore, StaleState, StoreError
 
 log = logging.getLogger("voice_trio.calls")
@@ -170,7 +170,7 @@ def add_caller_key(
     data: dict[str, Any], digit: str, now: float, occurred_at: str, language: str
 ) -> bool:
     """A key press (``call.dtmf.received``): keys pressed in a row are one caller turn,
-    a bracketed note (:func:`~voice_trio.calls.dtmf.key_note`) answered ``KEY_GAP_S``
+    a bracketed note (:func:`~voice_trio.conversation.dtmf.key_note`) answered ``KEY_GAP_S``
     after the last of them, as a media call groups them."""
     if data["ended"]:
         return False

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from voice_trio.calls.sentences import SentenceChunker
+from voice_trio.conversation.sentences import SentenceChunker
 
 log = logging.getLogger("voice_trio.calls")
 

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from voice_trio.calls.degrade import STREAM_FAILED
 from voice_trio.calls.orders import (
     OPERATOR_HANGUP,
     InvalidOrder,
@@ -37,12 +36,13 @@ from voice_trio.calls.orders import (
     refused,
 )
 from voice_trio.calls.signals import SIGNAL_EVENTS
+from voice_trio.fallback.calls import STREAM_FAILED
 from voice_trio.observability import call_id_var
 from voice_trio.store import StoreError
 
 if TYPE_CHECKING:
-    from voice_trio.calls.center import CallCenter
-    from voice_trio.calls.controls import CallControls
+    from voice_trio.instance.center import CallCenter
+    from voice_trio.media.controls import CallControls
 
 log = logging.getLogger("voice_trio.calls")
 

@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from voice_trio.calls.history import Conversation
-from voice_trio.calls.persona import system_blocks, tools_for
-from voice_trio.calls.phrases import local_now
-from voice_trio.calls.sentences import SentenceChunker
+from voice_trio.conversation.history import Conversation
+from voice_trio.conversation.persona import system_blocks, tools_for
+from voice_trio.conversation.phrases import local_now
+from voice_trio.conversation.sentences import SentenceChunker
 from voice_trio.providers.claude import LlmError
 
 if TYPE_CHECKING:
-    from voice_trio.calls.center import CallCenter
-    from voice_trio.calls.turn_record import TurnRecord
+    from voice_trio.conversation.turn_record import TurnRecord
+    from voice_trio.instance.center import CallCenter
 
 log = logging.getLogger("voice_trio.calls")
 

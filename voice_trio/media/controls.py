@@ -1,18 +1,18 @@
 """``CallControls``: what may cut a media call's conversation short, and carrying it out.
 
 Key presses arrive from two paths (``dtmf`` frames and ``call.dtmf.received``) and are
-counted once (:mod:`voice_trio.calls.dtmf`): a key with a configured action (``DTMF_ACTIONS``)
+counted once (:mod:`voice_trio.conversation.dtmf`): a key with a configured action (``DTMF_ACTIONS``)
 interrupts, any other barges in and reaches the conversation as a bracketed note. Other
 webhook facts may interrupt too: an answering machine on an outbound call
-(:mod:`~voice_trio.calls.voicemail`). Claude's ``transfer_call`` tool
-(:mod:`~voice_trio.calls.transfer`) leaves its action ``pending`` after the reply that
+(:mod:`~voice_trio.media.voicemail`). Claude's ``transfer_call`` tool
+(:mod:`~voice_trio.media.transfer`) leaves its action ``pending`` after the reply that
 announces it.
 
 ``interrupt`` never blocks: it notes the action (the first one wins) and has the session
 stop waiting and cut the bot's turn; ``converse`` carries the action out between turns
 (``act``).
 
-An operator's orders (:mod:`voice_trio.calls.live`, from any process) come here too
+An operator's orders (:mod:`voice_trio.instance.live`, from any process) come here too
 (``obey``): a hang-up or a transfer interrupts like a key; a text to say waits in ``notes``
 for the bot's current turn to end and is then said as a turn of its own.
 """
@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from voice_trio.calls.dtmf import WEBHOOK, KeyCollector, PressDeduper, key_note
 from voice_trio.calls.orders import OPERATOR_HANGUP, Order, Outcome, accepted, refused
-from voice_trio.calls.transfer import hand_off
-from voice_trio.calls.voicemail import MachineDetection, leave_voicemail
+from voice_trio.conversation.dtmf import WEBHOOK, KeyCollector, PressDeduper, key_note
+from voice_trio.media.transfer import hand_off
+from voice_trio.media.voicemail import MachineDetection, leave_voicemail
 
 if TYPE_CHECKING:
-    from voice_trio.calls.session import CallSession
+    from voice_trio.media.session import CallSession
 
 log = logging.getLogger("voice_trio.calls")
 

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from voice_trio.providers.telnyx_control import CALL_ALREADY_ENDED, TelnyxError
+from voice_trio.providers.telnyx.control import CALL_ALREADY_ENDED, TelnyxError
 
 if TYPE_CHECKING:
-    from voice_trio.calls.session import CallSession
+    from voice_trio.media.session import CallSession
 
 log = logging.getLogger("voice_trio.calls")
 

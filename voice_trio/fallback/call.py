@@ -1,18 +1,18 @@
 """``FallbackCall``: a call carried by Telnyx's own speech and transcription, driven by webhooks.
 
 The mode of ``USE_MEDIA_STREAMS=false``, and where a media-streams call goes on when its
-stream fails (see :mod:`voice_trio.calls.degrade`). Telnyx ``speak`` says the bot's words
+stream fails (see :mod:`voice_trio.fallback.calls`). Telnyx ``speak`` says the bot's words
 and Telnyx transcription sends the caller's as ``call.transcription`` webhooks; the
 conversation in between is the media mode's own: the same history, persona prompt and
-``end_call`` tool (:func:`~voice_trio.calls.thinking.think_reply`).
+``end_call`` tool (:func:`~voice_trio.conversation.thinking.think_reply`).
 
 Any instance may carry the call on. Its state lives in the store
-(:mod:`voice_trio.calls.fallback_state`); a webhook handler on any instance applies its
+(:mod:`voice_trio.fallback.state`); a webhook handler on any instance applies its
 event there with one versioned update (caller words appended, a speak counted as ended)
 and makes sure this instance has a ``FallbackCall`` for the call. A ``FallbackCall`` is one
 task per call per instance, in the call's cancel scope (``ActiveCall.cancel_scope``):
 
-- It asks :func:`~voice_trio.calls.fallback_state.next_action` what the call needs (the
+- It asks :func:`~voice_trio.fallback.state.next_action` what the call needs (the
   greeting, a reply to caller words, a reprompt, a goodbye, the final record). To act it
   first takes the call's *turn* with a versioned save, so one instance acts at a time,
   and gives the turn back with what it did (history, turn record, usage) in another.
@@ -31,8 +31,8 @@ that ended a free call, writes the call record (all turns, usage, end reason) an
 the state; on cancellation or error that happens shielded and time-bounded.
 
 What is done with the turn (the opening, a reply, a goodbye) is
-:mod:`voice_trio.calls.fallback_acts`; the call record is built from the state by
-:mod:`voice_trio.calls.fallback_records`.
+:mod:`voice_trio.fallback.acts`; the call record is built from the state by
+:mod:`voice_trio.fallback.records`.
 
 Webhooks may arrive twice or out of order. Duplicates never get here (event ids are
 claimed in the store at the door), and nothing depends on order: speech in progress is
@@ -49,19 +49,19 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from voice_trio.calls import fallback_acts as acts
-from voice_trio.calls import fallback_state as fs
-from voice_trio.calls.fallback_records import add_bot_turn
 from voice_trio.calls.registry import ActiveCall
-from voice_trio.calls.telnyx_speech import speak_language
-from voice_trio.calls.turn_record import TurnRecord
+from voice_trio.conversation.turn_record import TurnRecord
+from voice_trio.fallback import acts
+from voice_trio.fallback import state as fs
+from voice_trio.fallback.records import add_bot_turn
 from voice_trio.observability import call_id_var
-from voice_trio.providers.telnyx_control import CALL_ALREADY_ENDED, TelnyxError
+from voice_trio.providers.telnyx.control import CALL_ALREADY_ENDED, TelnyxError
+from voice_trio.providers.telnyx.speech import speak_language
 from voice_trio.store import CallState
 from voice_trio.store.outage import SAVE_TIMEOUT_S
 
 if TYPE_CHECKING:
-    from voice_trio.calls.degrade import FallbackCalls
+    from voice_trio.fallback.calls import FallbackCalls
 
 log = logging.getLogger("voice_trio.calls")
 

@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from voice_trio.calls.phrases import local_now
-from voice_trio.providers.telnyx_webhooks import (
+from voice_trio.conversation.phrases import local_now
+from voice_trio.providers.telnyx.webhooks import (
     AMD_DETECTION_EVENTS,
     AMD_GREETING_EVENTS,
     MACHINE_RESULTS,
 )
 
 if TYPE_CHECKING:
-    from voice_trio.calls.session import CallSession
+    from voice_trio.media.session import CallSession
 
 log = logging.getLogger("voice_trio.calls")
 
