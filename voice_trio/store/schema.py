@@ -67,6 +67,10 @@ class Migration:
     sqlite: tuple[str, ...]
     postgres: tuple[str, ...]
 
+    def statements(self, dialect: str) -> tuple[str, ...]:
+        """This migration's DDL for ``dialect`` ("sqlite" or "postgres")."""
+        return {"sqlite": self.sqlite, "postgres": self.postgres}[dialect]
+
 
 def _calls(time: str, real: str, integer: str) -> str:
     return f"""
