@@ -188,7 +188,7 @@ class CallState:
 
 @dataclass(frozen=True, slots=True)
 class CallQuery:
-    """The filters of ``list_calls``, already validated; backends turn it into SQL."""
+    """The filters of ``list_calls``, already validated; ``queries.list_calls`` makes the SQL."""
 
     limit: int
     after: tuple[float, str] | None  # (created_at, call_control_id) of the last row seen
@@ -372,9 +372,3 @@ class CallStore(ABC):
         """End (``SERVER_LOST``) the active calls nobody carries any more: held by an
         instance not seen for ``stale_after`` seconds (or unknown), or shared (fallback
         state) with no state touched for ``idle_after`` seconds. Returns their ids."""
-
-
-def state_json(state: dict[str, Any]) -> str:
-    if not isinstance(state, dict):
-        raise TypeError("call state must be a dict")
-    return json.dumps(state, ensure_ascii=False, separators=(",", ":"))

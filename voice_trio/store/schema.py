@@ -67,6 +67,10 @@ class Migration:
     sqlite: tuple[str, ...]
     postgres: tuple[str, ...]
 
+    def statements(self, dialect: str) -> tuple[str, ...]:
+        """This migration's DDL for ``dialect`` ("sqlite" or "postgres")."""
+        return {"sqlite": self.sqlite, "postgres": self.postgres}[dialect]
+
 
 def _calls(time: str, real: str, integer: str) -> str:
     return f"""
@@ -148,23 +152,6 @@ CREATE TABLE instances (
 )""",
         "CREATE INDEX instances_name ON instances (name)",
     )
-
-
-# ``CallStore.count_calls``: one pass over the table (the status index does not cover the
-# total), fine for the stats route's occasional reads.
-COUNT_CALLS = (
-    "SELECT COALESCE(SUM(CASE WHEN status = 'active' THEN 1 ELSE 0 END), 0), count(*) FROM calls"
-)
-
-# ``CallStore.end_orphaned_calls``; ``{p}`` is the driver's placeholder.
-END_ORPHANED_CALLS = """
-UPDATE calls SET status = 'ended', end_reason = {p}, ended_at = {p}
-WHERE status = 'active' AND (
-    (holder IS NOT NULL AND holder NOT IN (SELECT instance_id FROM instances WHERE seen_at >= {p}))
-    OR (holder IS NULL AND NOT EXISTS (
-        SELECT 1 FROM call_states s
-        WHERE s.call_control_id = calls.call_control_id AND s.updated_at >= {p})))
-RETURNING call_control_id"""
 
 
 MIGRATIONS: tuple[Migration, ...] = (

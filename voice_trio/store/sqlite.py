@@ -5,6 +5,9 @@ threads one statement batch at a time (a ``CapacityLimiter(1)``): SQLite has one
 anyway, and WAL lets other processes read meanwhile. Transactions are explicit
 (``isolation_level=None``); writes use ``BEGIN IMMEDIATE`` so a second process waits on the
 busy timeout instead of failing half-way.
+
+The statements are the shared ones (``queries``, ``sql_store``); this dialect keeps times as
+epoch seconds (REAL) and JSON as TEXT, and reads ``now`` from this instance's clock.
 """
 
 from __future__ import annotations
@@ -13,56 +16,48 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from voice_trio.store.errors import StaleState, StoreError
-from voice_trio.store.records import (
-    EVENT_TTL,
-    SERVER_LOST,
-    STATE_TTL,
-    CallCounts,
-    CallQuery,
-    CallRecord,
-    CallState,
-    CallStore,
-    TurnEntry,
-    state_json,
-)
-from voice_trio.store.schema import (
-    CALL_COLUMNS,
-    COUNT_CALLS,
-    CREATE_MIGRATIONS_TABLE,
-    END_ORPHANED_CALLS,
-    TURN_COLUMNS,
-    pending,
-)
+from voice_trio.store.dialect import Dialect
+from voice_trio.store.errors import StoreError
+from voice_trio.store.records import EVENT_TTL
+from voice_trio.store.sql_store import SqlStore, Transaction, migrate
 
 BUSY_TIMEOUT = 10.0  # seconds a write waits for another process's write to finish
 
-_UPSERT_CALL = (
-    f"INSERT INTO calls ({', '.join(CALL_COLUMNS)}) "
-    f"VALUES ({', '.join(':' + c for c in CALL_COLUMNS)}) "
-    "ON CONFLICT (call_control_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in CALL_COLUMNS[1:])
-)
-_INSERT_CALL = (
-    f"INSERT INTO calls ({', '.join(CALL_COLUMNS)}) "
-    f"VALUES ({', '.join(':' + c for c in CALL_COLUMNS)}) "
-    "ON CONFLICT (call_control_id) DO NOTHING"
-)
-_INSERT_TURN = (
-    f"INSERT INTO call_turns ({', '.join(TURN_COLUMNS)}) "
-    f"VALUES ({', '.join(':' + c for c in TURN_COLUMNS)})"
-)
-_SELECT_CALLS = f"SELECT {', '.join(CALL_COLUMNS)} FROM calls"
+
+class SqliteDialect(Dialect):
+    name = "sqlite"
+    placeholder = ":{}"
+    now = ":now"
+    seconds = "{}"
+
+    def clock(self) -> dict[str, Any]:
+        return {"now": time.time()}
+
+    def dump_time(self, epoch: float) -> float:
+        return epoch
+
+    def load_time(self, value: Any) -> float:
+        return value  # REAL: already a float
+
+    def dump_json(self, value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+    def load_json(self, value: Any) -> Any:
+        return json.loads(value)
 
 
-class SqliteStore(CallStore):
+SQLITE = SqliteDialect()
+
+
+class SqliteStore(SqlStore):
     backend = "sqlite"
+    dialect = SQLITE
     outage_errors = (sqlite3.OperationalError,)
 
     def __init__(self, path: str | Path, *, event_ttl: float = EVENT_TTL) -> None:
@@ -88,11 +83,11 @@ class SqliteStore(CallStore):
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
         try:
-            conn.row_factory = sqlite3.Row
             _enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
-            _migrate(conn)
+            with _transaction(conn, "BEGIN IMMEDIATE") as cursor:  # the migration lock
+                migrate(Transaction(cursor, SQLITE))
         except BaseException:
             conn.close()
             raise
@@ -104,205 +99,15 @@ class SqliteStore(CallStore):
             with trio.CancelScope(shield=True):
                 await self._run(conn.close)
 
-    async def start_call(self, record: CallRecord) -> None:
-        def write() -> None:
-            with _transaction(self.conn):
-                self.conn.execute(_INSERT_CALL, _call_params(record))
-
-        await self._run(write)
-
-    async def save_call(self, record: CallRecord, turns: list[TurnEntry]) -> None:
-        rows = [_turn_params(record.call_control_id, t) for t in turns]
-
-        def write() -> None:
-            with _transaction(self.conn) as conn:
-                conn.execute(_UPSERT_CALL, _call_params(record))
-                conn.execute(
-                    "DELETE FROM call_turns WHERE call_control_id = ?", (record.call_control_id,)
-                )
-                conn.executemany(_INSERT_TURN, rows)
-
-        await self._run(write)
-
-    async def get_call(self, call_control_id: str) -> tuple[CallRecord, list[TurnEntry]] | None:
-        def read() -> tuple[CallRecord, list[TurnEntry]] | None:
-            with _transaction(self.conn, "BEGIN") as conn:
-                row = conn.execute(
-                    f"{_SELECT_CALLS} WHERE call_control_id = ?", (call_control_id,)
-                ).fetchone()
-                if row is None:
-                    return None
-                turns = conn.execute(
-                    f"SELECT {', '.join(TURN_COLUMNS)} FROM call_turns "
-                    "WHERE call_control_id = ? ORDER BY idx",
-                    (call_control_id,),
-                ).fetchall()
-            return _record(row), [_turn(t) for t in turns]
-
-        return await self._run(read)
-
-    async def count_calls(self) -> CallCounts:
-        def read() -> CallCounts:
-            active, total = self.conn.execute(COUNT_CALLS).fetchone()
-            return CallCounts(int(active), int(total))
-
-        return await self._run(read)
-
-    async def _list(self, query: CallQuery) -> list[CallRecord]:
-        where: list[str] = []
-        params: list[Any] = []
-        if query.after is not None:
-            where.append("(created_at, call_control_id) < (?, ?)")
-            params.extend(query.after)
-        if query.since is not None:
-            where.append("created_at >= ?")
-            params.append(query.since)
-        if query.until is not None:
-            where.append("created_at < ?")
-            params.append(query.until)
-        if query.status is not None:
-            where.append("status = ?")
-            params.append(query.status)
-        if query.phone is not None:
-            where.append("(from_number = ? OR to_number = ?)")
-            params.extend((query.phone, query.phone))
-        sql = _SELECT_CALLS
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, call_control_id DESC LIMIT ?"
-        params.append(query.limit + 1)
-
-        def read() -> list[CallRecord]:
-            return [_record(r) for r in self.conn.execute(sql, params).fetchall()]
-
-        return await self._run(read)
-
-    async def _claim(self, event_id: str) -> bool:
-        def write() -> bool:
-            now = time.time()
-            with _transaction(self.conn) as conn:
-                cur = conn.execute(
-                    "INSERT INTO webhook_events (event_id, seen_at) VALUES (?, ?) "
-                    "ON CONFLICT (event_id) DO UPDATE SET seen_at = excluded.seen_at "
-                    "WHERE webhook_events.seen_at < ?",
-                    (event_id, now, now - self.event_ttl),
-                )
-                return cur.rowcount == 1
-
-        return await self._run(write)
-
-    async def _sweep(self) -> None:
-        def write() -> None:
-            now = time.time()
-            with _transaction(self.conn) as conn:
-                conn.execute(
-                    "DELETE FROM webhook_events WHERE seen_at < ?", (now - self.event_ttl,)
-                )
-                conn.execute("DELETE FROM call_states WHERE updated_at < ?", (now - STATE_TTL,))
-
-        await self._run(write)
-
-    async def load_state(self, call_control_id: str) -> CallState | None:
-        def read() -> CallState | None:
-            row = self.conn.execute(
-                "SELECT data, version FROM call_states WHERE call_control_id = ?",
-                (call_control_id,),
-            ).fetchone()
-            return None if row is None else CallState(json.loads(row[0]), row[1])
-
-        return await self._run(read)
-
-    async def save_state(
-        self, call_control_id: str, state: dict[str, Any], *, expected_version: int | None
-    ) -> int:
-        data = state_json(state)
-
-        def write() -> int:
-            now = time.time()
-            with _transaction(self.conn) as conn:
-                if expected_version is None:
-                    cur = conn.execute(
-                        "INSERT INTO call_states (call_control_id, version, data, updated_at) "
-                        "VALUES (?, 1, ?, ?) ON CONFLICT (call_control_id) DO NOTHING",
-                        (call_control_id, data, now),
-                    )
-                else:
-                    cur = conn.execute(
-                        "UPDATE call_states SET data = ?, version = version + 1, updated_at = ? "
-                        "WHERE call_control_id = ? AND version = ?",
-                        (data, now, call_control_id, expected_version),
-                    )
-                if cur.rowcount == 1:
-                    return 1 if expected_version is None else expected_version + 1
-                row = conn.execute(
-                    "SELECT version FROM call_states WHERE call_control_id = ?",
-                    (call_control_id,),
-                ).fetchone()
-            raise StaleState(call_control_id, expected_version, None if row is None else row[0])
-
-        return await self._run(write)
-
-    async def delete_state(self, call_control_id: str) -> None:
-        def write() -> None:
-            with _transaction(self.conn) as conn:
-                conn.execute(
-                    "DELETE FROM call_states WHERE call_control_id = ?", (call_control_id,)
-                )
-
-        await self._run(write)
-
-    async def register_instance(self, instance_id: str, name: str) -> None:
-        def write() -> None:
-            now = time.time()
-            with _transaction(self.conn) as conn:
-                conn.execute("DELETE FROM instances WHERE name = ?", (name,))
-                conn.execute(
-                    "INSERT INTO instances (instance_id, name, started_at, seen_at) "
-                    "VALUES (?, ?, ?, ?)",
-                    (instance_id, name, now, now),
-                )
-
-        await self._run(write)
-
-    async def heartbeat(self, instance_id: str, name: str) -> None:
-        def write() -> None:
-            now = time.time()
-            with _transaction(self.conn) as conn:
-                conn.execute(
-                    "INSERT INTO instances (instance_id, name, started_at, seen_at) "
-                    "VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (instance_id) DO UPDATE SET seen_at = excluded.seen_at",
-                    (instance_id, name, now, now),
-                )
-
-        await self._run(write)
-
-    async def forget_instance(self, instance_id: str) -> None:
-        def write() -> None:
-            with _transaction(self.conn) as conn:
-                conn.execute("DELETE FROM instances WHERE instance_id = ?", (instance_id,))
-
-        await self._run(write)
-
-    async def end_orphaned_calls(self, stale_after: float, idle_after: float) -> list[str]:
-        def write() -> list[str]:
-            now = time.time()
-            with _transaction(self.conn) as conn:
-                rows = conn.execute(
-                    END_ORPHANED_CALLS.format(p="?"),
-                    (SERVER_LOST, now, now - stale_after, now - idle_after),
-                ).fetchall()
-                conn.execute("DELETE FROM instances WHERE seen_at < ?", (now - STATE_TTL,))
-            return sorted(row[0] for row in rows)
-
-        return await self._run(write)
+    def _transaction(self, write: bool) -> AbstractContextManager[sqlite3.Cursor]:
+        return _transaction(self.conn, "BEGIN IMMEDIATE" if write else "BEGIN")
 
 
 @contextmanager
-def _transaction(conn: sqlite3.Connection, begin: str = "BEGIN IMMEDIATE") -> Iterator[Any]:
+def _transaction(conn: sqlite3.Connection, begin: str) -> Iterator[sqlite3.Cursor]:
     conn.execute(begin)
     try:
-        yield conn
+        yield conn.cursor()
     except BaseException:
         if conn.in_transaction:  # SQLite has already rolled back after some errors
             conn.execute("ROLLBACK")
@@ -334,40 +139,3 @@ def _enable_wal(conn: sqlite3.Connection) -> None:
         if str(mode).lower() not in ("wal", "memory"):  # ":memory:" databases have no file
             raise StoreError(f"SQLite refused WAL mode (journal_mode is {mode!r})")
         return
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    with _transaction(conn):
-        conn.execute(CREATE_MIGRATIONS_TABLE["sqlite"])
-        applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
-        for migration in pending(applied):
-            for statement in migration.sqlite:
-                conn.execute(statement)
-            conn.execute(
-                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                (migration.version, migration.name, time.time()),
-            )
-
-
-def _call_params(record: CallRecord) -> dict[str, Any]:
-    return {c: getattr(record, c) for c in CALL_COLUMNS}
-
-
-def _turn_params(call_control_id: str, turn: TurnEntry) -> dict[str, Any]:
-    return {
-        "call_control_id": call_control_id,
-        "idx": turn.index,
-        **{c: getattr(turn, c) for c in TURN_COLUMNS[2:-1]},
-        "interrupted": int(turn.interrupted),
-        "tool_calls": json.dumps(turn.tool_calls, ensure_ascii=False),
-    }
-
-
-def _record(row: sqlite3.Row) -> CallRecord:
-    return CallRecord(**{c: row[c] for c in CALL_COLUMNS})
-
-
-def _turn(row: sqlite3.Row) -> TurnEntry:
-    values = {c: row[c] for c in TURN_COLUMNS[2:-1]}
-    values["interrupted"] = bool(values["interrupted"])
-    return TurnEntry(index=row["idx"], tool_calls=json.loads(row["tool_calls"]), **values)
