@@ -1,9 +1,11 @@
 """Corrections to trio-websocket 0.12's client, installed by ``voice_trio.compat.apply()``.
 
 Both are about the TCP socket under a client connection that trio-websocket stops using
-without closing: it is freed only when the garbage collector gets to the objects holding
-it, so a provider that refuses or closes on every call piles up descriptors between
-collections. docs/upstream.md has the report of each, tests/test_compat.py the canaries.
+without closing: it stays open for as long as anything refers to the objects holding it
+(an exception's traceback cycle until the garbage collector runs, a session object for as
+long as the call), and is then closed by a finalizer with a ``ResourceWarning``. A provider
+that refuses or closes on every call piles up descriptors meanwhile. docs/upstream.md has
+the report of each, tests/test_compat.py the canaries.
 
 1. **rejected_handshake_socket.** When the server answers the upgrade with an HTTP error
    (Deepgram's 401 for a wrong key, ElevenLabs refusing a voice), the connection's reader
@@ -14,11 +16,12 @@ collections. docs/upstream.md has the report of each, tests/test_compat.py the c
    ``CloseStream``, ElevenLabs after the last audio), the client, as RFC 6455 says, waits
    for the server's TCP close instead of closing its own end; the reader then stops at the
    end of the stream without closing it, and ``aclose()`` returns at once because the
-   WebSocket is already closed. Nothing ever closes the socket. (The same when the TCP
-   connection ends without a close handshake: the reader records 1006 and stops.) ``close_transport(ws)``,
-   which the provider clients call when they are done with a connection, closes it. It
-   reaches into ``WebSocketConnection._stream``, the one private attribute we touch, so it
-   lives here, guarded by the releases it was checked against, and not at each call site.
+   WebSocket is already closed. Nothing closes the socket. (The same when the TCP
+   connection ends without a close handshake: the reader records 1006 and stops.)
+   ``close_transport(ws)``, which the provider clients call when they are done with a
+   connection, closes it. It reaches into ``WebSocketConnection._stream``, the one private
+   attribute we touch, so it lives here, guarded by the releases it was checked against,
+   and not at each call site.
 """
 
 from __future__ import annotations
