@@ -70,7 +70,7 @@ READ_CHUNK = 16 * 1024
 
 @dataclass
 class ConnectionLimits:
-    """Open connections, counted per peer address; see fix 5 (connection_limits) in the module docstring."""
+    """Open connections, counted per peer address (fix 5, connection_limits, above)."""
 
     total: int
     per_client: int
