@@ -20,9 +20,11 @@ def no_stt_batching() -> None:
 def hypercorn_reads() -> None:
     from hypercorn.trio.tcp_server import TCPServer
 
-    from voice_trio.web import hypercorn_fixes
+    from voice_trio.compat import hypercorn as compat_hypercorn
 
-    hypercorn_fixes._read_data = TCPServer._read_data  # a fresh fail_after and 64 KiB per read
+    # compat.apply() installs whatever this names: the shipped loop, a fresh fail_after and
+    # 64 KiB per read.
+    compat_hypercorn._read_data = TCPServer._read_data
 
 
 VARIANTS = {"no-stt-batching": no_stt_batching, "hypercorn-reads": hypercorn_reads}

@@ -14,7 +14,7 @@ Our media handler normally waits for the disconnect before it returns, so the ga
 scheduling point and does not show up in a natural storm (``test_hardening.py`` runs one as a
 survival guard). The test here forces the interleaving instead: the server's close replies
 wait at that point until the app task has reached ``_close`` (and until ``send_eof`` holds the
-stream, if it gets that far without the lock). Without ``web/hypercorn_fixes.py`` the process
+stream, if it gets that far without the lock). Without ``compat/hypercorn.py`` (close_race) the process
 dies with ``BusyResourceError``; with it, every other call goes on.
 """
 
@@ -192,7 +192,7 @@ async def test_without_the_fix_the_close_race_takes_the_whole_server_down(
     nursery, lab, monkeypatch
 ) -> None:
     """The same interleaving on Hypercorn as shipped: this is what the fix is for. If this
-    test ever fails, Hypercorn has fixed the race and ``hypercorn_fixes`` may go."""
+    test ever fails, Hypercorn has fixed the race and ``compat.hypercorn.CLOSE_RACE`` may go."""
     monkeypatch.setattr(TCPServer, "_close", TCPServer._close.__wrapped__)
     signer = Signer()
     with pytest.RaisesGroup(trio.BusyResourceError, flatten_subgroups=True):

@@ -1,4 +1,4 @@
-"""Hypercorn's read loop as corrected (``web/hypercorn_fixes.py``, fix 4).
+"""Hypercorn's read loop as corrected (``compat/hypercorn.py``, read_loop).
 
 One cancel scope per connection whose deadline moves before each read: a peer silent for
 the read timeout is closed, a peer that keeps talking is not, and a body larger than one
@@ -16,8 +16,9 @@ import trio_websocket
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from voice_trio import compat
+from voice_trio.compat import hypercorn as compat_hypercorn
 from voice_trio.sim._serve import answer_lifespan
-from voice_trio.web import hypercorn_fixes
 
 READ_TIMEOUT = 0.4
 
@@ -43,7 +44,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 async def start(nursery: trio.Nursery) -> tuple[str, trio.Event]:
-    hypercorn_fixes.apply()
+    compat.apply()
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
@@ -85,7 +86,7 @@ async def test_a_peer_that_keeps_talking_stays_past_the_read_timeout(
 
 async def test_a_body_larger_than_one_read_arrives_whole(nursery: trio.Nursery) -> None:
     url, stop = await start(nursery)
-    body = b"x" * (hypercorn_fixes.READ_CHUNK * 5 + 123)
+    body = b"x" * (compat_hypercorn.READ_CHUNK * 5 + 123)
     async with httpx.AsyncClient() as client:
         response = await client.post(url + "/upload", content=body)
     assert response.status_code == 200

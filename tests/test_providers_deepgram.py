@@ -553,7 +553,7 @@ async def test_tts_unreachable_is_a_transport_tts_error() -> None:
 
 async def test_a_rejected_handshake_closes_its_socket_at_once(nursery: trio.Nursery) -> None:
     """trio-websocket leaves a refused connection's socket to the garbage collector;
-    ``websocket_fixes`` closes it when the refusal is read, so a wrong key on every call
+    ``compat.trio_websocket`` closes it when the refusal is read, so a wrong key on every call
     does not pile up descriptors between collections."""
     fake = FakeListen(conversation)
     base = await start_listen(nursery, fake)

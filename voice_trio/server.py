@@ -19,6 +19,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
+from voice_trio.compat.hypercorn import ConnectionLimits
 from voice_trio.config import Settings
 from voice_trio.instance.center import (
     BACKGROUND_GRACE_SECONDS,
@@ -27,7 +28,6 @@ from voice_trio.instance.center import (
     CallCenter,
 )
 from voice_trio.web.dispatch import VoiceApp, build_app
-from voice_trio.web.hypercorn_fixes import ConnectionLimits
 
 log = logging.getLogger("voice_trio")
 
@@ -61,7 +61,7 @@ def hypercorn_config(
     limits: ConnectionLimits | None = None,
 ) -> Config:
     config = Config()
-    config.connection_limits = limits  # type: ignore[attr-defined]  # hypercorn_fixes, fix 5
+    config.connection_limits = limits  # type: ignore[attr-defined]  # compat.hypercorn, connection_limits
     if listener is not None:
         config.bind = [f"fd://{listener.detach()}"]
     else:

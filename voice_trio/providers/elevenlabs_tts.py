@@ -26,13 +26,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import trio
 import trio_websocket
 
-from voice_trio.providers import websocket_fixes
+from voice_trio import compat
+from voice_trio.compat.trio_websocket import close_transport
 from voice_trio.providers.deepgram.tts import TtsError
 
-websocket_fixes.apply()
+compat.apply()
 
 logger = logging.getLogger(__name__)
 
@@ -272,16 +272,6 @@ class ElevenLabsAudio:
         raise StopAsyncIteration
 
 
-async def _close_transport(ws: trio_websocket.WebSocketConnection) -> None:
-    # trio-websocket 0.12 leaves the TCP stream open when the server closed the WebSocket
-    # first (its aclose() returns early); close it here. Closing twice never blocks.
-    stream = getattr(ws, "_stream", None)
-    transport = getattr(stream, "transport_stream", stream)  # under TLS, the TCP stream
-    if isinstance(transport, trio.SocketStream):
-        with trio.CancelScope(shield=True):
-            await transport.aclose()
-
-
 class ElevenLabsTTS:
     """ElevenLabs ``stream-input`` client; one WebSocket per :meth:`synthesize` call."""
 
@@ -360,8 +350,7 @@ class ElevenLabsTTS:
         except trio_websocket.ConnectionRejected as exc:
             if ws_opened is not None:
                 raise
-            # trio-websocket 0.12 leaves a refused upgrade's TCP stream to the garbage
-            # collector; it is out of reach from here.
+            # The refused upgrade's socket is already closed (compat.trio_websocket).
             raise parse_rejection(exc.status_code, exc.body) from None
         except trio_websocket.DisconnectionTimeout:
             # The server never answered our close frame; the stream is closed regardless, so
@@ -377,4 +366,5 @@ class ElevenLabsTTS:
             raise ElevenLabsError(None, kind, f"cannot connect to {self.url}: {cause!r}") from exc
         finally:
             if ws_opened is not None:
-                await _close_transport(ws_opened)
+                # trio-websocket leaves the socket open when ElevenLabs closed first.
+                await close_transport(ws_opened)

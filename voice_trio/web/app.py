@@ -52,7 +52,7 @@ def create_app(center: CallCenter) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = 2
     # A body that trickles in (a byte every few seconds) may not hold its connection:
-    # reading it is bounded as a whole, then 408 (hypercorn_fixes, fix 5).
+    # reading it is bounded as a whole, then 408 (compat.hypercorn, connection_limits).
     app.config["BODY_TIMEOUT"] = center.settings.request_timeout_s
     settings = center.settings
 

@@ -12,9 +12,9 @@ from typing import cast
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 
+from voice_trio import compat
 from voice_trio.config import Settings
 from voice_trio.instance.center import CallCenter
-from voice_trio.web import hypercorn_fixes
 from voice_trio.web.app import create_app
 from voice_trio.web.media import serve_media_stream
 from voice_trio.web.media_socket import Receive, Send
@@ -42,5 +42,5 @@ class VoiceApp:
 
 
 def build_app(settings: Settings, center: CallCenter | None = None) -> VoiceApp:
-    hypercorn_fixes.apply()
+    compat.apply()
     return VoiceApp(center or CallCenter(settings))

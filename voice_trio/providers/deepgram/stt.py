@@ -21,10 +21,11 @@ from typing import Any
 import trio
 import trio_websocket
 
+from voice_trio import compat
+from voice_trio.compat.trio_websocket import close_transport
 from voice_trio.observability import WIRE
-from voice_trio.providers import websocket_fixes
 
-websocket_fixes.apply()
+compat.apply()
 
 logger = logging.getLogger(__name__)
 
@@ -435,17 +436,6 @@ def _closed_error(reason: trio_websocket.CloseReason | None) -> SttClosed:
     return SttClosed(reason.code, reason.reason)
 
 
-async def _close_transport(ws: trio_websocket.WebSocketConnection) -> None:
-    # trio-websocket 0.12 never closes the TCP stream when the server closed the WebSocket
-    # first (its aclose() returns early), leaving the socket to the garbage collector.
-    # Close the raw socket ourselves; closing twice is harmless and never blocks.
-    stream = getattr(ws, "_stream", None)
-    transport = getattr(stream, "transport_stream", stream)  # under TLS, the TCP stream
-    if isinstance(transport, trio.SocketStream):
-        with trio.CancelScope(shield=True):
-            await transport.aclose()
-
-
 def _header(headers: Any, name: bytes) -> str | None:
     for key, value in headers or ():
         if key.lower() == name:
@@ -526,6 +516,7 @@ async def open_stt(
         raise SttUnavailable(f"cannot connect to Deepgram STT at {base_url}: {cause!r}") from exc
     finally:
         if ws_opened is not None:
-            await _close_transport(ws_opened)
+            # trio-websocket leaves the socket open when Deepgram closed first.
+            await close_transport(ws_opened)
     if close_timed_out and body_error is not None:
         raise body_error

@@ -1,34 +1,38 @@
-"""Five small corrections to Hypercorn 0.18's trio worker, applied once at start-up.
+"""Corrections to Hypercorn 0.18's trio worker, installed by ``voice_trio.compat.apply()``.
 
-1. **Close race** (research/trio-stack.md, gotcha 11). ``TCPServer._close`` calls
+Each is a ``Fix`` in ``FIXES`` (guarded by the Hypercorn releases it was checked against);
+docs/upstream.md has the report of each bug, tests/test_compat.py the canary that fails
+once the installed Hypercorn no longer has it.
+
+1. **close_race** (research/trio-stack.md, gotcha 11). ``TCPServer._close`` calls
    ``send_eof`` without the connection's ``send_lock`` while ``protocol_send`` may be inside
    ``send_all`` for the close-frame reply. Trio refuses the overlap with
    ``BusyResourceError``, which ``protocol_send`` does not catch, and the error escapes far
    enough to end every connection of the process. Taking ``send_lock`` in ``_close`` (unless
    this task already holds it) serialises the two.
-2. **Reason phrases.** Hypercorn writes ``HTTP/1.1 101`` with an empty reason; clients and
+2. **reason_phrases.** Hypercorn writes ``HTTP/1.1 101`` with an empty reason; clients and
    checklists that look for ``101 Switching Protocols`` get the standard phrase.
-3. **A finished app never blocks its connection.** Hypercorn hands every incoming
-   WebSocket message (and the final ``websocket.disconnect``) to the app through a bounded
-   channel (``max_app_queue_size``, 10) and ``await``s the put. Once the app has returned
-   nobody reads that channel; if the peer still sends (a carrier streaming a few frames
-   after our close, or any peer while the server is too slow to keep up) the channel
-   fills, the reader blocks on the put forever, never sees the peer's close or the read
-   timeout, and the connection's tasks and socket stay for the life of the process.
+3. **finished_app_queue: a finished app never blocks its connection.** Hypercorn hands
+   every incoming WebSocket message (and the final ``websocket.disconnect``) to the app
+   through a bounded channel (``max_app_queue_size``, 10) and ``await``s the put. Once the
+   app has returned nobody reads that channel; if the peer still sends (a carrier streaming
+   a few frames after our close, or any peer while the server is too slow to keep up) the
+   channel fills, the reader blocks on the put forever, never sees the peer's close or the
+   read timeout, and the connection's tasks and socket stay for the life of the process.
    ``AsgiWebSocket.drain`` hides this at normal speed, but a drain that times out or is
    cancelled (overload, shutdown) leaked the connection; under a server slowed five times
    most calls leaked this way (docs/benchmarks.md). When the app task ends its receiving
    end is now closed, which wakes a put already waiting, and every later put drops its
    message: the reader answers the close handshake, honours the read timeout, and the
    connection ends normally. Messages for a finished app have no reader, so nothing is lost.
-4. **A leaner read loop.** Hypercorn enters a fresh ``fail_after(read_timeout)`` for every
-   read and asks the kernel for up to 64 KiB each time. On a media socket that is a new
-   cancel scope 50 times a second per call (4.4 % of the server's CPU in the round 2
+4. **read_loop: a leaner read loop.** Hypercorn enters a fresh ``fail_after(read_timeout)``
+   for every read and asks the kernel for up to 64 KiB each time. On a media socket that is
+   a new cancel scope 50 times a second per call (4.4 % of the server's CPU in the round 2
    profile), and a 64 KiB ``bytes`` allocated and shrunk per read. The loop now keeps one
    cancel scope per connection and moves its deadline before each read (the same read
    timeout, never counting time spent handing data to the protocol), and reads up to
    ``READ_CHUNK``: a media frame is ~300 bytes, a large request body just takes more reads.
-5. **Connection limits.** Hypercorn serves every connection it accepts; a client opening
+5. **connection_limits.** Hypercorn serves every connection it accepts; a client opening
    thousands (or holding each with a body sent a byte at a time) takes the descriptors and
    memory of every call. With ``ConnectionLimits`` on the config (``server.py`` sets it from
    ``MAX_CONNECTIONS`` and ``MAX_CONNECTIONS_PER_CLIENT``) a connection over either limit
@@ -59,26 +63,14 @@ from hypercorn.trio import task_group as hypercorn_task_group
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 
+from voice_trio.compat._guard import Fix, replace
+
 READ_CHUNK = 16 * 1024
-
-_applied = False
-
-
-def apply() -> None:
-    global _applied
-    if _applied:
-        return
-    _applied = True
-    _serialise_close()
-    _add_reason_phrases()
-    TaskGroup.spawn_app = _spawn_app  # type: ignore[method-assign]
-    TCPServer._read_data = _read_data  # type: ignore[method-assign]
-    _limit_connections()
 
 
 @dataclass
 class ConnectionLimits:
-    """Open connections, counted per peer address; see fix 5 in the module docstring."""
+    """Open connections, counted per peer address (fix 5, connection_limits, above)."""
 
     total: int
     per_client: int
@@ -146,7 +138,7 @@ def _limit_connections() -> None:
                 pass
         await self.stream.aclose()
 
-    TCPServer.run = run  # type: ignore[method-assign]
+    replace(TCPServer, "run", run)
 
 
 def _serialise_close() -> None:
@@ -162,7 +154,7 @@ def _serialise_close() -> None:
             async with lock:
                 await original(self)
 
-    TCPServer._close = _close  # type: ignore[method-assign]
+    replace(TCPServer, "_close", _close)
 
 
 def _with_reason(event_type: Any) -> Any:
@@ -181,7 +173,7 @@ def _add_reason_phrases() -> None:
     shim = types.SimpleNamespace(**{n: getattr(h11, n) for n in dir(h11) if not n.startswith("__")})
     shim.Response = _with_reason(h11.Response)
     shim.InformationalResponse = _with_reason(h11.InformationalResponse)
-    hypercorn_h11.h11 = shim  # type: ignore[assignment]
+    replace(hypercorn_h11, "h11", shim)
 
 
 async def _spawn_app(
@@ -242,3 +234,62 @@ async def _read_data(self: TCPServer) -> None:
             if not data:
                 break
     await self.protocol.handle(Closed())
+
+
+def _install_spawn_app() -> None:
+    replace(TaskGroup, "spawn_app", _spawn_app)
+
+
+def _install_read_data() -> None:
+    # Reads the module global when applied: scripts/_variant_serve.py swaps it back.
+    replace(TCPServer, "_read_data", _read_data)
+
+
+# Checked against 0.18.0, the newest release (2025-11); the range moves only after the
+# canaries in tests/test_compat.py have been run against a new one.
+_FIRST = _LAST = "0.18.0"
+
+CLOSE_RACE = Fix(
+    name="hypercorn.close_race",
+    summary="TCPServer._close calls send_eof without send_lock, racing protocol_send's"
+    " send_all into a BusyResourceError that ends every connection",
+    install=_serialise_close,
+    distribution="hypercorn",
+    first=_FIRST,
+    last=_LAST,
+)
+REASON_PHRASES = Fix(
+    name="hypercorn.reason_phrases",
+    summary="HTTP/1.1 responses go out with an empty reason phrase (HTTP/1.1 101 )",
+    install=_add_reason_phrases,
+    distribution="hypercorn",
+    first=_FIRST,
+    last=_LAST,
+)
+FINISHED_APP_QUEUE = Fix(
+    name="hypercorn.finished_app_queue",
+    summary="once the ASGI app has returned, a full app queue blocks the connection's"
+    " reader forever",
+    install=_install_spawn_app,
+    distribution="hypercorn",
+    first=_FIRST,
+    last=_LAST,
+)
+READ_LOOP = Fix(
+    name="hypercorn.read_loop",
+    summary="TCPServer._read_data enters a fresh fail_after and reads 64 KiB per read",
+    install=_install_read_data,
+    distribution="hypercorn",
+    first=_FIRST,
+    last=_LAST,
+)
+CONNECTION_LIMITS = Fix(
+    name="hypercorn.connection_limits",
+    summary="no limit on open connections, in total or per client",
+    install=_limit_connections,
+    distribution="hypercorn",
+    first=_FIRST,
+    last=_LAST,
+)
+
+FIXES = (CLOSE_RACE, REASON_PHRASES, FINISHED_APP_QUEUE, READ_LOOP, CONNECTION_LIMITS)
