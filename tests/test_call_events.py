@@ -16,6 +16,7 @@ from conftest import LiveServer, start_server, webhook_body
 from test_store import PG_ADMIN, pg_dsn  # noqa: F401  (fixture: a fresh PostgreSQL database)
 
 from voice_trio.calls import bus as bus_module
+from voice_trio.calls.ends import CallMode
 from voice_trio.calls.orders import MAX_SAY_CHARS, Order, Outcome, accepted, refused
 from voice_trio.calls.registry import ActiveCall
 from voice_trio.store import CallRecord, StoreError
@@ -45,7 +46,7 @@ async def hold_media_call(server: LiveServer, ccid: str) -> tuple[ActiveCall, li
     """A media call as ``server`` holds it: registered, its record written, its session's
     signal sink attached and its controls taking orders."""
     center = server.app.center
-    call = ActiveCall(ccid, mode="media")
+    call = ActiveCall(ccid, mode=CallMode.MEDIA)
     center.registry.add(call)
     await center.store.start_call(
         CallRecord(ccid, "inbound", "+573001234567", "+5716000000", holder=center.instance_id)
@@ -53,7 +54,7 @@ async def hold_media_call(server: LiveServer, ccid: str) -> tuple[ActiveCall, li
     facts: list[tuple[str, dict[str, Any]]] = []
     center.signals.attach(ccid, lambda kind, payload: facts.append((kind, payload)))
     controls = FakeControls(accepted(status="queued", waiting=1))
-    center.live.hold(ccid, controls)  # type: ignore[arg-type]
+    call.obey = controls.obey
     return call, facts, controls
 
 
@@ -220,10 +221,10 @@ async def test_a_bad_order_is_422_naming_the_field(nursery, action, body, field,
 async def test_with_sqlite_there_is_no_bus_and_orders_act_on_this_process(nursery) -> None:
     server = await start_server(nursery, {})
     assert (await server.client.get("/health")).json()["events"] == "local"
-    call = ActiveCall("v3:here", mode="media")
+    call = ActiveCall("v3:here", mode=CallMode.MEDIA)
     server.app.center.registry.add(call)
     controls = FakeControls(accepted(status="hanging_up"))
-    server.app.center.live.hold("v3:here", controls)  # type: ignore[arg-type]
+    call.obey = controls.obey
     r = await server.client.post("/api/calls/v3:here/hangup")
     assert (r.status_code, r.json()["status"]) == (200, "hanging_up")
     assert controls.orders == [Order("hangup")]

@@ -94,7 +94,7 @@ async def test_a_sentence_whose_tts_fails_goes_out_through_telnyx_speak(nursery,
     server = await start_lab_server(nursery, lab)
     cache = server.app.center.phrase_cache
     fixed = []  # cached per sentence, as PhraseCache.warm splits them
-    for text in server.app.center.phrases_text.fixed():
+    for text in server.app.center.phrases.fixed():
         chunker = SentenceChunker()
         fixed += chunker.push(text) + chunker.flush()
     with trio.fail_after(10):

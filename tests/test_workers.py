@@ -78,6 +78,9 @@ async def start_workers(lab: Any, tmp_path: Path, dsn: str) -> Workers:
         port = probe.getsockname()[1]
     lab.telnyx.default_webhook_url = f"http://127.0.0.1:{port}/webhook/telnyx"
     env = _server_env(lab, port, tmp_path) | {"SERVER_SECRET": SECRET, "DATABASE_URL": dsn}
+    # The callers stay silent on purpose: on a busy machine these tests outlast the default
+    # 2 x 10 s of silence, and the calls must end by the drain, not by a silence goodbye.
+    env["SILENCE_TIMEOUT_MS"] = "60000"
     env["TMPDIR"] = str(tmp_path)  # the metrics directory, even if the supervisor is killed
     log = tmp_path / "server.log"
     with log.open("wb") as out:

@@ -82,11 +82,11 @@ def _number(to: str) -> str:
     return to
 
 
-def _text(text: Any) -> str:
-    if not isinstance(text, str):
+def _text(given: Any) -> str:
+    if not isinstance(given, str):
         raise InvalidOrder("text", "is required: the words for the agent to say")
     # One line of printable text: no control character reaches the voice or the log.
-    text = " ".join("".join(c for c in text if c.isprintable() or c.isspace()).split())
+    text = " ".join("".join(c for c in given if c.isprintable() or c.isspace()).split())
     if not text:
         raise InvalidOrder("text", "is required: the words for the agent to say")
     if len(text) > MAX_SAY_CHARS:

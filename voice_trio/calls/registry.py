@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from hashlib import blake2b
 
 import trio
+
+from voice_trio.calls.ends import CallMode, EndReason
+from voice_trio.calls.orders import Order, Outcome
 
 
 @dataclass(eq=False)
@@ -15,21 +19,23 @@ class ActiveCall:
     """A call running here. ``cancel_scope`` is the call's nursery scope; ``end`` stops it."""
 
     call_control_id: str
-    mode: str
+    mode: CallMode
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     started_at: float = field(default_factory=time.time)
-    end_reason: str | None = None
+    end_reason: EndReason | None = None
     # Set when the server drains: the call should say goodbye and hang up soon.
     wind_down: trio.Event = field(default_factory=trio.Event)
+    # How a media call here takes an operator's order, once it can (None until then).
+    obey: Callable[[Order], Outcome] | None = None
 
-    async def time_up_after(self, seconds: float) -> str:
+    async def time_up_after(self, seconds: float) -> EndReason:
         """Wait for the call's maximum length or a drain; say which came first."""
         with trio.move_on_after(seconds):
             await self.wind_down.wait()
-            return "drain"
-        return "max_duration"
+            return EndReason.DRAIN
+        return EndReason.MAX_DURATION
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: EndReason) -> None:
         if self.end_reason is None:
             self.end_reason = reason
         self.cancel_scope.cancel()
@@ -63,22 +69,39 @@ class CallRegistry:
     def get(self, call_control_id: str) -> ActiveCall | None:
         return self._calls.get(call_control_id)
 
-    def end(self, call_control_id: str, reason: str) -> bool:
+    def end(self, call_control_id: str, reason: EndReason) -> bool:
         call = self._calls.get(call_control_id)
         if call is None:
             return False
         call.end(reason)
         return True
 
-    def end_all(self, reason: str) -> None:
+    def end_all(self, reason: EndReason) -> None:
         for call in list(self._calls.values()):
             call.end(reason)
 
     def __len__(self) -> int:
         return len(self._calls)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[ActiveCall]:
         return iter(list(self._calls.values()))
+
+
+class RecentCalls:
+    """Call ids seen recently (bounded, oldest forgotten first)."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._capacity = capacity
+
+    def add(self, call_control_id: str) -> None:
+        self._ids[call_control_id] = None
+        self._ids.move_to_end(call_control_id)
+        while len(self._ids) > self._capacity:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, call_control_id: object) -> bool:
+        return call_control_id in self._ids
 
 
 class SeenEvents:

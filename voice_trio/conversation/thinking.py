@@ -10,6 +10,8 @@ the ``end_call`` tool (plus ``transfer_call`` when the caller may offer it); the
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -18,21 +20,37 @@ from voice_trio.conversation.history import Conversation
 from voice_trio.conversation.persona import system_blocks, tools_for
 from voice_trio.conversation.phrases import local_now
 from voice_trio.conversation.sentences import SentenceChunker
-from voice_trio.providers.claude import LlmError
+from voice_trio.providers.claude import ClaudeClient, LlmError
 
 if TYPE_CHECKING:
     from voice_trio.conversation.turn_record import TurnRecord
-    from voice_trio.instance.center import CallCenter
 
 log = logging.getLogger("voice_trio.calls")
 
 # A caller waits in silence while Claude is retried: past this, an apology is better.
 RETRY_BUDGET_SECONDS = 2.5
 MIN_ATTEMPT_SECONDS = 0.5  # no retry that would leave the new attempt less than this
+# Sentences waiting to be spoken (TTS, or Telnyx speak); the LLM is far ahead of speech anyway.
+SENTENCE_QUEUE = 8
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Mind:
+    """Claude with the persona, and the limits every reply keeps to."""
+
+    claude: ClaudeClient
+    persona: str  # the system prompt, before this call's facts
+    # Whether the persona gets a prompt-cache breakpoint, by whether transfer_call is
+    # offered (the tools come before it in the cached prefix).
+    cache_persona: Mapping[bool, bool]
+    apology: str  # said when Claude fails before anything was said
+    timezone: str
+    max_response_length: int  # characters
+    history_limit: int  # messages of the conversation sent with each request
 
 
 async def think_reply(
-    center: CallCenter,
+    mind: Mind,
     conversation: Conversation,
     sentence_send: trio.MemorySendChannel[str],
     record: TurnRecord,
@@ -54,17 +72,16 @@ async def think_reply(
     a failed request is retried within RETRY_BUDGET_SECONDS while nothing was said yet,
     then yields the apology phrase.
     """
-    s = center.settings
     system = system_blocks(
-        center.persona,
+        mind.persona,
         nombre=nombre,
         contexto=contexto,
-        now=local_now(s.timezone),
-        max_chars=s.max_response_length,
-        cache_persona=center.cache_persona[can_transfer],
+        now=local_now(mind.timezone),
+        max_chars=mind.max_response_length,
+        cache_persona=mind.cache_persona[can_transfer],
     )
     if messages is None:
-        messages = conversation.window(s.conversation_history_limit)
+        messages = conversation.window(mind.history_limit)
     tools = tools_for(can_transfer=can_transfer)
     chunker = SentenceChunker()
     spoken = 0
@@ -74,7 +91,7 @@ async def think_reply(
         attempt = 0
         while True:
             try:
-                async with center.claude.stream_reply(
+                async with mind.claude.stream_reply(
                     system, messages, tools, on_usage=record.count_usage
                 ) as reply:
                     async for delta in reply:
@@ -84,7 +101,7 @@ async def think_reply(
                         for sentence in chunker.push(delta.text):
                             if record.t2s is None:
                                 record.t2s = trio.current_time()
-                            if spoken + len(sentence) > s.max_response_length and spoken:
+                            if spoken + len(sentence) > mind.max_response_length and spoken:
                                 return
                             spoken += len(sentence)
                             await sentence_send.send(sentence)
@@ -97,7 +114,7 @@ async def think_reply(
                 if wait is None:
                     log.warning("⚡ Claude failed: %s", exc)
                     if not spoken:
-                        await sentence_send.send(center.phrases_text.apology)
+                        await sentence_send.send(mind.apology)
                     return
                 log.warning("⚡ Claude failed (%s), retrying in %.0f ms", exc.kind, wait * 1000)
                 chunker = SentenceChunker()
@@ -105,7 +122,7 @@ async def think_reply(
         for sentence in chunker.flush():
             if record.t2s is None:
                 record.t2s = trio.current_time()
-            if spoken + len(sentence) > s.max_response_length and spoken:
+            if spoken + len(sentence) > mind.max_response_length and spoken:
                 return
             spoken += len(sentence)
             await sentence_send.send(sentence)

@@ -1,7 +1,8 @@
 """What a fallback-mode call does with its turn: the opening, a reply, a goodbye.
 
-Each act runs in :class:`~voice_trio.fallback.call.FallbackCall` while it holds the call's
-turn, and says things through ``FallbackCall.speak`` (counted in the shared state, then
+Each act runs in the call's task (:class:`~voice_trio.fallback.call.FallbackCall`, seen as a
+:class:`~voice_trio.fallback.line.FallbackLine`) while it holds the call's
+turn, and says things through ``FallbackLine.speak`` (counted in the shared state, then
 Telnyx ``speak``); it ends by giving the turn back, or by ending the call.
 """
 
@@ -10,20 +11,18 @@ from __future__ import annotations
 import logging
 import time
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from voice_trio.calls.ends import EndReason
 from voice_trio.conversation.phrases import local_now
-from voice_trio.conversation.thinking import think_reply
+from voice_trio.conversation.thinking import SENTENCE_QUEUE, think_reply
 from voice_trio.conversation.turn_record import TurnRecord
 from voice_trio.fallback import state as fs
-from voice_trio.media.replies import SENTENCE_QUEUE
+from voice_trio.fallback.line import FallbackLine
 from voice_trio.providers.telnyx.control import TelnyxError
 from voice_trio.providers.telnyx.speech import base_language
-
-if TYPE_CHECKING:
-    from voice_trio.fallback.call import FallbackCall
 
 log = logging.getLogger("voice_trio.calls")
 
@@ -31,7 +30,7 @@ SPOKEN_POLL_S = 0.2  # while waiting for the goodbye to play out before hanging 
 CONTINUATION = {"es": "Disculpe, ¿me decía?", "en": "Sorry, what were you saying?"}
 
 
-async def open_call(call: FallbackCall) -> None:
+async def open_call(call: FallbackLine) -> None:
     """The first words, and Telnyx transcription started. The greeting if nothing was
     said yet; after a degrade, an answer to caller words the media session left
     unanswered, else a short prompt to go on. Speech first: the caller is waiting."""
@@ -48,7 +47,7 @@ async def open_call(call: FallbackCall) -> None:
         return
     if not turns:
         context = data["context"]
-        opening = call.center.phrases_text.greeting(
+        opening = call.services.phrases.greeting(
             nombre=context["nombre"],
             saludo=context["saludo"],
             now=local_now(call.settings.timezone),
@@ -61,16 +60,16 @@ async def open_call(call: FallbackCall) -> None:
     await call.give_back(opened=True)
 
 
-async def start_transcription(call: FallbackCall) -> None:
+async def start_transcription(call: FallbackLine) -> None:
     try:
-        await call.center.telnyx.transcription_start(
+        await call.services.telnyx.transcription_start(
             call.call_control_id, language=base_language(call.settings.agent_language)
         )
     except TelnyxError as exc:
         await call.on_command_error("transcription_start", exc)
 
 
-async def reply(call: FallbackCall) -> None:
+async def reply(call: FallbackLine) -> None:
     """Answer the caller words waiting in the state (with none, the conversation as it
     stands): Claude's sentences go to ``speak`` one by one as they come."""
     words: list[list[Any]] = []
@@ -95,7 +94,7 @@ async def reply(call: FallbackCall) -> None:
         nursery.start_soon(
             partial(
                 think_reply,
-                call.center,
+                call.services.mind,
                 fs.load_history(data["history"]),
                 sentence_send,
                 record,
@@ -112,12 +111,12 @@ async def reply(call: FallbackCall) -> None:
     report(call, record)
     if "end_call" in record.tool_calls:
         await call.give_back(keep=True)
-        await finish(call, "agent_ended", None)
+        await finish(call, EndReason.AGENT_ENDED, None)
     else:
         await call.give_back()
 
 
-def report(call: FallbackCall, record: TurnRecord) -> None:
+def report(call: FallbackLine, record: TurnRecord) -> None:
     stages = {
         name: round((b - a) * 1000, 1)
         for name, a, b in (
@@ -128,12 +127,12 @@ def report(call: FallbackCall, record: TurnRecord) -> None:
         if a is not None and b is not None
     }
     for name, ms in stages.items():
-        call.center.metrics.turn_stage.labels(name).observe(ms / 1000)
+        call.services.metrics.turn_stage.labels(name).observe(ms / 1000)
     timing = " ".join(f"{k}={v:.0f}ms" for k, v in stages.items())
     log.info("🔊 Bot turn %s sent to Telnyx speak: %s", record.kind, timing or "-")
 
 
-async def finish(call: FallbackCall, reason: str, goodbye: str | None) -> None:
+async def finish(call: FallbackLine, reason: EndReason, goodbye: str | None) -> None:
     """Say goodbye (if any), let it play, and hang up once: the call is over unless the
     caller hung up first."""
     if goodbye:
@@ -152,10 +151,10 @@ async def finish(call: FallbackCall, reason: str, goodbye: str | None) -> None:
     call.state = state
     if ended:
         call.call.end_reason = reason
-        await call.center.hang_up(call.call_control_id)
+        await call.services.hang_up(call.call_control_id)
 
 
-async def wait_spoken(call: FallbackCall) -> None:
+async def wait_spoken(call: FallbackLine) -> None:
     """Until every speak sent has been played (or its guard time has passed)."""
     while call.state is not None:
         data = call.state.data

@@ -45,14 +45,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from voice_trio.calls.ends import EndReason
 from voice_trio.calls.registry import ActiveCall
 from voice_trio.conversation.turn_record import TurnRecord
 from voice_trio.fallback import acts
 from voice_trio.fallback import state as fs
+from voice_trio.fallback.line import FallbackHome
 from voice_trio.fallback.records import add_bot_turn
 from voice_trio.observability import call_id_var
 from voice_trio.providers.telnyx.control import CALL_ALREADY_ENDED, TelnyxError
@@ -60,16 +62,12 @@ from voice_trio.providers.telnyx.speech import speak_language
 from voice_trio.store import CallState
 from voice_trio.store.outage import SAVE_TIMEOUT_S
 
-if TYPE_CHECKING:
-    from voice_trio.fallback.calls import FallbackCalls
-
 log = logging.getLogger("voice_trio.calls")
 
 POLL_S = 0.5  # how often a task re-reads its call's state: notices calls ended elsewhere
 UNKNOWN_CALL = "90015"  # Telnyx "Invalid Call Control ID": no such call (any more)
 # End reasons after which the bot says nothing more, so no hang-up is sent either.
-QUIET_ENDINGS = frozenset({"hangup", "shutdown"})
-ENDED_ELSEWHERE = "ended_elsewhere"  # not an end reason: this instance's part is over
+QUIET_ENDINGS = frozenset({EndReason.HANGUP, EndReason.SHUTDOWN})
 
 
 class FallbackCall:
@@ -79,15 +77,15 @@ class FallbackCall:
 
     def __init__(
         self,
-        calls: FallbackCalls,
+        calls: FallbackHome,
         call: ActiveCall,
         *,
         initial: dict[str, Any] | None = None,
         state: CallState | None = None,
     ) -> None:
         self.calls = calls
-        self.center = calls.center
-        self.settings = calls.center.settings
+        self.services = calls.services
+        self.settings = calls.services.settings
         self.call = call
         self.initial = initial
         self.state = state
@@ -130,7 +128,7 @@ class FallbackCall:
                 await self._run()
         except Exception:
             log.exception("Call failed")
-            self.call.end_reason = self.call.end_reason or "error"
+            self.call.end_reason = self.call.end_reason or EndReason.ERROR
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(SAVE_TIMEOUT_S) as bound:
                 try:
@@ -187,7 +185,7 @@ class FallbackCall:
 
     async def _act(self, kind: str, reason: str | None) -> None:
         """Do what the turn was taken for, then give it back, or end the call."""
-        phrases = self.center.phrases_text
+        phrases = self.services.phrases
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_turn)
             if kind == "open":
@@ -198,8 +196,10 @@ class FallbackCall:
                 await self.say(phrases.reprompt, kind="reprompt")
                 await self.give_back(reprompted=True)
             elif kind == "finish":
-                goodbye = phrases.timeout_goodbye if reason == "silence_timeout" else None
-                await acts.finish(self, reason or "unknown", goodbye or phrases.goodbye)
+                goodbye = phrases.timeout_goodbye if reason == EndReason.SILENCE_TIMEOUT else None
+                await acts.finish(
+                    self, EndReason(reason or EndReason.UNKNOWN), goodbye or phrases.goodbye
+                )
             nursery.cancel_scope.cancel()
         if self.state is not None and self.state.data["ended"]:
             await self._finalize()
@@ -216,13 +216,13 @@ class FallbackCall:
         if state is None or state.data["owner"] != self.me:
             await self._lose()
         elif state.data["ended"] and not self.ending:
-            self.call.end(state.data["ended"])
+            self.call.end(EndReason(state.data["ended"]))
             await trio.lowlevel.checkpoint()  # raises Cancelled: the call's scope is
 
     async def _lose(self) -> None:
         log.info("📴 The call went on elsewhere")
         self.state = None
-        self.call.end(ENDED_ELSEWHERE)
+        self.call.end(EndReason.ENDED_ELSEWHERE)
         await trio.lowlevel.checkpoint()  # raises Cancelled: the call's scope is
 
     async def say(self, text: str, *, kind: str) -> None:
@@ -242,7 +242,7 @@ class FallbackCall:
         self.state = state
         log.info("💬 Bot: %s", text)
         try:
-            await self.center.telnyx.speak(
+            await self.services.telnyx.speak(
                 self.call_control_id,
                 text,
                 voice=self.settings.telnyx_speak_voice,
@@ -257,7 +257,7 @@ class FallbackCall:
     async def on_command_error(self, action: str, exc: TelnyxError) -> None:
         if exc.code in (CALL_ALREADY_ENDED, UNKNOWN_CALL):
             log.info("📴 %s: the call has already ended", action)
-            self.call.end("hangup")
+            self.call.end(EndReason.HANGUP)
             await trio.lowlevel.checkpoint()
         else:
             log.warning("⚠️ Telnyx %s failed: %s", action, exc)
@@ -298,7 +298,7 @@ class FallbackCall:
         keep the turn in progress and end the call. An error or a shutdown also ends the
         call when this instance wrote last; a hang-up is ended by its webhook's handler."""
         reason = self.call.end_reason
-        if reason is None or reason == ENDED_ELSEWHERE:
+        if reason is None or reason == EndReason.ENDED_ELSEWHERE:
             return  # another instance carries the call on, or it ended elsewhere
         if self.initial is not None:
             await self._record_unstarted(reason)
@@ -310,7 +310,7 @@ class FallbackCall:
         def end(data: dict[str, Any]) -> bool:
             now = time.time()
             holding = data["owner"] == self.me
-            if not holding and data["writer"] != self.me and reason == "shutdown":
+            if not holding and data["writer"] != self.me and reason == EndReason.SHUTDOWN:
                 return False
             if holding:
                 self.turn, self.said = record, said
@@ -325,7 +325,7 @@ class FallbackCall:
         if self.state is None or self.state.data["owner"] != self.me:
             return  # the turn holder elsewhere writes the record
         if reason not in QUIET_ENDINGS and not self.ending:
-            await self.center.hang_up(self.call_control_id)
+            await self.services.hang_up(self.call_control_id)
         await self._finalize()
 
     async def _finalize(self) -> None:
@@ -334,7 +334,7 @@ class FallbackCall:
         data = self.state.data
         self.state = None
         await self.calls.finalize(self.call_control_id, data)
-        self.call.end_reason = data["ended"]
+        self.call.end_reason = EndReason(data["ended"])
 
     async def _record_unstarted(self, reason: str) -> None:
         """The call ended before its state was stored: its record from what there was."""

@@ -14,7 +14,7 @@ one of four ways:
   instance, finds the stream claimed and is refused.
 - It comes in a codec the media path cannot carry (Telnyx streams the call's own codec when
   it cannot transcode to PCMU: G722, OPUS): at once, with ``streaming_stop``.
-- It drops: the socket closes without a ``stop`` frame (:data:`STREAM_LOST`). Telnyx sends
+- It drops: the socket closes without a ``stop`` frame (``EndReason.STREAM_LOST``). Telnyx sends
   ``stop`` on hang-up, but it may be lost too, so the degraded call first waits
   ``STREAM_LOST_GRACE_MS`` for a ``call.hangup`` before it says anything.
 
@@ -31,32 +31,26 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from voice_trio.calls.registry import ActiveCall
+from voice_trio.calls.ends import CallMode, EndReason
+from voice_trio.calls.registry import ActiveCall, RecentCalls
+from voice_trio.calls.services import CallServices
 from voice_trio.conversation.history import Conversation
 from voice_trio.fallback import state as fs
 from voice_trio.fallback.call import FallbackCall
 from voice_trio.fallback.records import FallbackRecords
-from voice_trio.media.session import STREAM_LOST, STT_LOST, STT_UNAVAILABLE
 from voice_trio.observability import call_id_var
 from voice_trio.providers.telnyx.control import decode_client_state
 from voice_trio.providers.telnyx.speech import caller_words
 from voice_trio.providers.telnyx.webhooks import WebhookEvent
 from voice_trio.store import CallState, SqliteStore
 
-if TYPE_CHECKING:
-    from voice_trio.instance.center import CallCenter
-
 log = logging.getLogger("voice_trio.calls")
 
-# End reason of a media call whose stream Telnyx reported failed (``streaming.failed``).
-STREAM_FAILED = "stream_failed"
-DEGRADE_REASONS = frozenset({STREAM_LOST, STREAM_FAILED, STT_LOST, STT_UNAVAILABLE})
 # The webhooks a fallback-mode call acts on (besides call.hangup, which ends any call).
 CALL_EVENTS = frozenset(
     {"call.transcription", "call.speak.ended", "call.speak.started", "call.dtmf.received"}
@@ -72,31 +66,14 @@ class _StreamWait:
     connected: bool = False
 
 
-class RecentCalls:
-    """Call ids seen recently (bounded, oldest forgotten first)."""
-
-    def __init__(self, capacity: int = 10_000) -> None:
-        self._ids: OrderedDict[str, None] = OrderedDict()
-        self._capacity = capacity
-
-    def add(self, call_control_id: str) -> None:
-        self._ids[call_control_id] = None
-        self._ids.move_to_end(call_control_id)
-        while len(self._ids) > self._capacity:
-            self._ids.popitem(last=False)
-
-    def __contains__(self, call_control_id: object) -> bool:
-        return call_control_id in self._ids
-
-
 class FallbackCalls:
     """The fallback-mode calls as this instance sees them: webhooks applied to their shared
     state, this instance's ``FallbackCall`` tasks, their records, and the four ways a
     media-streams call degrades into one (module docstring)."""
 
-    def __init__(self, center: CallCenter) -> None:
-        self.center = center
-        self.records = FallbackRecords(center)
+    def __init__(self, services: CallServices) -> None:
+        self.services = services
+        self.records = FallbackRecords(services)
         self.me = secrets.token_hex(6)  # this instance, as turn owner and state writer
         self._shared: fs.SharedCalls | None = None
         self._own_store_opened = trio.Lock()
@@ -119,7 +96,7 @@ class FallbackCalls:
         """The shared state, in the call store; without one (it failed to open), in a
         store of this instance's own, so a single instance still works."""
         if self._shared is None:
-            store = self.center.store
+            store = self.services.store
             if store is None:
                 log.warning("Fallback-mode state kept in memory: calls cannot move instances")
                 store = SqliteStore(":memory:")
@@ -134,7 +111,7 @@ class FallbackCalls:
         if kind not in CALL_EVENTS or not ccid:
             return False
         local = self._calls.get(ccid)
-        if local is None and self.center.registry.get(ccid) is not None:
+        if local is None and self.services.registry.get(ccid) is not None:
             return False  # a media call here
         now = time.time()
         if kind == "call.dtmf.received":
@@ -146,7 +123,7 @@ class FallbackCalls:
         elif kind == "call.speak.started":
             return local is not None
         else:
-            text = caller_words(event.payload, self.center.settings.transcription_min_confidence)
+            text = caller_words(event.payload, self.services.settings.transcription_min_confidence)
             if text is None:
                 return local is not None
             log.info("🎤 Caller: %s", text)
@@ -166,7 +143,7 @@ class FallbackCalls:
         digit = event.payload.get("digit")
         if not isinstance(digit, str) or not digit:
             return None
-        settings = self.center.settings
+        settings = self.services.settings
         action = settings.dtmf_actions.get(digit)
         log.info("🎤 DTMF %s%s", digit, f" → {action}" if action else "")
         if action == "end_call":
@@ -180,15 +157,15 @@ class FallbackCalls:
         if local is not None:
             local.seen(state)
             return
-        if state.data["ended"] or self.center.going_away.is_set():
+        if state.data["ended"] or self.services.going_away.is_set():
             return
-        call = ActiveCall(ccid, mode=state.data["mode"])
+        call = ActiveCall(ccid, mode=CallMode(state.data["mode"]))
         call.started_at = state.data["origin"]
         try:
-            self.center.registry.add(call)
+            self.services.registry.add(call)
         except KeyError:
             return
-        self.center.registry.total_calls -= 1  # a call started elsewhere, not a new one
+        self.services.registry.total_calls -= 1  # a call started elsewhere, not a new one
         self._run_here(FallbackCall(self, call, state=state))
 
     def hung_up(self, call_control_id: str) -> None:
@@ -196,7 +173,7 @@ class FallbackCalls:
         call's state (if it is in fallback mode anywhere) is ended here."""
         self.note_hung_up(call_control_id)
         if call_control_id not in self._calls:
-            self.center.spawn(self._end_everywhere, call_control_id)
+            self.services.spawn(self._end_everywhere, call_control_id)
 
     def note_hung_up(self, call_control_id: str) -> None:
         """The call hung up (here or, told over the bus, elsewhere): it is never started or
@@ -246,14 +223,14 @@ class FallbackCalls:
 
     def answered(self, event: WebhookEvent) -> None:
         """``call.answered`` with ``USE_MEDIA_STREAMS=false``."""
-        if self.center.going_away.is_set():
+        if self.services.going_away.is_set():
             log.info("📵 Not starting the conversation: server is shutting down")
             return
         payload = event.payload
         self.start(
             event.call_control_id,
             decode_client_state(event.client_state),
-            "fallback",
+            CallMode.FALLBACK,
             line={
                 "call_session_id": str(payload.get("call_session_id") or ""),
                 "from_number": str(payload.get("from") or ""),
@@ -265,14 +242,14 @@ class FallbackCalls:
         self,
         call_control_id: str,
         context: dict[str, Any],
-        mode: str,
+        mode: CallMode,
         conversation: Conversation | None = None,
         *,
         grace: float = 0.0,
         started_at: float | None = None,
         line: dict[str, str] | None = None,
     ) -> FallbackCall | None:
-        """Register a fallback call and run it in the center's nursery; None if the call
+        """Register a fallback call and run it in the instance's background nursery; None if the call
         hung up already or is running here."""
         if call_control_id in self._hung_up:
             log.info("📴 Not starting fallback mode: the call has hung up")
@@ -281,7 +258,7 @@ class FallbackCalls:
         if started_at is not None:
             call.started_at = started_at
         try:
-            self.center.registry.add(call)
+            self.services.registry.add(call)
         except KeyError:
             log.debug("Not starting fallback mode: the call is already running here")
             return None
@@ -300,7 +277,7 @@ class FallbackCalls:
             context=context,
             record=record,
             origin=call.started_at,
-            deadline_at=call.started_at + self.center.settings.max_call_seconds,
+            deadline_at=call.started_at + self.services.settings.max_call_seconds,
             writer=self.me,
             conversation=conversation,
             grace_until=now + grace if grace else None,
@@ -313,7 +290,7 @@ class FallbackCalls:
 
     def _run_here(self, fallback: FallbackCall) -> None:
         self._calls[fallback.call_control_id] = fallback
-        self.center.spawn(self._run, fallback)
+        self.services.spawn(self._run, fallback)
 
     async def _run(self, fallback: FallbackCall) -> None:
         call = fallback.call
@@ -323,12 +300,12 @@ class FallbackCalls:
         finally:
             if self._calls.get(call.call_control_id) is fallback:
                 del self._calls[call.call_control_id]
-            self.center.registry.remove(call)
+            self.services.registry.remove(call)
 
     async def _ensure_store(self) -> None:
         """Open this instance's own state store, if it has to use one (see ``shared``)."""
         store = self.shared.store
-        if store is self.center.store or self._own_store_open:
+        if store is self.services.store or self._own_store_open:
             return
         async with self._own_store_opened:
             if not self._own_store_open:
@@ -343,7 +320,7 @@ class FallbackCalls:
         record = await self.records.ended(ccid, data)
         if stored:
             await self.records.keep(self.shared.delete, ccid)
-        self.center.metrics.calls.labels(record.mode, record.end_reason or "unknown").inc()
+        self.services.metrics.calls.labels(record.mode, record.end_reason or "unknown").inc()
         log.info("📴 Call ended (%s)", record.end_reason or "unknown")
 
     def take_over(
@@ -356,27 +333,27 @@ class FallbackCalls:
         the media call leaves the registry. False if the call is not to go on."""
         ccid = media_call.call_control_id
         if ccid in self._hung_up:
-            media_call.end_reason = "hangup"  # the socket only closed because the call did
+            media_call.end_reason = EndReason.HANGUP  # the socket only closed because the call did
             return False
-        if self.center.going_away.is_set():
+        if self.services.going_away.is_set():
             return False
-        lost = media_call.end_reason == STREAM_LOST
+        lost = media_call.end_reason == EndReason.STREAM_LOST
         log.warning(
             "🔀 Media stream %s: the call goes on in fallback mode with its history",
             "closed without a stop frame" if lost else "failed",
         )
-        grace = self.center.settings.stream_lost_grace_ms / 1000 if lost else 0.0
+        grace = self.services.settings.stream_lost_grace_ms / 1000 if lost else 0.0
         fallback = self.start(
             ccid,
             decode_client_state(client_state),
-            "degraded",
+            CallMode.DEGRADED,
             conversation,
             grace=grace,
             started_at=media_call.started_at,
         )
         if fallback is None:
             return False
-        self.center.registry.total_calls -= 1  # the same call going on, not a new one
+        self.services.registry.total_calls -= 1  # the same call going on, not a new one
         return True
 
     def expect_stream(self, call_control_id: str) -> None:
@@ -401,58 +378,59 @@ class FallbackCalls:
 
         Whether it came is the deployment's to say, not this instance's: the socket may have
         landed on another one. So the wait ends in a claim on the call's stream
-        (``CallCenter.claim_stream``) unless the socket came here: losing it means a socket
+        (``CallServices.claim_stream``) unless the socket came here: losing it means a socket
         has the stream elsewhere; winning it shuts the door on any socket still to come, on
         every instance (after a hang-up or ``streaming.failed`` too)."""
         waiting = self._stream_waits.get(call_control_id)
         if waiting is None:
             return
         try:
-            with trio.move_on_after(self.center.settings.stream_connect_timeout_ms / 1000):
+            with trio.move_on_after(self.services.settings.stream_connect_timeout_ms / 1000):
                 await waiting.over.wait()
         finally:
             if self._stream_waits.get(call_control_id) is waiting:
                 del self._stream_waits[call_control_id]
-        if waiting.connected or not await self.center.claim_stream(call_control_id):
+        if waiting.connected or not await self.services.claim_stream(call_control_id):
             return
-        if waiting.over.is_set() or self.center.registry.get(call_control_id) is not None:
+        if waiting.over.is_set() or self.services.registry.get(call_control_id) is not None:
             return  # a streaming.failed or call.hangup dealt with it
-        if self.center.going_away.is_set() or call_control_id in self._hung_up:
+        if self.services.going_away.is_set() or call_control_id in self._hung_up:
             return
         log.warning(
             "🔌 No media stream %d ms after Streaming Start: the call goes on in fallback mode",
-            self.center.settings.stream_connect_timeout_ms,
+            self.services.settings.stream_connect_timeout_ms,
         )
-        if self.start(call_control_id, decode_client_state(client_state), "degraded"):
-            self.center.spawn(self.center.telnyx.streaming_stop, call_control_id)
+        if self.start(call_control_id, decode_client_state(client_state), CallMode.DEGRADED):
+            self.services.spawn(self.services.telnyx.streaming_stop, call_control_id)
 
     def stream_unusable(self, call_control_id: str, client_state: str | None, why: str) -> None:
         """The call's media socket came, but its audio cannot be carried (``why``, e.g. its
         codec): the call goes on in fallback mode at once, and the stream is stopped."""
         log.warning("🔀 Media stream unusable (%s): the call goes on in fallback mode", why)
         self._stream_arrived(call_control_id)
-        if self.center.going_away.is_set() or call_control_id in self._hung_up:
+        if self.services.going_away.is_set() or call_control_id in self._hung_up:
             return
-        if self.start(call_control_id, decode_client_state(client_state), "degraded"):
-            self.center.spawn(self.center.telnyx.streaming_stop, call_control_id)
+        if self.start(call_control_id, decode_client_state(client_state), CallMode.DEGRADED):
+            self.services.spawn(self.services.telnyx.streaming_stop, call_control_id)
 
-    async def stream_failed(self, event: WebhookEvent) -> None:
+    async def stream_failed(self, event: WebhookEvent) -> bool:
         """``streaming.failed`` for a call that is not in fallback mode already (see the
-        module docstring: the deployment decides, not this instance alone)."""
+        module docstring: the deployment decides, not this instance alone). False if the
+        stream is held by another process, which is to be told."""
         ccid = event.call_control_id
         log.warning("🔌 Media stream failed: %s", event.payload.get("failure_reason") or "-")
         self._stream_arrived(ccid)
-        if self.center.going_away.is_set() or ccid in self._hung_up:
-            return
-        media_call = self.center.registry.get(ccid)
+        if self.services.going_away.is_set() or ccid in self._hung_up:
+            return True
+        media_call = self.services.registry.get(ccid)
         if media_call is not None:
-            if media_call.mode == "media":
-                media_call.end(STREAM_FAILED)  # its session hands over as it ends
-            return
-        if await self.center.claim_stream(ccid):
+            if media_call.mode == CallMode.MEDIA:
+                media_call.end(EndReason.STREAM_FAILED)  # its session hands over as it ends
+            return True
+        if await self.services.claim_stream(ccid):
             # No socket has the stream anywhere, and none can take it now: the caller has
             # heard nothing yet, so the call starts afresh, here.
-            if ccid not in self._hung_up and self.center.registry.get(ccid) is None:
-                self.start(ccid, decode_client_state(event.client_state), "degraded")
-        else:
-            await self.center.live.pass_on(ccid, event.event_type, event.payload)
+            if ccid not in self._hung_up and self.services.registry.get(ccid) is None:
+                self.start(ccid, decode_client_state(event.client_state), CallMode.DEGRADED)
+            return True
+        return False

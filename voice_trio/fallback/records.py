@@ -13,12 +13,12 @@ import logging
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from voice_trio.calls.services import CallServices
 from voice_trio.store import CallRecord, CallStore, TurnEntry
 from voice_trio.store.outage import keep
 
 if TYPE_CHECKING:
     from voice_trio.conversation.turn_record import TurnRecord
-    from voice_trio.instance.center import CallCenter
 
 log = logging.getLogger("voice_trio.calls")
 
@@ -95,14 +95,14 @@ def merge_media_part(
 
 
 class FallbackRecords:
-    """Writes fallback calls' records to the center's store (if it has one)."""
+    """Writes fallback calls' records to the instance's store (if it has one)."""
 
-    def __init__(self, center: CallCenter) -> None:
-        self.center = center
+    def __init__(self, services: CallServices) -> None:
+        self.services = services
 
     def failed(self, operation: str) -> None:
         """A store operation given up: counted in ``voice_store_errors_total``."""
-        self.center.metrics.store_errors.labels(operation).inc()
+        self.services.metrics.store_errors.labels(operation).inc()
 
     async def keep(self, write: Any, *args: Any, first: bool = False) -> Any:
         """A store write the call depends on: shielded, bounded, never raising."""
@@ -110,14 +110,14 @@ class FallbackRecords:
 
     async def started(self, ccid: str, data: dict[str, Any]) -> None:
         """The call's record as it starts (a degraded media call has one already)."""
-        if not data["merge_record"] and self.center.store is not None:
+        if not data["merge_record"] and self.services.store is not None:
             record, _ = call_record(ccid, data)
-            await self.keep(self.center.store.start_call, record, first=True)
+            await self.keep(self.services.store.start_call, record, first=True)
 
     async def ended(self, ccid: str, data: dict[str, Any]) -> CallRecord:
         """Write the ended call's record, with a degraded call's media part first."""
         record, turns = call_record(ccid, data)
-        store = self.center.store
+        store = self.services.store
         if store is not None:
             if data["merge_record"]:
                 await self._merge_media_part(store, record, turns)

@@ -107,14 +107,14 @@ def turn_free(data: dict[str, Any], me: str, now: float) -> bool:
 
 
 def pending_speech(data: dict[str, Any]) -> int:
-    return max(0, data["speaks_sent"] - data["speaks_ended"])
+    return max(0, int(data["speaks_sent"]) - int(data["speaks_ended"]))
 
 
 def listen_deadline(data: dict[str, Any], silence_s: float) -> float:
     """When caller silence since the bot's speech ended calls for a reprompt."""
     if pending_speech(data):
-        return data["guard_until"] + silence_s
-    return data["quiet_since"] + silence_s
+        return float(data["guard_until"]) + silence_s
+    return float(data["quiet_since"]) + silence_s
 
 
 def next_action(
@@ -144,12 +144,12 @@ def next_action(
 def next_deadline(data: dict[str, Any], me: str, now: float, silence_s: float) -> float:
     """When :func:`next_action` may next have something to do, with no webhook meanwhile."""
     if not turn_free(data, me, now):
-        return min(data["lease_until"], data["deadline_at"])
+        return float(min(data["lease_until"], data["deadline_at"]))
     if data["ended"] or not data["opened"] or data.get("requested"):
         return now
     if data["pending"]:
-        return max(now, data.get("keys_until", 0.0))
-    return min(data["deadline_at"], listen_deadline(data, silence_s))
+        return max(now, float(data.get("keys_until", 0.0)))
+    return min(float(data["deadline_at"]), listen_deadline(data, silence_s))
 
 
 def claim(data: dict[str, Any], me: str, now: float) -> None:

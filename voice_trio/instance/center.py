@@ -29,13 +29,16 @@ import trio
 
 from voice_trio.calls import stream_token
 from voice_trio.calls.bus import EventBus
-from voice_trio.calls.registry import CallRegistry, SeenEvents
+from voice_trio.calls.ends import CallMode, EndReason
+from voice_trio.calls.registry import CallRegistry, RecentCalls, SeenEvents
+from voice_trio.calls.services import CallServices
 from voice_trio.calls.signals import SIGNAL_EVENTS, CallSignals
 from voice_trio.config import Settings
 from voice_trio.conversation.persona import load_persona, persona_is_cacheable, tools_for
 from voice_trio.conversation.phrases import PhraseCache, local_now, phrases_for
 from voice_trio.conversation.sentences import SentenceChunker
-from voice_trio.fallback.calls import FallbackCalls, RecentCalls
+from voice_trio.conversation.thinking import Mind
+from voice_trio.fallback.calls import FallbackCalls
 from voice_trio.instance.live import LiveCalls
 from voice_trio.observability import LogSummary, Metrics, call_id_var
 from voice_trio.providers.claude import ClaudeClient
@@ -107,15 +110,12 @@ class CallCenter:
         # Sockets that could not prove their call: a summary, never what they sent.
         self.refused_streams = LogSummary(log, "🔌 Media streams refused before any provider")
         self.signals = CallSignals()  # key presses and machine detection for media calls
-        self.fallback = FallbackCalls(self)
-        self.live = LiveCalls(self)  # acting on live calls held here or elsewhere
         self._claimed_streams = RecentCalls()  # media streams claimed through this instance
         self.started_monotonic = time.monotonic()
         self.going_away = trio.Event()
-        self.phrases_text = phrases_for(settings.agent_language)
+        self.phrases = phrases_for(settings.agent_language)
         self.persona = load_persona(settings.persona_prompt_file, settings.agent_language)
-        # Whether the persona gets a prompt-cache breakpoint, by whether transfer_call is
-        # offered (the tools come before it in the cached prefix).
+        # Whether the persona gets a prompt-cache breakpoint (``Mind.cache_persona``).
         self.cache_persona = {
             can_transfer: persona_is_cacheable(
                 settings.claude_model, self.persona, can_transfer=can_transfer
@@ -142,6 +142,10 @@ class CallCenter:
         self.claude: ClaudeClient = None  # type: ignore[assignment]
         self.phrase_cache: PhraseCache = None  # type: ignore[assignment]
         self.store: CallStore | None = None
+        # What calls may use of this instance, and the fallback-mode calls: set by start().
+        self.services: CallServices = None  # type: ignore[assignment]
+        self.fallback: FallbackCalls = None  # type: ignore[assignment]
+        self.live: LiveCalls = None  # type: ignore[assignment]  # live calls here or elsewhere
         # Stream tokens must verify on every instance: set SERVER_SECRET when there are
         # several; a single instance can make up its own.
         self.stream_secret = (settings.server_secret or secrets.token_hex(32)).encode()
@@ -194,21 +198,24 @@ class CallCenter:
         self._log_prompt_caching()
         self.phrase_cache = PhraseCache(self._synthesize)
         if self.settings.deepgram_api_key or self.settings.elevenlabs_api_key:
-            self.spawn(self.phrase_cache.warm, self.phrases_text.fixed())
+            self.spawn(self.phrase_cache.warm, self.phrases.fixed())
         store = store_for(self.settings)
         try:
             await store.open()
             self.store = store
         except StoreError as exc:
             log.error("Call records are not being kept: the store is unavailable (%s)", exc)
-            return
-        try:
-            await store.register_instance(self.instance_id, self.instance_name)
-            await self._end_orphaned_calls()
-        except StoreError as exc:
-            log.warning("Could not check for calls left by a stopped server: %s", exc)
-        self.spawn(self._keep_alive, store)
-        self.bus = EventBus(store, self.instance_id, self.metrics)
+        self.services = self._services()
+        self.fallback = FallbackCalls(self.services)
+        if self.store is not None:
+            try:
+                await store.register_instance(self.instance_id, self.instance_name)
+                await self._end_orphaned_calls()
+            except StoreError as exc:
+                log.warning("Could not check for calls left by a stopped server: %s", exc)
+            self.spawn(self._keep_alive, store)
+            self.bus = EventBus(store, self.instance_id, self.metrics)
+        self.live = LiveCalls(self.services, self.fallback, self.bus)
         if self.bus.shared and self._nursery is not None:
             await self._nursery.start(self._run_bus)
 
@@ -239,6 +246,38 @@ class CallCenter:
         ended = await self.store.end_orphaned_calls(STALE_AFTER_SECONDS, idle)
         for ccid in ended:
             log.warning("📴 Call %s ended (%s): the server that held it stopped", ccid, SERVER_LOST)
+
+    def _services(self) -> CallServices:
+        s = self.settings
+        mind = Mind(
+            claude=self.claude,
+            persona=self.persona,
+            cache_persona=self.cache_persona,
+            apology=self.phrases.apology,
+            timezone=s.timezone,
+            max_response_length=s.max_response_length,
+            history_limit=s.conversation_history_limit,
+        )
+        return CallServices(
+            settings=s,
+            metrics=self.metrics,
+            registry=self.registry,
+            signals=self.signals,
+            going_away=self.going_away,
+            telnyx=self.telnyx,
+            tts=self.tts,
+            mind=mind,
+            phrases=self.phrases,
+            phrase_cache=self.phrase_cache,
+            stt_options=self.stt_options,
+            store=self.store,
+            instance_id=self.instance_id,
+            stream_secret=self.stream_secret,
+            refused_streams=self.refused_streams,
+            spawn=self.spawn,
+            hang_up=self.hang_up,
+            claim_stream=self.claim_stream,
+        )
 
     def _log_prompt_caching(self) -> None:
         s = self.settings
@@ -319,10 +358,10 @@ class CallCenter:
         if not rest:
             return
         log.warning("Hanging up %d call(s) still running", len(rest))
-        self.registry.end_all("shutdown")
+        self.registry.end_all(EndReason.SHUTDOWN)
         async with trio.open_nursery() as nursery:
             for call in rest:
-                if call.mode == "media":  # a fallback call's state decides its own end
+                if call.mode == CallMode.MEDIA:  # a fallback call's state decides its own end
                     nursery.start_soon(self.hang_up, call.call_control_id, HANG_UP_SECONDS)
         with trio.CancelScope(shield=True), trio.move_on_after(HANG_UP_SECONDS):
             await self.registry.wait_until_empty()
@@ -346,7 +385,7 @@ class CallCenter:
             return
         self.going_away.set()
         self._stopping.set()
-        self.registry.end_all("shutdown")
+        self.registry.end_all(EndReason.SHUTDOWN)
         with trio.CancelScope(shield=True):
             if self._nursery is not None:
                 await self._background_done.wait()
@@ -399,7 +438,7 @@ class CallCenter:
             answering_machine_detection=self.settings.answering_machine_detection,
         )
         # The phone rings for seconds: time enough to have the greeting's audio ready.
-        greeting = self.phrases_text.greeting(
+        greeting = self.phrases.greeting(
             nombre=request.nombre, saludo=request.saludo, now=local_now(self.settings.timezone)
         )
         chunker = SentenceChunker()
@@ -426,7 +465,7 @@ class CallCenter:
         if kind == "call.hangup":
             cause = event.payload.get("hangup_cause", "")
             self.fallback.hung_up(ccid)
-            if self.registry.end(ccid, "hangup"):
+            if self.registry.end(ccid, EndReason.HANGUP):
                 log.info("📴 Call hung up (%s)", cause)
             else:
                 log.debug("call.hangup for a call not running here (%s)", cause)
@@ -454,7 +493,9 @@ class CallCenter:
                 # came (or comes) to another process.
                 await self.live.pass_on(ccid, kind, event.payload)
         elif kind == "streaming.failed":
-            await self.fallback.stream_failed(event)
+            if not await self.fallback.stream_failed(event):
+                # Claimed by a socket elsewhere: the process holding it hands the call over.
+                await self.live.pass_on(ccid, kind, event.payload)
         else:
             log.debug("Webhook %s: nothing to do", kind)
 

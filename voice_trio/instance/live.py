@@ -22,10 +22,12 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from voice_trio.calls.bus import EventBus
+from voice_trio.calls.ends import CallMode, EndReason
 from voice_trio.calls.orders import (
     OPERATOR_HANGUP,
     InvalidOrder,
@@ -35,14 +37,11 @@ from voice_trio.calls.orders import (
     not_found,
     refused,
 )
+from voice_trio.calls.services import CallServices
 from voice_trio.calls.signals import SIGNAL_EVENTS
-from voice_trio.fallback.calls import STREAM_FAILED
+from voice_trio.fallback.calls import FallbackCalls
 from voice_trio.observability import call_id_var
 from voice_trio.store import StoreError
-
-if TYPE_CHECKING:
-    from voice_trio.instance.center import CallCenter
-    from voice_trio.media.controls import CallControls
 
 log = logging.getLogger("voice_trio.calls")
 
@@ -61,21 +60,14 @@ class _Answer:
 
 
 class LiveCalls:
-    """The media calls this process holds (their controls), and the way to reach a live
-    call held anywhere."""
+    """The way to reach a live call held anywhere: a media call here takes orders through
+    its ``ActiveCall.obey``."""
 
-    def __init__(self, center: CallCenter) -> None:
-        self.center = center
-        self._controls: dict[str, CallControls] = {}
+    def __init__(self, services: CallServices, fallback: FallbackCalls, bus: EventBus) -> None:
+        self.services = services
+        self.fallback = fallback
+        self.bus = bus
         self._asking: dict[str, _Answer] = {}
-
-    def hold(self, call_control_id: str, controls: CallControls) -> None:
-        """A media session here takes orders from now on."""
-        self._controls[call_control_id] = controls
-
-    def release(self, call_control_id: str, controls: CallControls) -> None:
-        if self._controls.get(call_control_id) is controls:
-            del self._controls[call_control_id]
 
     async def pass_on(self, call_control_id: str, kind: str, payload: dict[str, Any]) -> None:
         """A webhook fact for a media call that is not here: to whoever holds it."""
@@ -84,23 +76,23 @@ class LiveCalls:
             for name in FACT_FIELDS
             if payload.get(name) is not None
         }
-        await self.center.bus.publish({"k": "fact", "c": call_control_id, "t": kind, "p": fields})
+        await self.bus.publish({"k": "fact", "c": call_control_id, "t": kind, "p": fields})
 
     def take_fact(self, call_control_id: str, kind: str, payload: dict[str, Any]) -> None:
         """A fact another process received: acted on if the call is here (or, for a session
         not attached yet, kept for it)."""
-        center = self.center
+        services = self.services
         if kind == "call.hangup":
-            center.fallback.note_hung_up(call_control_id)
-            if center.registry.end(call_control_id, "hangup"):
+            self.fallback.note_hung_up(call_control_id)
+            if services.registry.end(call_control_id, EndReason.HANGUP):
                 log.info("📴 Call hung up (%s)", payload.get("hangup_cause") or "-")
         elif kind == "streaming.failed":
-            call = center.registry.get(call_control_id)
-            if call is not None and call.mode == "media":
+            call = services.registry.get(call_control_id)
+            if call is not None and call.mode == CallMode.MEDIA:
                 log.warning("🔌 Media stream failed: %s", payload.get("failure_reason") or "-")
-                call.end(STREAM_FAILED)  # its session hands the call over as it ends
+                call.end(EndReason.STREAM_FAILED)  # its session hands the call over as it ends
         elif kind in SIGNAL_EVENTS:
-            center.signals.deliver(call_control_id, kind, payload)
+            services.signals.deliver(call_control_id, kind, payload)
 
     async def order(self, call_control_id: str, order: Order) -> Outcome:
         """Carry out an operator's order on the call, wherever it runs (module docstring)."""
@@ -114,7 +106,7 @@ class LiveCalls:
             return not_found()
         if where == "fallback":
             return await self._fallback_order(call_control_id, order)
-        if not self.center.bus.shared:
+        if not self.bus.shared:
             return not_found()  # one process, and the call is not in it
         answer = await self._ask(call_control_id, order)
         if answer is not None:
@@ -131,17 +123,16 @@ class LiveCalls:
 
     async def act_here(self, call_control_id: str, order: Order) -> Outcome | None:
         """The outcome if the call runs in this process; None if it does not."""
-        call = self.center.registry.get(call_control_id)
+        call = self.services.registry.get(call_control_id)
         if call is None:
             return None
         token = call_id_var.set(call_control_id)
         try:
-            if call.mode != "media":
+            if call.mode != CallMode.MEDIA:
                 return await self._fallback_order(call_control_id, order)
-            controls = self._controls.get(call_control_id)
-            if controls is None:
+            if call.obey is None:
                 return refused("the call is still connecting; try again in a moment")
-            return controls.obey(order)
+            return call.obey(order)
         finally:
             call_id_var.reset(token)
 
@@ -153,7 +144,7 @@ class LiveCalls:
                 "it can only be hung up"
             )
         try:
-            ended = await self.center.fallback.request_end(call_control_id, OPERATOR_HANGUP)
+            ended = await self.fallback.request_end(call_control_id, OPERATOR_HANGUP)
         except StoreError as exc:
             log.warning("Order not carried out (store unavailable: %s)", exc)
             return Outcome(
@@ -168,13 +159,13 @@ class LiveCalls:
     async def _recorded(self, call_control_id: str) -> str:
         """What the store says of the call: ``gone`` (no record, or ended), ``media``,
         ``fallback`` (its state is shared), or ``unknown`` (no store to ask)."""
-        store = self.center.store
+        store = self.services.store
         if store is None:
             return "unknown"
         try:
             found = await store.get_call(call_control_id)
         except StoreError as exc:
-            self.center.metrics.store_errors.labels("get_call").inc()
+            self.services.metrics.store_errors.labels("get_call").inc()
             log.warning("Call lookup failed (store unavailable: %s)", exc)
             return "unknown"
         if found is None or found[0].status == "ended":
@@ -187,7 +178,7 @@ class LiveCalls:
         self._asking[request] = answer
         try:
             event = {"k": "do", "c": call_control_id, "r": request, **order.wire()}
-            if not await self.center.bus.publish(event):
+            if not await self.bus.publish(event):
                 return Outcome(
                     503,
                     {"error": "bus_unavailable", "reason": "the order could not be passed on"},
@@ -219,7 +210,7 @@ class LiveCalls:
             finally:
                 call_id_var.reset(token)
         elif kind == "do":
-            if self.center.registry.get(ccid) is None:
+            if self.services.registry.get(ccid) is None:
                 return  # not ours to answer
             request = event.get("r")
             try:
@@ -230,17 +221,17 @@ class LiveCalls:
             if not isinstance(request, str):
                 self._malformed(kind, "no request id")
                 return
-            self.center.spawn(self._answer, event["o"], request, ccid, order)
+            self.services.spawn(self._answer, event["o"], request, ccid, order)
 
     async def _answer(self, asker: str, request: str, ccid: str, order: Order) -> None:
         outcome = await self.act_here(ccid, order)
         if outcome is None:
             return  # the call left meanwhile: the asker hears from nobody
         reply = {"k": "done", "r": request, "for": asker, "s": outcome.status, "b": outcome.body}
-        await self.center.bus.publish(reply)
+        await self.bus.publish(reply)
 
     def _answered(self, event: dict[str, Any]) -> None:
-        if event.get("for") != self.center.bus.sender:
+        if event.get("for") != self.bus.sender:
             return
         answer = self._asking.get(str(event.get("r")))
         status, body = event.get("s"), event.get("b")
@@ -253,5 +244,5 @@ class LiveCalls:
         answer.ready.set()
 
     def _malformed(self, kind: str, why: str) -> None:
-        self.center.metrics.call_events.labels(kind, "dropped").inc()
+        self.services.metrics.call_events.labels(kind, "dropped").inc()
         log.warning("📡 Call event %s dropped: %s", kind, why)

@@ -19,10 +19,11 @@ from typing import Protocol
 import trio
 
 from voice_trio.calls import stream_token
+from voice_trio.calls.ends import DEGRADE_REASONS, CallMode, EndReason
 from voice_trio.calls.registry import ActiveCall
-from voice_trio.fallback.calls import DEGRADE_REASONS
-from voice_trio.instance.center import CallCenter
-from voice_trio.media.session import STREAM_LOST, STT_UNAVAILABLE, CallSession
+from voice_trio.calls.services import CallServices
+from voice_trio.conversation.history import Conversation
+from voice_trio.media.session import CallSession
 from voice_trio.observability import call_id_var
 from voice_trio.providers.deepgram.stt import SttError
 from voice_trio.providers.telnyx.control import decode_client_state
@@ -43,6 +44,24 @@ log = logging.getLogger("voice_trio.calls")
 START_TIMEOUT_SECONDS = 10.0
 
 
+class StreamFallback(Protocol):
+    """Where a call goes when its media stream cannot carry it: the webhook-only mode
+    (``fallback.calls.FallbackCalls``), which this module never imports."""
+
+    def stream_started(self, call_control_id: str) -> None:
+        """The call's socket came, proved the call and claimed its stream."""
+
+    def stream_unusable(self, call_control_id: str, client_state: str | None, why: str) -> None:
+        """The socket came but cannot carry the call (``why``): go on without it at once."""
+
+    def take_over(
+        self, media_call: ActiveCall, client_state: str | None, conversation: Conversation
+    ) -> bool:
+        """Carry on a call whose stream failed (its end reason says how), with the
+        conversation so far; False if the call is over instead."""
+        ...
+
+
 class MediaSocket(Protocol):
     """What a call needs of the Telnyx media WebSocket (``web`` provides it)."""
 
@@ -57,13 +76,13 @@ class MediaSocket(Protocol):
 
 
 async def wait_for_start(
-    center: CallCenter, socket: MediaSocket
+    services: CallServices, socket: MediaSocket
 ) -> tuple[Start | None, str | None]:
     """Read frames until ``start``; return it (None if the socket closes or stays silent
     too long) and the stream token of the ``connected`` frame, if one came with it.
 
     The peer is not authenticated yet: what it sends is counted, and a socket sending bad
-    frames is only noted in the bounded summary (``center.refused_streams``)."""
+    frames is only noted in the bounded summary (``services.refused_streams``)."""
     connected_token: str | None = None
     malformed = 0
     with trio.move_on_after(START_TIMEOUT_SECONDS):
@@ -74,10 +93,10 @@ async def wait_for_start(
             try:
                 frame = parse_frame(raw)
             except FrameError:
-                center.metrics.frames_dropped.labels("malformed").inc()
+                services.metrics.frames_dropped.labels("malformed").inc()
                 malformed += 1
                 if malformed == 1:
-                    center.refused_streams.note("malformed frames before start")
+                    services.refused_streams.note("malformed frames before start")
                 continue
             if isinstance(frame, Connected):
                 connected_token = frame.auth_token or connected_token
@@ -85,60 +104,62 @@ async def wait_for_start(
                 return frame, connected_token
             elif isinstance(frame, Stop):
                 return None, None
-    center.metrics.stream_rejected.labels("no_start").inc()
+    services.metrics.stream_rejected.labels("no_start").inc()
     await socket.close(1008, "no start event")
     return None, None
 
 
-async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
-    start, connected_token = await wait_for_start(center, socket)
+async def run_media_call(
+    services: CallServices, fallback: StreamFallback, socket: MediaSocket
+) -> None:
+    start, connected_token = await wait_for_start(services, socket)
     if start is None:
         return
     proof, channel = stream_token.presented(
         socket.header(AUTH_TOKEN_FIELD), connected_token, socket.query_string
     )
     try:
-        stream_token.verify(center.stream_secret, proof, start.call_control_id)
+        stream_token.verify(services.stream_secret, proof, start.call_control_id)
     except stream_token.StreamTokenError as exc:
         # Before any provider connection: a socket that cannot prove its call costs nothing.
         # Nothing the stranger sent is logged, and strangers cannot flood the log.
-        center.metrics.stream_rejected.labels("bad_token").inc()
-        center.refused_streams.note(f"{exc} (by {channel})")
+        services.metrics.stream_rejected.labels("bad_token").inc()
+        services.refused_streams.note(f"{exc} (by {channel})")
         await socket.close(1008, "invalid stream token")
         return
-    if not await center.claim_stream(start.call_control_id):
+    if not await services.claim_stream(start.call_control_id):
         # A valid token, but its stream is taken: a second socket for a call streaming
         # somewhere, a replay after the call ended, or one the deployment gave up on.
-        center.metrics.stream_rejected.labels("replayed").inc()
-        center.refused_streams.note("stream already claimed")
+        services.metrics.stream_rejected.labels("replayed").inc()
+        services.refused_streams.note("stream already claimed")
         await socket.close(1008, "stream already claimed")
         return
     if start.encoding not in G711_CODECS:
         # Telnyx streams the call's own codec when it cannot transcode to the PCMU we asked
         # for (G722, OPUS on SIP/WebRTC legs): waiting would only delay the fallback.
-        center.metrics.stream_rejected.labels("codec").inc()
+        services.metrics.stream_rejected.labels("codec").inc()
         token = call_id_var.set(start.call_control_id)
         try:
-            center.fallback.stream_unusable(
+            fallback.stream_unusable(
                 start.call_control_id, start.client_state, f"codec {start.encoding!r}"
             )
         finally:
             call_id_var.reset(token)
         await socket.close(1003, "codec not supported: G.711 (PCMU, PCMA) only")
         return
-    call = ActiveCall(start.call_control_id, mode="media")
+    call = ActiveCall(start.call_control_id, mode=CallMode.MEDIA)
     try:
-        center.registry.add(call)
+        services.registry.add(call)
     except KeyError:
-        center.metrics.stream_rejected.labels("duplicate_call").inc()
+        services.metrics.stream_rejected.labels("duplicate_call").inc()
         await socket.close(1008, "call already streaming")
         return
-    center.fallback.stream_started(start.call_control_id)
+    fallback.stream_started(start.call_control_id)
     token = call_id_var.set(start.call_control_id)
     session: CallSession | None = None
-    record = call_record(start, holder=center.instance_id)
+    record = call_record(start, holder=services.instance_id)
     origin = trio.current_time()
-    await keep_record(center, record, [], first=True)
+    await keep_record(services, record, [], first=True)
     try:
         log.info(
             "Media stream started (codec %s, stream %s, token by %s)",
@@ -147,39 +168,41 @@ async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
             channel,
         )
         with call.cancel_scope:
-            session = CallSession(center, socket, start, call)
+            session = CallSession(services, socket, start, call)
             await session.run()
     except SttError as exc:
         # Deepgram refused us (401, 1011, unreachable): the call goes on with Telnyx's own
         # speech recognition and voice (fallback mode) rather than failing.
         log.error("🔌 Deepgram unavailable (%s): the call continues in fallback mode", exc)
-        call.end_reason = call.end_reason or STT_UNAVAILABLE
+        call.end_reason = call.end_reason or EndReason.STT_UNAVAILABLE
     except Exception as exc:
         if socket.closed and call.end_reason is None:
             # Sending found the socket gone before reading did: the same as a close.
             log.info("🔌 Media socket gone while sending (%s)", type(exc).__name__)
-            call.end_reason = STREAM_LOST
+            call.end_reason = EndReason.STREAM_LOST
         else:
             # The boundary of one call: its failure is logged and recorded, never propagated.
             log.exception("Call failed")
-            await _hang_up(center, call, "error")
+            await _hang_up(services, call, EndReason.ERROR)
     finally:
         if call.end_reason is None:
             # Cut without a reason: by the server's own stop (Hypercorn's shutdown, outside
             # voice-trio serve's drain). Never leave the caller on a line nobody answers.
-            await _hang_up(center, call, "shutdown")
-        center.registry.remove(call)
+            await _hang_up(services, call, EndReason.SHUTDOWN)
+        services.registry.remove(call)
         handed_over = (
             session is not None
             and call.end_reason in DEGRADE_REASONS
-            and center.fallback.take_over(call, start.client_state, session.handover())
+            and fallback.take_over(call, start.client_state, session.handover())
         )
         if not handed_over:
-            center.metrics.calls.labels("media", call.end_reason or "unknown").inc()
+            services.metrics.calls.labels(
+                CallMode.MEDIA, call.end_reason or EndReason.UNKNOWN
+            ).inc()
             log.info("📴 Call ended (%s)", call.end_reason or "unknown")
         record.end_reason = call.end_reason or "unknown"
         if handed_over:
-            record.mode = "degraded"
+            record.mode = CallMode.DEGRADED
         else:
             record.status, record.ended_at = "ended", time.time()
         turns: list[TurnEntry] = []
@@ -189,16 +212,16 @@ async def run_media_call(center: CallCenter, socket: MediaSocket) -> None:
             record.llm_input_tokens = sum(t.llm_input_tokens for t in session.records)
             record.llm_output_tokens = sum(t.llm_output_tokens for t in session.records)
             record.stt_audio_seconds = round(session.stt.audio_seconds, 3) if session.stt else 0.0
-            center.metrics.stt_reconnects.inc(session.stt.reconnects if session.stt else 0)
-        await keep_record(center, record, turns)
+            services.metrics.stt_reconnects.inc(session.stt.reconnects if session.stt else 0)
+        await keep_record(services, record, turns)
         call_id_var.reset(token)
 
 
-async def _hang_up(center: CallCenter, call: ActiveCall, reason: str) -> None:
+async def _hang_up(services: CallServices, call: ActiveCall, reason: EndReason) -> None:
     if call.end_reason is not None:
         return
     call.end_reason = reason
-    await center.hang_up(call.call_control_id)
+    await services.hang_up(call.call_control_id)
 
 
 def call_record(start: Start, holder: str) -> CallRecord:
@@ -212,23 +235,23 @@ def call_record(start: Start, holder: str) -> CallRecord:
         nombre=str(context.get("nombre") or ""),
         contexto=str(context.get("contexto") or ""),
         answered_at=time.time(),
-        mode="media",
+        mode=CallMode.MEDIA,
         holder=holder,
     )
 
 
 async def keep_record(
-    center: CallCenter, record: CallRecord, turns: list[TurnEntry], *, first: bool = False
+    services: CallServices, record: CallRecord, turns: list[TurnEntry], *, first: bool = False
 ) -> None:
     """Write the call record even while the call is being cancelled (shielded, bounded);
     a store outage is logged, never a reason for the call to fail."""
-    if center.store is None:
+    if services.store is None:
         return
 
     def failed(operation: str) -> None:
-        center.metrics.store_errors.labels(operation).inc()
+        services.metrics.store_errors.labels(operation).inc()
 
     if first:
-        await keep(center.store.start_call, record, on_failure=failed, first=True)
+        await keep(services.store.start_call, record, on_failure=failed, first=True)
     else:
-        await keep(center.store.save_call, record, turns, on_failure=failed)
+        await keep(services.store.save_call, record, turns, on_failure=failed)

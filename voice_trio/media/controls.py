@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from voice_trio.calls.ends import EndReason
 from voice_trio.calls.orders import OPERATOR_HANGUP, Order, Outcome, accepted, refused
 from voice_trio.conversation.dtmf import WEBHOOK, KeyCollector, PressDeduper, key_note
+from voice_trio.media.line import CallLine
 from voice_trio.media.transfer import hand_off
 from voice_trio.media.voicemail import MachineDetection, leave_voicemail
-
-if TYPE_CHECKING:
-    from voice_trio.media.session import CallSession
 
 log = logging.getLogger("voice_trio.calls")
 
@@ -41,7 +40,7 @@ MAX_NOTES = 4  # operator's texts waiting to be said; more is refused (409), nev
 class CallControls:
     """Key presses and webhook facts of one session's call; owned by the session."""
 
-    def __init__(self, session: CallSession, amd: MachineDetection | None) -> None:
+    def __init__(self, session: CallLine, amd: MachineDetection | None) -> None:
         self.session = session
         self.settings = session.settings
         self.amd = amd  # answering machine detection, outbound calls only
@@ -144,6 +143,6 @@ class CallControls:
             self.pending = None
             self.transfer_to = ""
             return over
-        reason = OPERATOR_HANGUP if action == OPERATOR_HANGUP else "caller_ended"
-        await session.finish(reason, session.center.phrases_text.goodbye)
+        reason = EndReason.OPERATOR_HANGUP if action == OPERATOR_HANGUP else EndReason.CALLER_ENDED
+        await session.finish(reason, session.services.phrases.goodbye)
         return True

@@ -12,23 +12,19 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from voice_trio.calls.services import CallServices
 from voice_trio.conversation.history import Conversation
-from voice_trio.conversation.thinking import think_reply
+from voice_trio.conversation.thinking import SENTENCE_QUEUE, think_reply
 from voice_trio.conversation.turn_record import TurnRecord
 from voice_trio.media.controls import CallControls
 from voice_trio.media.speculation import Speculation, Speculator, normalize
 from voice_trio.media.voice import BotVoice
 
-if TYPE_CHECKING:
-    from voice_trio.instance.center import CallCenter
-
 log = logging.getLogger("voice_trio.calls")
-
-SENTENCE_QUEUE = 8  # sentences waiting for TTS; the LLM is far ahead of speech anyway
 
 
 class Replies:
@@ -36,7 +32,7 @@ class Replies:
 
     def __init__(
         self,
-        center: CallCenter,
+        services: CallServices,
         conversation: Conversation,
         voice: BotVoice,
         controls: CallControls,
@@ -45,8 +41,8 @@ class Replies:
         nombre: str,
         contexto: str,
     ) -> None:
-        self.center = center
-        self.settings = center.settings
+        self.services = services
+        self.settings = services.settings
         self.conversation = conversation
         self.voice = voice
         self.controls = controls
@@ -87,7 +83,7 @@ class Replies:
         messages: list[dict[str, Any]] | None = None,
     ) -> None:
         await think_reply(
-            self.center,
+            self.services.mind,
             self.conversation,
             sentence_send,
             record,

@@ -29,12 +29,14 @@ ends with the same text. The call's scope is the registry's
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
 from voice_trio.audio import ALAW_TO_MULAW, BYTES_PER_MS
+from voice_trio.calls.ends import EndReason
 from voice_trio.calls.registry import ActiveCall
+from voice_trio.calls.services import CallServices
 from voice_trio.conversation.dtmf import STREAM
 from voice_trio.conversation.history import Conversation
 from voice_trio.conversation.phrases import local_now
@@ -43,7 +45,6 @@ from voice_trio.media.controls import CallControls
 from voice_trio.media.playback import Playback
 from voice_trio.media.replies import Replies
 from voice_trio.media.speculation import ENDPOINT, QUIET, Speculator, SpeechEndWatch
-from voice_trio.media.transfer import TRANSFERRED
 from voice_trio.media.turns import CallerSpeaking, TurnDetector, UserTurn
 from voice_trio.media.voice import BotVoice
 from voice_trio.media.voicemail import MachineDetection
@@ -66,26 +67,17 @@ from voice_trio.providers.telnyx.media import (
     parse_frame,
 )
 
-if TYPE_CHECKING:
-    # Only a type here: center imports the fallback mode, which imports this module.
-    from voice_trio.instance.center import CallCenter
-
 log = logging.getLogger("voice_trio.calls")
 
-# End reason: the media socket closed without a ``stop`` frame. Telnyx sends ``stop`` when
-# the call ends, so the call may well be up still: it goes on in fallback mode.
-STREAM_LOST = "stream_lost"
-STT_LOST = "stt_lost"
-STT_UNAVAILABLE = "stt_unavailable"
 # Voice-detector chunks end on 20 ms frame edges, Deepgram's times on its own: a transcript
 # that ends this close to the last voiced chunk still covers it.
 COVER_SLACK_S = 0.06
 
 
 class CallSession:
-    def __init__(self, center: CallCenter, socket: Any, start: Start, call: ActiveCall) -> None:
-        self.center = center
-        self.settings = center.settings
+    def __init__(self, services: CallServices, socket: Any, start: Start, call: ActiveCall) -> None:
+        self.services = services
+        self.settings = services.settings
         self.socket = socket
         self.start = start
         self.call = call
@@ -95,13 +87,13 @@ class CallSession:
         self.saludo = str(context.get("saludo") or "")
         self.conversation = Conversation()
         self.turns = TurnDetector(min_confidence=self.settings.transcription_min_confidence)
-        self.playback = Playback(socket, center.metrics)
-        self.voice = BotVoice(center, call, self.playback, self.conversation)
+        self.playback = Playback(socket, services.metrics)
+        self.voice = BotVoice(services, call, self.playback, self.conversation)
         self.records: list[TurnRecord] = self.voice.records  # the same list, for the record
         self._user_send, self._user_recv = trio.open_memory_channel[tuple[str, float]](16)
         self._silence_deadline = trio.current_time() + self.settings.silence_timeout_ms / 1000
         self._time_up = trio.Event()
-        self._time_up_reason = "max_duration"
+        self._time_up_reason = EndReason.MAX_DURATION
         self._wait_scope = trio.CancelScope()
         self.stt: SttLink | None = None
         self.transferring = False  # the transfer command went out: the leg is leaving us
@@ -116,10 +108,10 @@ class CallSession:
         self.speech_end = SpeechEndWatch(
             finalize_s if finalize_s < endpoint_s else 0.0, endpoint_s, BYTES_PER_MS * 1000
         )
-        outcomes = center.metrics.speculations
+        outcomes = services.metrics.speculations
         self.speculator = Speculator(lambda outcome: outcomes.labels(outcome).inc())
         self.replies = Replies(
-            center,
+            services,
             self.conversation,
             self.voice,
             self.controls,
@@ -136,14 +128,14 @@ class CallSession:
     async def run(self) -> None:
         s = self.settings
         async with open_stt_link(
-            s.deepgram_ws_base, s.deepgram_api_key, self.center.stt_options
+            s.deepgram_ws_base, s.deepgram_api_key, self.services.stt_options
         ) as stt:
             self.stt = stt
             log.info("🔌 Conectado a Deepgram WebSocket (%s)", stt.request_id or "-")
             ccid = self.call.call_control_id
             on_signal = self.controls.on_signal
-            self.center.signals.attach(ccid, on_signal)
-            self.center.live.hold(ccid, self.controls)
+            self.services.signals.attach(ccid, on_signal)
+            self.call.obey = self.controls.obey  # operators' orders, from now on
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.speculator.run)
@@ -153,8 +145,8 @@ class CallSession:
                     nursery.start_soon(self.watch_duration)
                     nursery.start_soon(self.controls.run)
             finally:
-                self.center.live.release(ccid, self.controls)
-                self.center.signals.detach(ccid, on_signal)
+                self.call.obey = None
+                self.services.signals.detach(ccid, on_signal)
                 spent = self.speculator.take_unclaimed()
                 if self.records and any(spent):
                     self.records[-1].count_usage(*spent)  # billed all the same
@@ -166,12 +158,14 @@ class CallSession:
         one (the stream is lost; whether the call is over is decided by the caller)."""
         reorder = FrameReorderer()
         alaw = self.start.encoding == "PCMA"
-        metrics = self.center.metrics
+        metrics = self.services.metrics
         while True:
             raw = await self.socket.receive()
             if raw is None:
                 # Mid-transfer the socket closing is the leg leaving us, not a lost stream.
-                self.call.end(TRANSFERRED if self.transferring else STREAM_LOST)
+                # Telnyx sends ``stop`` when the call ends: without one the call may well be
+                # up still, and it goes on in fallback mode.
+                self.call.end(EndReason.TRANSFERRED if self.transferring else EndReason.STREAM_LOST)
                 return
             try:
                 frame = parse_frame(raw)
@@ -191,7 +185,9 @@ class CallSession:
             elif isinstance(frame, Mark):
                 self.playback.on_mark(frame.name)
             elif isinstance(frame, Stop):
-                self.call.end(TRANSFERRED if self.transferring else "caller_hangup")
+                self.call.end(
+                    EndReason.TRANSFERRED if self.transferring else EndReason.CALLER_HANGUP
+                )
                 return
             elif isinstance(frame, Dtmf):
                 self.controls.on_key(frame.digit, STREAM)
@@ -258,7 +254,7 @@ class CallSession:
             # Deepgram is gone for good: the call goes on through Telnyx's own speech
             # recognition (fallback mode) with its history.
             log.error("🔌 Deepgram lost (%s): the call continues in fallback mode", exc.reason)
-            self.call.end(STT_LOST)
+            self.call.end(EndReason.STT_LOST)
 
     async def _listen(self, stt: SttLink) -> None:
         async for event in stt.events():
@@ -330,11 +326,11 @@ class CallSession:
             return
         self.speculator.cancel()
         await self.playback.interrupt()
-        self.center.metrics.barge_ins.inc()
+        self.services.metrics.barge_ins.inc()
         log.info("✋ Barge-in: bot interrupted")
 
     async def converse(self) -> None:
-        phrases = self.center.phrases_text
+        phrases = self.services.phrases
         greeting = phrases.greeting(
             nombre=self.nombre, saludo=self.saludo, now=local_now(self.settings.timezone)
         )
@@ -358,7 +354,7 @@ class CallSession:
                 continue  # the wait ended for the operator's text, not for silence
             if turn is None:
                 if reprompted:
-                    await self.finish("silence_timeout", phrases.timeout_goodbye)
+                    await self.finish(EndReason.SILENCE_TIMEOUT, phrases.timeout_goodbye)
                     return
                 reprompted = True
                 await self.say(phrases.reprompt, kind="reprompt")
@@ -368,7 +364,7 @@ class CallSession:
             if await self.controls.act():
                 return
             if self.replies.end_requested:
-                await self.finish("agent_ended", None)
+                await self.finish(EndReason.AGENT_ENDED, None)
                 return
 
     async def next_user_turn(self) -> tuple[str, float] | None:
@@ -403,13 +399,13 @@ class CallSession:
         """Speak fixed text (cached audio where possible) as a bot turn."""
         return await self.voice.say(text, kind=kind)
 
-    async def finish(self, reason: str, goodbye: str | None) -> None:
+    async def finish(self, reason: EndReason, goodbye: str | None) -> None:
         """Say goodbye (if any), hang up once, and end the call."""
         if goodbye:
             await self.say(goodbye, kind="goodbye")
         if self.call.end_reason is None:
             self.call.end_reason = reason
-        await self.center.hang_up(self.call.call_control_id)
+        await self.services.hang_up(self.call.call_control_id)
         self.call.end(reason)
 
     async def watch_duration(self) -> None:

@@ -16,37 +16,34 @@ person's phone has rung out, nobody took the call: Telnyx keeps the caller on ou
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import trio
 
+from voice_trio.calls.ends import EndReason
+from voice_trio.media.line import CallLine
 from voice_trio.providers.telnyx.control import CALL_ALREADY_ENDED, TelnyxError
-
-if TYPE_CHECKING:
-    from voice_trio.media.session import CallSession
 
 log = logging.getLogger("voice_trio.calls")
 
-TRANSFERRED = "transferred"
 RING_SECONDS = 30  # the transfer's timeout_secs: how long the person's phone may ring
 LEAVE_GRACE_SECONDS = 5.0  # after that, a stream still up means the transfer failed
 UNKNOWN_CALL = "90015"
 
 
-async def hand_off(session: CallSession, number: str) -> bool:
+async def hand_off(session: CallLine, number: str) -> bool:
     """Say the hand-off line and transfer the call to ``number``. A transfer that works ends
     the call's scope while this waits; otherwise True if the call is over anyway, False if
     the conversation goes on (the bot has apologised)."""
-    phrases = session.center.phrases_text
+    phrases = session.services.phrases
     ccid = session.call.call_control_id
     await session.say(phrases.handoff, kind="handoff")
     session.transferring = True
     try:
-        await session.center.telnyx.transfer(ccid, number, timeout_secs=RING_SECONDS)
+        await session.services.telnyx.transfer(ccid, number, timeout_secs=RING_SECONDS)
     except TelnyxError as exc:
         session.transferring = False
         if exc.code in (CALL_ALREADY_ENDED, UNKNOWN_CALL):
-            session.call.end("hangup")
+            session.call.end(EndReason.HANGUP)
             return True
         log.warning("📞 Transfer refused: %s", exc)
         await session.say(phrases.transfer_failed, kind="apology")

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
 from voice_trio.calls.registry import ActiveCall
+from voice_trio.calls.services import CallServices
 from voice_trio.conversation.history import Conversation
 from voice_trio.conversation.sentences import SentenceChunker
 from voice_trio.conversation.turn_record import TurnRecord
@@ -24,9 +25,6 @@ from voice_trio.media.playback import Playback
 from voice_trio.providers.deepgram.tts import TtsError
 from voice_trio.providers.telnyx.control import TelnyxError
 from voice_trio.providers.telnyx.speech import speak_language
-
-if TYPE_CHECKING:
-    from voice_trio.instance.center import CallCenter
 
 log = logging.getLogger("voice_trio.calls")
 
@@ -46,12 +44,12 @@ class BotVoice:
 
     def __init__(
         self,
-        center: CallCenter,
+        services: CallServices,
         call: ActiveCall,
         playback: Playback,
         conversation: Conversation,
     ) -> None:
-        self.center = center
+        self.services = services
         self.call = call
         self.playback = playback
         self.conversation = conversation
@@ -106,14 +104,14 @@ class BotVoice:
         if record.t3 is None:
             record.t3 = trio.current_time()
         await audio_send.send(("sentence", sentence))
-        cached = self.center.phrase_cache.get(sentence)
+        cached = self.services.phrase_cache.get(sentence)
         if cached is not None:
             record.t4 = record.t4 or trio.current_time()
             await audio_send.send(("audio", cached))
         else:
             sent_audio = False
             try:
-                async with self.center.tts.synthesize(sentence) as audio:
+                async with self.services.tts.synthesize(sentence) as audio:
                     async for chunk in audio:
                         if record.t4 is None:
                             record.t4 = trio.current_time()
@@ -134,9 +132,9 @@ class BotVoice:
         passed: otherwise the two voices interleave, word for word."""
         await trio.sleep_until(self.playback.play_until)
         self._speak_ended = trio.Event()
-        s = self.center.settings
+        s = self.services.settings
         try:
-            await self.center.telnyx.speak(
+            await self.services.telnyx.speak(
                 self.call.call_control_id,
                 sentence,
                 voice=s.telnyx_speak_voice,
@@ -201,7 +199,7 @@ class BotVoice:
                         record.t5 = sent
 
     def report(self, record: TurnRecord) -> None:
-        metrics = self.center.metrics
+        metrics = self.services.metrics
         stages = record.stages_ms()
         for name, ms in stages.items():
             metrics.turn_stage.labels(name).observe(max(0.0, ms) / 1000)

@@ -13,23 +13,21 @@ point stops the conversation: the session waits for the greeting to end (at most
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
+from voice_trio.calls.ends import EndReason
 from voice_trio.conversation.phrases import local_now
+from voice_trio.media.line import CallLine
 from voice_trio.providers.telnyx.webhooks import (
     AMD_DETECTION_EVENTS,
     AMD_GREETING_EVENTS,
     MACHINE_RESULTS,
 )
 
-if TYPE_CHECKING:
-    from voice_trio.media.session import CallSession
-
 log = logging.getLogger("voice_trio.calls")
 
-VOICEMAIL = "voicemail"  # end reason of a call that reached a machine and left a message
 # Modes after which Telnyx may send call.machine.greeting.ended (the others never do, so
 # waiting for it would only waste the timeout).
 GREETING_MODES = frozenset({"detect_beep", "detect_words", "greeting_end", "premium"})
@@ -73,14 +71,14 @@ class MachineDetection:
         return self.greeting_ended.is_set()
 
 
-async def leave_voicemail(session: CallSession, detection: MachineDetection) -> None:
+async def leave_voicemail(session: CallLine, detection: MachineDetection) -> None:
     """Wait for the machine's greeting to end, leave the message, hang up."""
     s = session.settings
     log.info("📼 Answering machine: waiting for the end of its greeting")
     if not await detection.wait_for_greeting_end(s.voicemail_greeting_timeout_ms / 1000):
         log.info("📼 No end of greeting reported: leaving the message now")
-    message = session.center.phrases_text.voicemail(
+    message = session.services.phrases.voicemail(
         nombre=session.nombre, contexto=session.contexto, now=local_now(s.timezone)
     )
     await session.say(message, kind="voicemail")
-    await session.finish(VOICEMAIL, None)
+    await session.finish(EndReason.VOICEMAIL, None)

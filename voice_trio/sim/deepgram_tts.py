@@ -14,7 +14,7 @@ import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 import trio
@@ -23,8 +23,19 @@ from voice_trio.audio import mulaw_to_alaw
 from voice_trio.sim.deepgram_stt import DeepgramError, bad_parameter, model_uuid, unknown_model
 from voice_trio.sim.speech import encode_speech, silence
 
-if TYPE_CHECKING:
-    from voice_trio.sim.deepgram import DeepgramSim
+
+class DeepgramSim(Protocol):
+    """The TTS side of ``sim.deepgram.DeepgramSim``: its pacing knobs and counters (a
+    protocol, so that this module need not import the simulator that serves it)."""
+
+    ms_per_char: int  # TTS speaking rate
+    tts_ttfb_ms: float
+    tts_speed: float  # generation speed, times real time (inf: no pacing)
+    tts_chunk_bytes: int
+    tts_flush_limit: int  # per tts_flush_window_s, per socket
+    tts_flush_window_s: float
+    tts_characters: int  # characters synthesised (REST and socket flushes)
+
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]

@@ -8,6 +8,7 @@ tasks, so ``streaming.stopped`` and ``call.hangup`` are delivered after everythi
 
 from __future__ import annotations
 
+import random
 import secrets
 import time
 import uuid
@@ -15,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
@@ -28,10 +29,13 @@ from voice_trio.sim.carrier import (
     StreamParams,
 )
 from voice_trio.sim.speech import SpeechDecoder
-from voice_trio.sim.telnyx_webhooks import CallWebhooks, event, is_loopback_url, utc_now
-
-if TYPE_CHECKING:
-    from voice_trio.sim.telnyx import TelnyxSim
+from voice_trio.sim.telnyx_webhooks import (
+    CallWebhooks,
+    WebhookSender,
+    event,
+    is_loopback_url,
+    utc_now,
+)
 
 COMMAND_ID_WINDOW_S = 60.0
 # AMD modes after which Telnyx reports the end of a machine's greeting (protocols/telnyx.md
@@ -120,6 +124,37 @@ class Transcriber:
                     "transcription_track": self._track,
                 }
             )
+
+
+class TelnyxSim(Protocol):
+    """What a simulated call reads of ``sim.telnyx.TelnyxSim``: its knobs, its webhook
+    sender, and the two calls back (a protocol, so this module need not import it)."""
+
+    webhooks: WebhookSender
+    rng: random.Random
+    user_id: str
+    ring_ms: float
+    answer_timeout_s: float
+    no_answer_timeout_s: float | None
+    call_codec: str
+    stream_codec: str | None
+    strip_stream_query: bool
+    stream_auth_header: bool
+    stream_auth_in_connected: bool
+    out_of_order_share: float
+    transcription_silence_ms: int
+    transcription_interim_ms: int
+    amd_ms: float
+    amd_greeting_silence_ms: float
+    stream_connect_timeout_s: float
+    dtmf_frames: bool
+    stream_lingers_after_hangup_s: float
+    record_audio_s: float
+    allow_remote: bool
+
+    def _call_ended(self, call: SimCall) -> None: ...
+
+    def _callee_for(self, number: str) -> Callee: ...
 
 
 @dataclass

@@ -14,7 +14,7 @@ async def serve_media_stream(
     if not await socket.accept():
         return
     try:
-        await run_media_call(center, socket)
+        await run_media_call(center.services, center.fallback, socket)
     finally:
         peer_gone = socket.closed and socket.close_code is not None
         await socket.close(1001 if center.going_away.is_set() else 1000)
