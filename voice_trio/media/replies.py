@@ -22,7 +22,7 @@ from voice_trio.conversation.thinking import SENTENCE_QUEUE, think_reply
 from voice_trio.conversation.turn_record import TurnRecord
 from voice_trio.media.controls import CallControls
 from voice_trio.media.speculation import Speculation, Speculator, normalize
-from voice_trio.media.voice import BotVoice
+from voice_trio.media.voice import BotVoice, VoiceItem
 
 log = logging.getLogger("voice_trio.calls")
 
@@ -103,7 +103,7 @@ class Replies:
         record = TurnRecord(user_text=user_text, t0=t0)
         record.count_usage(*self.speculator.take_unclaimed())
 
-        async def produce(audio_send: trio.MemorySendChannel[Any]) -> None:
+        async def produce(audio_send: trio.MemorySendChannel[VoiceItem]) -> None:
             sentence_send, sentence_recv = trio.open_memory_channel[str](SENTENCE_QUEUE)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.think, sentence_send, record)
@@ -122,7 +122,7 @@ class Replies:
         head = (t0 - record.t1) * 1000 if record.t1 is not None else 0.0
         log.info("🔮 Speculative reply kept (asked %.0f ms before the turn ended)", head)
 
-        async def produce(audio_send: trio.MemorySendChannel[Any]) -> None:
+        async def produce(audio_send: trio.MemorySendChannel[VoiceItem]) -> None:
             try:
                 async with audio_send, spec.sentences:
                     async for sentence in spec.sentences:

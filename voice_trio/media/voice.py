@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
 
 import trio
 
@@ -34,9 +34,32 @@ AUDIO_QUEUE = 32  # TTS chunks waiting for pacing; full = TTS waits (back-pressu
 SPEAK_SECONDS_PER_CHAR = 0.09
 SPEAK_SLACK_S = 1.5
 
-# Fills a turn's audio queue with ("sentence" | "audio" | "speak" | "end", value) items
-# and closes it.
-Produce = Callable[[trio.MemorySendChannel[Any]], Awaitable[None]]
+
+# What a turn's audio queue carries, in order, for each sentence: its start, its audio in
+# chunks (or, if the voice provider failed before any, the text for Telnyx speak), its end.
+@dataclass(frozen=True, slots=True)
+class SentenceStart:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class AudioChunk:
+    audio: bytes  # mu-law 8 kHz
+
+
+@dataclass(frozen=True, slots=True)
+class SpeakInstead:
+    text: str  # to go out through Telnyx speak, in its turn
+
+
+@dataclass(frozen=True, slots=True)
+class SentenceEnd:
+    text: str
+
+
+VoiceItem = SentenceStart | AudioChunk | SpeakInstead | SentenceEnd
+# Fills a turn's audio queue and closes it.
+Produce = Callable[[trio.MemorySendChannel[VoiceItem]], Awaitable[None]]
 
 
 class BotVoice:
@@ -89,7 +112,7 @@ class BotVoice:
         chunker = SentenceChunker()
         sentences = chunker.push(text) + chunker.flush()
 
-        async def produce(audio_send: trio.MemorySendChannel[Any]) -> None:
+        async def produce(audio_send: trio.MemorySendChannel[VoiceItem]) -> None:
             async with audio_send:
                 for sentence in sentences:
                     await self.synthesize_into(sentence, audio_send, record)
@@ -98,16 +121,16 @@ class BotVoice:
         return record
 
     async def synthesize_into(
-        self, sentence: str, audio_send: trio.MemorySendChannel[Any], record: TurnRecord
+        self, sentence: str, audio_send: trio.MemorySendChannel[VoiceItem], record: TurnRecord
     ) -> None:
         """One sentence's audio into the turn's audio queue: cached, else streamed TTS."""
         if record.t3 is None:
             record.t3 = trio.current_time()
-        await audio_send.send(("sentence", sentence))
+        await audio_send.send(SentenceStart(sentence))
         cached = self.services.phrase_cache.get(sentence)
         if cached is not None:
             record.t4 = record.t4 or trio.current_time()
-            await audio_send.send(("audio", cached))
+            await audio_send.send(AudioChunk(cached))
         else:
             sent_audio = False
             try:
@@ -116,13 +139,13 @@ class BotVoice:
                         if record.t4 is None:
                             record.t4 = trio.current_time()
                         sent_audio = True
-                        await audio_send.send(("audio", chunk))
+                        await audio_send.send(AudioChunk(chunk))
                 self.tts_characters += len(sentence)
             except TtsError as exc:
                 log.warning("🔊 TTS failed for a sentence: %s", exc)
                 if not sent_audio:
-                    await audio_send.send(("speak", sentence))
-        await audio_send.send(("end", sentence))
+                    await audio_send.send(SpeakInstead(sentence))
+        await audio_send.send(SentenceEnd(sentence))
 
     async def speak_through_telnyx(self, sentence: str) -> None:
         """The voice provider failed: this sentence goes out through Telnyx ``speak``, in
@@ -160,7 +183,7 @@ class BotVoice:
         try:
             with scope:
                 self._scope = scope
-                audio_send, audio_recv = trio.open_memory_channel[Any](AUDIO_QUEUE)
+                audio_send, audio_recv = trio.open_memory_channel[VoiceItem](AUDIO_QUEUE)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(produce, audio_send)
                     await self.pace(audio_recv, record)
@@ -180,20 +203,22 @@ class BotVoice:
             self.records.append(record)
             self.report(record)
 
-    async def pace(self, audio_recv: trio.MemoryReceiveChannel[Any], record: TurnRecord) -> None:
+    async def pace(
+        self, audio_recv: trio.MemoryReceiveChannel[VoiceItem], record: TurnRecord
+    ) -> None:
         sentence = None
         async with audio_recv:
-            async for kind, value in audio_recv:
-                if kind == "sentence":
-                    sentence = self.playback.begin_sentence(value)
-                    log.info("💬 Bot: %s", value)
-                elif kind == "speak":
-                    await self.speak_through_telnyx(value)
-                elif kind == "audio" and sentence is not None:
-                    sent = await self.playback.feed(sentence, value)
+            async for item in audio_recv:
+                if isinstance(item, SentenceStart):
+                    sentence = self.playback.begin_sentence(item.text)
+                    log.info("💬 Bot: %s", item.text)
+                elif isinstance(item, SpeakInstead):
+                    await self.speak_through_telnyx(item.text)
+                elif isinstance(item, AudioChunk) and sentence is not None:
+                    sent = await self.playback.feed(sentence, item.audio)
                     if sent is not None and record.t5 is None:
                         record.t5 = sent
-                elif kind == "end" and sentence is not None:
+                elif isinstance(item, SentenceEnd) and sentence is not None:
                     sent = await self.playback.end_sentence(sentence)
                     if sent is not None and record.t5 is None:
                         record.t5 = sent
