@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from functools import partial
-from typing import Any
 
 import trio
 
@@ -36,20 +35,19 @@ async def open_call(call: FallbackLine) -> None:
     unanswered, else a short prompt to go on. Speech first: the caller is waiting."""
     assert call.state is not None
     data = call.state.data
-    if data["grace_until"] is not None:
-        await trio.sleep(max(0.0, data["grace_until"] - time.time()))  # for call.hangup
+    if data.grace_until is not None:
+        await trio.sleep(max(0.0, data.grace_until - time.time()))  # for call.hangup
         log.info("🔀 The call is still up: continuing in fallback mode")
-    turns = fs.load_history(data["history"]).turns
-    if turns and turns[-1].role == "user":
+    history = data.history
+    if history and history[-1].role == "user":
         await start_transcription(call)
-        await call.update(lambda d: d.update(opened=True) or True)
+        await call.update(opened)
         await reply(call)
         return
-    if not turns:
-        context = data["context"]
+    if not history:
         opening = call.services.phrases.greeting(
-            nombre=context["nombre"],
-            saludo=context["saludo"],
+            nombre=data.caller.nombre,
+            saludo=data.caller.saludo,
             now=local_now(call.settings.timezone),
         )
         await call.say(opening, kind="greeting")
@@ -58,6 +56,11 @@ async def open_call(call: FallbackLine) -> None:
         await call.say(CONTINUATION.get(language, CONTINUATION["es"]), kind="continuation")
     await start_transcription(call)
     await call.give_back(opened=True)
+
+
+def opened(data: fs.FallbackState) -> bool:
+    data.opened = True
+    return True
 
 
 async def start_transcription(call: FallbackLine) -> None:
@@ -72,22 +75,22 @@ async def start_transcription(call: FallbackLine) -> None:
 async def reply(call: FallbackLine) -> None:
     """Answer the caller words waiting in the state (with none, the conversation as it
     stands): Claude's sentences go to ``speak`` one by one as they come."""
-    words: list[list[Any]] = []
+    words: list[fs.CallerWords] = []
 
-    def take_words(data: dict[str, Any]) -> bool:
-        words[:] = data["pending"]
+    def take_words(data: fs.FallbackState) -> bool:
+        words[:] = data.pending
         if not words:
             return False
-        data["pending"] = []
-        data["history"].append(["user", " ".join(w[0] for w in words), False])
-        data["reprompted"] = False
+        data.pending = []
+        data.history.append(fs.Said("user", " ".join(w.text for w in words)))
+        data.reprompted = False
         return True
 
     await call.update(take_words)
     assert call.state is not None
     data = call.state.data
-    t0 = call.trio_time(max(w[1] for w in words)) if words else None
-    record = TurnRecord(user_text=" ".join(w[0] for w in words), t0=t0)
+    t0 = call.trio_time(max(w.t0 for w in words)) if words else None
+    record = TurnRecord(user_text=" ".join(w.text for w in words), t0=t0)
     call.turn, call.said = record, []
     sentence_send, sentence_recv = trio.open_memory_channel[str](SENTENCE_QUEUE)
     async with trio.open_nursery() as nursery:
@@ -95,11 +98,11 @@ async def reply(call: FallbackLine) -> None:
             partial(
                 think_reply,
                 call.services.mind,
-                fs.load_history(data["history"]),
+                data.conversation(),
                 sentence_send,
                 record,
-                nombre=data["context"]["nombre"],
-                contexto=data["context"]["contexto"],
+                nombre=data.caller.nombre,
+                contexto=data.caller.contexto,
             )
         )
         async with sentence_recv:
@@ -141,13 +144,9 @@ async def finish(call: FallbackLine, reason: EndReason, goodbye: str | None) -> 
     await wait_spoken(call)
     call.ending = True
 
-    def end(data: dict[str, Any]) -> bool:
-        if data["ended"]:
-            return False
-        data["ended"], data["ended_at"] = reason, time.time()
-        return True
-
-    state, ended = await call.shared.update(call.call_control_id, end)
+    state, ended = await call.shared.update(
+        call.call_control_id, lambda data: data.end(reason, time.time())
+    )
     call.state = state
     if ended:
         call.call.end_reason = reason
@@ -158,7 +157,7 @@ async def wait_spoken(call: FallbackLine) -> None:
     """Until every speak sent has been played (or its guard time has passed)."""
     while call.state is not None:
         data = call.state.data
-        if not fs.pending_speech(data) or time.time() >= data["guard_until"]:
+        if not fs.pending_speech(data) or time.time() >= data.guard_until:
             return
         await trio.sleep(SPOKEN_POLL_S)
         call.state = await call.shared.load(call.call_control_id)

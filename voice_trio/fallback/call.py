@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import trio
 
@@ -59,7 +58,6 @@ from voice_trio.fallback.records import add_bot_turn
 from voice_trio.observability import call_id_var
 from voice_trio.providers.telnyx.control import CALL_ALREADY_ENDED, TelnyxError
 from voice_trio.providers.telnyx.speech import speak_language
-from voice_trio.store import CallState
 from voice_trio.store.outage import SAVE_TIMEOUT_S
 
 log = logging.getLogger("voice_trio.calls")
@@ -80,8 +78,8 @@ class FallbackCall:
         calls: FallbackHome,
         call: ActiveCall,
         *,
-        initial: dict[str, Any] | None = None,
-        state: CallState | None = None,
+        initial: fs.FallbackState | None = None,
+        state: fs.Snapshot | None = None,
     ) -> None:
         self.calls = calls
         self.services = calls.services
@@ -108,12 +106,12 @@ class FallbackCall:
     def shared(self) -> fs.SharedCalls:
         return self.calls.shared
 
-    def seen(self, state: CallState) -> None:
+    def seen(self, state: fs.Snapshot) -> None:
         """A webhook handler here wrote ``state``: look again now."""
         self._adopt(state)
         self._poke.set()
 
-    def _adopt(self, state: CallState | None) -> None:
+    def _adopt(self, state: fs.Snapshot | None) -> None:
         """Take ``state`` as the call's, unless a newer version is known already (a load
         and a handler's write may finish in either order)."""
         if state is None or self.state is None or state.version >= self.state.version:
@@ -150,7 +148,7 @@ class FallbackCall:
             self.initial = None
         while self.state is not None:
             data = self.state.data
-            if data["writer"] != self.me and data["owner"] != self.me:
+            if data.writer != self.me and data.owner != self.me:
                 return  # another instance wrote last: it carries the call on
             now = time.time()
             drain = self.call.wind_down.is_set()
@@ -169,11 +167,11 @@ class FallbackCall:
         if not self._poke.is_set():
             self._adopt(await self.shared.load(self.call_control_id))
 
-    async def _take_turn(self, action: tuple[str, str | None]) -> bool:
+    async def _take_turn(self, action: tuple[str, EndReason | None]) -> bool:
         """Claim the turn for ``action`` if it is still what the current version needs."""
         drain = self.call.wind_down.is_set()
 
-        def take(data: dict[str, Any]) -> bool:
+        def take(data: fs.FallbackState) -> bool:
             now = time.time()
             if fs.next_action(data, self.me, now, self.silence_s, drain) != action:
                 return False
@@ -183,7 +181,7 @@ class FallbackCall:
         self.state, taken = await self.shared.update(self.call_control_id, take)
         return taken
 
-    async def _act(self, kind: str, reason: str | None) -> None:
+    async def _act(self, kind: str, reason: EndReason | None) -> None:
         """Do what the turn was taken for, then give it back, or end the call."""
         phrases = self.services.phrases
         async with trio.open_nursery() as nursery:
@@ -197,11 +195,9 @@ class FallbackCall:
                 await self.give_back(reprompted=True)
             elif kind == "finish":
                 goodbye = phrases.timeout_goodbye if reason == EndReason.SILENCE_TIMEOUT else None
-                await acts.finish(
-                    self, EndReason(reason or EndReason.UNKNOWN), goodbye or phrases.goodbye
-                )
+                await acts.finish(self, reason or EndReason.UNKNOWN, goodbye or phrases.goodbye)
             nursery.cancel_scope.cancel()
-        if self.state is not None and self.state.data["ended"]:
+        if self.state is not None and self.state.data.ended:
             await self._finalize()
 
     async def _watch_turn(self) -> None:
@@ -210,13 +206,13 @@ class FallbackCall:
             await trio.sleep(POLL_S)
             await self._check_turn(await self.shared.load(self.call_control_id))
 
-    async def _check_turn(self, state: CallState | None) -> None:
+    async def _check_turn(self, state: fs.Snapshot | None) -> None:
         """Stop the call's task at once if the turn is no longer ours (the state is gone,
         or a lease ran out), or the call ended elsewhere (``_leave`` keeps the turn)."""
-        if state is None or state.data["owner"] != self.me:
+        if state is None or state.data.owner != self.me:
             await self._lose()
-        elif state.data["ended"] and not self.ending:
-            self.call.end(EndReason(state.data["ended"]))
+        elif state.data.ended and not self.ending:
+            self.call.end(state.data.ended)
             await trio.lowlevel.checkpoint()  # raises Cancelled: the call's scope is
 
     async def _lose(self) -> None:
@@ -267,25 +263,29 @@ class FallbackCall:
         await self._check_turn(state)
         self.state = state
 
-    def _keep_turn(self, data: dict[str, Any], *, interrupted: bool = False) -> None:
+    def _keep_turn(self, data: fs.FallbackState, *, interrupted: bool = False) -> None:
         """Add the bot turn in progress (done, or cut) to ``data``."""
         record, self.turn = self.turn, None
         if record is not None:
-            origin = self.trio_time(data["origin"])
+            origin = self.trio_time(data.origin)
             add_bot_turn(data, record, self.said, origin, interrupted=interrupted)
 
-    async def give_back(self, *, keep: bool = False, **changes: Any) -> None:
-        """Store the bot turn just done and give the turn back (``keep``: hold on to it)."""
+    async def give_back(
+        self, *, keep: bool = False, opened: bool = False, reprompted: bool = False
+    ) -> None:
+        """Store the bot turn just done and give the turn back (``keep``: hold on to it);
+        ``opened``, ``reprompted``: what the turn did."""
         record, said = self.turn, list(self.said)
 
-        def give_back(data: dict[str, Any]) -> bool:
-            if data["owner"] != self.me:
+        def give_back(data: fs.FallbackState) -> bool:
+            if data.owner != self.me:
                 return False
             self.turn, self.said = record, said  # a retried update starts afresh
-            data.update(changes)
+            data.opened = data.opened or opened
+            data.reprompted = data.reprompted or reprompted
             self._keep_turn(data)
-            if not keep and not data["ended"]:
-                data["owner"], data["lease_until"] = None, 0.0
+            if not keep and not data.ended:
+                data.owner, data.lease_until = None, 0.0
             return True
 
         state, given = await self.shared.update(self.call_control_id, give_back)
@@ -307,22 +307,21 @@ class FallbackCall:
             return  # finalized
         record, said = self.turn, list(self.said)
 
-        def end(data: dict[str, Any]) -> bool:
+        def end(data: fs.FallbackState) -> bool:
             now = time.time()
-            holding = data["owner"] == self.me
-            if not holding and data["writer"] != self.me and reason == EndReason.SHUTDOWN:
+            holding = data.owner == self.me
+            if not holding and data.writer != self.me and reason == EndReason.SHUTDOWN:
                 return False
             if holding:
                 self.turn, self.said = record, said
                 self._keep_turn(data, interrupted=True)
-            if not data["ended"]:
-                data["ended"], data["ended_at"] = reason, now
+            data.end(reason, now)
             if fs.turn_free(data, self.me, now):
                 fs.claim(data, self.me, now)
             return True
 
         self.state, _ = await self.shared.update(self.call_control_id, end)
-        if self.state is None or self.state.data["owner"] != self.me:
+        if self.state is None or self.state.data.owner != self.me:
             return  # the turn holder elsewhere writes the record
         if reason not in QUIET_ENDINGS and not self.ending:
             await self.services.hang_up(self.call_control_id)
@@ -334,13 +333,13 @@ class FallbackCall:
         data = self.state.data
         self.state = None
         await self.calls.finalize(self.call_control_id, data)
-        self.call.end_reason = EndReason(data["ended"])
+        self.call.end_reason = data.ended
 
-    async def _record_unstarted(self, reason: str) -> None:
+    async def _record_unstarted(self, reason: EndReason) -> None:
         """The call ended before its state was stored: its record from what there was."""
         assert self.initial is not None
         data, self.initial = self.initial, None
-        data["ended"], data["ended_at"] = reason, time.time()
+        data.end(reason, time.time())
         await self.calls.record_started(self.call_control_id, data)
         await self.calls.finalize(self.call_control_id, data, stored=False)
 

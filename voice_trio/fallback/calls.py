@@ -47,7 +47,7 @@ from voice_trio.observability import call_id_var
 from voice_trio.providers.telnyx.control import decode_client_state
 from voice_trio.providers.telnyx.speech import caller_words
 from voice_trio.providers.telnyx.webhooks import WebhookEvent
-from voice_trio.store import CallState, SqliteStore
+from voice_trio.store import SqliteStore
 
 log = logging.getLogger("voice_trio.calls")
 
@@ -147,20 +147,20 @@ class FallbackCalls:
         action = settings.dtmf_actions.get(digit)
         log.info("🎤 DTMF %s%s", digit, f" → {action}" if action else "")
         if action == "end_call":
-            return lambda d: fs.request_end(d, "caller_ended")
+            return lambda d: fs.request_end(d, EndReason.CALLER_ENDED)
         language = settings.agent_language
         return lambda d: fs.add_caller_key(d, digit, now, event.occurred_at, language)
 
-    def _join(self, ccid: str, state: CallState) -> None:
+    def _join(self, ccid: str, state: fs.Snapshot) -> None:
         """This instance wrote the call's state: it watches the call from now on."""
         local = self._calls.get(ccid)
         if local is not None:
             local.seen(state)
             return
-        if state.data["ended"] or self.services.going_away.is_set():
+        if state.data.ended or self.services.going_away.is_set():
             return
-        call = ActiveCall(ccid, mode=CallMode(state.data["mode"]))
-        call.started_at = state.data["origin"]
+        call = ActiveCall(ccid, mode=state.data.mode)
+        call.started_at = state.data.origin
         try:
             self.services.registry.add(call)
         except KeyError:
@@ -181,7 +181,7 @@ class FallbackCalls:
         self._hung_up.add(call_control_id)
         self._stream_arrived(call_control_id)
 
-    async def request_end(self, call_control_id: str, reason: str) -> bool | None:
+    async def request_end(self, call_control_id: str, reason: EndReason) -> bool | None:
         """Ask a fallback-mode call (held anywhere) to say goodbye and hang up: True if
         asked, False if it is ending already, None if no call has such a state.
         ``StoreError`` if the store cannot say."""
@@ -200,11 +200,10 @@ class FallbackCalls:
         now = time.time()
         taken = False
 
-        def end(data: dict[str, Any]) -> bool:
+        def end(data: fs.FallbackState) -> bool:
             nonlocal taken
-            if data["ended"]:
+            if not data.end(EndReason.HANGUP, now):
                 return False
-            data["ended"], data["ended_at"] = "hangup", now
             taken = fs.turn_free(data, self.me, now)
             if taken:
                 fs.claim(data, self.me, now)
@@ -263,19 +262,20 @@ class FallbackCalls:
             log.debug("Not starting fallback mode: the call is already running here")
             return None
         now = time.time()
-        record = {
-            "direction": "inbound" if context.get("dir") == "inbound" else "outbound",
-            "call_session_id": "",
-            "from_number": "",
-            "to_number": "",
-            **(line or {}),
-            "created_at": call.started_at,
-            "answered_at": call.started_at if started_at is not None else now,
-        }
+        line = line or {}
         initial = fs.new_state(
             mode=mode,
-            context=context,
-            record=record,
+            caller=fs.Caller(
+                **{k: str(context.get(k) or "") for k in ("nombre", "contexto", "saludo")}
+            ),
+            line=fs.Line(
+                direction="inbound" if context.get("dir") == "inbound" else "outbound",
+                call_session_id=line.get("call_session_id", ""),
+                from_number=line.get("from_number", ""),
+                to_number=line.get("to_number", ""),
+                created_at=call.started_at,
+                answered_at=call.started_at if started_at is not None else now,
+            ),
             origin=call.started_at,
             deadline_at=call.started_at + self.services.settings.max_call_seconds,
             writer=self.me,
@@ -312,10 +312,10 @@ class FallbackCalls:
                 await store.open()
                 self._own_store_open = True
 
-    async def record_started(self, ccid: str, data: dict[str, Any]) -> None:
+    async def record_started(self, ccid: str, data: fs.FallbackState) -> None:
         await self.records.started(ccid, data)
 
-    async def finalize(self, ccid: str, data: dict[str, Any], *, stored: bool = True) -> None:
+    async def finalize(self, ccid: str, data: fs.FallbackState, *, stored: bool = True) -> None:
         """Write the ended call's record and delete its state (by the turn holder only)."""
         record = await self.records.ended(ccid, data)
         if stored:

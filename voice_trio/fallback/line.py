@@ -9,15 +9,14 @@ one direction only, and an act can be tested against a small fake call.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 from voice_trio.calls.registry import ActiveCall
 from voice_trio.calls.services import CallServices
 from voice_trio.config import Settings
 from voice_trio.conversation.turn_record import TurnRecord
-from voice_trio.fallback.state import Mutation, SharedCalls
+from voice_trio.fallback.state import FallbackState, Mutation, SharedCalls, Snapshot
 from voice_trio.providers.telnyx.control import TelnyxError
-from voice_trio.store import CallState
 
 
 class FallbackHome(Protocol):
@@ -29,9 +28,9 @@ class FallbackHome(Protocol):
     @property
     def shared(self) -> SharedCalls: ...
 
-    async def record_started(self, ccid: str, data: dict[str, Any]) -> None: ...
+    async def record_started(self, ccid: str, data: FallbackState) -> None: ...
 
-    async def finalize(self, ccid: str, data: dict[str, Any], *, stored: bool = True) -> None:
+    async def finalize(self, ccid: str, data: FallbackState, *, stored: bool = True) -> None:
         """Write the ended call's record and delete its state."""
 
 
@@ -41,7 +40,7 @@ class FallbackLine(Protocol):
     services: CallServices
     settings: Settings
     call: ActiveCall
-    state: CallState | None  # the call's shared state as last read or written here
+    state: Snapshot | None  # the call's shared state as last read or written here
     turn: TurnRecord | None  # the bot turn in progress, for the record
     said: list[str]  # its sentences Telnyx took
     ending: bool  # this task is ending the call itself
@@ -67,7 +66,9 @@ class FallbackLine(Protocol):
     async def update(self, mutate: Mutation) -> None:
         """Change the shared state (and keep the result)."""
 
-    async def give_back(self, *, keep: bool = False, **changes: Any) -> None:
+    async def give_back(
+        self, *, keep: bool = False, opened: bool = False, reprompted: bool = False
+    ) -> None:
         """End this instance's turn: the next webhook's instance may take the call."""
 
     def trio_time(self, epoch: float) -> float:

@@ -1,7 +1,7 @@
 """The call record of a fallback-mode call: built from its shared state, written to the store.
 
 The state (:mod:`voice_trio.fallback.state`) holds the record's fixed fields, every
-bot turn as a ``TurnEntry`` dict and the call's usage; whoever holds the turn when the call
+bot turn as a ``TurnEntry`` and the call's usage; whoever holds the turn when the call
 ends writes the record from it (:class:`FallbackRecords`). A degraded call's record was
 started by its media session: that part is read back and put first. A store that fails
 costs the record, never the call (:func:`voice_trio.store.outage.keep`).
@@ -10,10 +10,11 @@ costs the record, never the call (:func:`voice_trio.store.outage.keep`).
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from voice_trio.calls.services import CallServices
+from voice_trio.fallback.state import FallbackState, Said
 from voice_trio.store import CallRecord, CallStore, TurnEntry
 from voice_trio.store.outage import keep
 
@@ -23,12 +24,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("voice_trio.calls")
 
 
-def entry_dict(entry: TurnEntry) -> dict[str, Any]:
-    return asdict(entry)
-
-
 def add_bot_turn(
-    data: dict[str, Any],
+    data: FallbackState,
     record: TurnRecord,
     said: list[str],
     origin: float,
@@ -44,36 +41,35 @@ def add_bot_turn(
     record.heard_text = heard
     record.interrupted = interrupted
     if heard or record.kind == "reply":
-        entry = TurnEntry.from_turn(len(data["turns"]), record, origin)
-        data["turns"].append(entry_dict(entry))
+        data.turns.append(TurnEntry.from_turn(len(data.turns), record, origin))
     if heard:
-        data["history"].append(["assistant", heard, interrupted])
-    data["llm_input_tokens"] += record.llm_input_tokens
-    data["llm_output_tokens"] += record.llm_output_tokens
+        data.history.append(Said("assistant", heard, interrupted))
+    data.llm_input_tokens += record.llm_input_tokens
+    data.llm_output_tokens += record.llm_output_tokens
 
 
-def call_record(call_control_id: str, data: dict[str, Any]) -> tuple[CallRecord, list[TurnEntry]]:
+def call_record(call_control_id: str, data: FallbackState) -> tuple[CallRecord, list[TurnEntry]]:
     """The call record and turns the state holds (ended or not)."""
-    context, line = data["context"], data["record"]
+    line = data.line
     record = CallRecord(
         call_control_id=call_control_id,
-        call_session_id=line["call_session_id"],
-        direction=line["direction"],
-        from_number=line["from_number"],
-        to_number=line["to_number"],
-        nombre=context["nombre"],
-        contexto=context["contexto"],
-        created_at=line["created_at"],
-        answered_at=line["answered_at"],
-        ended_at=data["ended_at"],
-        end_reason=data["ended"],
-        mode=data["mode"],
-        status="ended" if data["ended"] else "active",
-        llm_input_tokens=data["llm_input_tokens"],
-        llm_output_tokens=data["llm_output_tokens"],
-        tts_characters=data["tts_characters"],
+        call_session_id=line.call_session_id,
+        direction=line.direction,
+        from_number=line.from_number,
+        to_number=line.to_number,
+        nombre=data.caller.nombre,
+        contexto=data.caller.contexto,
+        created_at=line.created_at,
+        answered_at=line.answered_at,
+        ended_at=data.ended_at,
+        end_reason=data.ended,
+        mode=data.mode,
+        status="ended" if data.ended else "active",
+        llm_input_tokens=data.llm_input_tokens,
+        llm_output_tokens=data.llm_output_tokens,
+        tts_characters=data.tts_characters,
     )
-    return record, [TurnEntry(**t) for t in data["turns"]]
+    return record, [replace(t, tool_calls=list(t.tool_calls)) for t in data.turns]
 
 
 def merge_media_part(
@@ -108,18 +104,18 @@ class FallbackRecords:
         """A store write the call depends on: shielded, bounded, never raising."""
         return await keep(write, *args, on_failure=self.failed, first=first)
 
-    async def started(self, ccid: str, data: dict[str, Any]) -> None:
+    async def started(self, ccid: str, data: FallbackState) -> None:
         """The call's record as it starts (a degraded media call has one already)."""
-        if not data["merge_record"] and self.services.store is not None:
+        if not data.merge_record and self.services.store is not None:
             record, _ = call_record(ccid, data)
             await self.keep(self.services.store.start_call, record, first=True)
 
-    async def ended(self, ccid: str, data: dict[str, Any]) -> CallRecord:
+    async def ended(self, ccid: str, data: FallbackState) -> CallRecord:
         """Write the ended call's record, with a degraded call's media part first."""
         record, turns = call_record(ccid, data)
         store = self.services.store
         if store is not None:
-            if data["merge_record"]:
+            if data.merge_record:
                 await self._merge_media_part(store, record, turns)
             await self.keep(store.save_call, record, turns)
         return record

@@ -29,7 +29,6 @@ import trio
 from voice_trio.calls.bus import EventBus
 from voice_trio.calls.ends import CallMode, EndReason
 from voice_trio.calls.orders import (
-    OPERATOR_HANGUP,
     InvalidOrder,
     Order,
     Outcome,
@@ -144,7 +143,7 @@ class LiveCalls:
                 "it can only be hung up"
             )
         try:
-            ended = await self.fallback.request_end(call_control_id, OPERATOR_HANGUP)
+            ended = await self.fallback.request_end(call_control_id, EndReason.OPERATOR_HANGUP)
         except StoreError as exc:
             log.warning("Order not carried out (store unavailable: %s)", exc)
             return Outcome(
