@@ -119,7 +119,19 @@ def check_config(settings: Settings) -> int:
         print(f"{mode}: {status}")
     print(language_line(settings))
     print(prompt_caching_line(settings))
+    for line in tools_lines(settings):
+        print(line)
     return 0
+
+
+def tools_lines(settings: Settings) -> list[str]:
+    """The tools the agent is offered: the built-in ones, then TOOLS_FILE's."""
+    built_in = "end_call, transfer_call" if settings.transfer_number else "end_call"
+    lines = [f"tools: {built_in} (built in); {len(settings.http_tools)} from TOOLS_FILE"]
+    for tool in settings.http_tools:
+        retry = "retried once" if tool.retry else "not retried"
+        lines.append(f"  {tool.name}: POST {tool.endpoint} (timeout {tool.timeout:g} s, {retry})")
+    return lines
 
 
 def language_line(settings: Settings) -> str:

@@ -21,6 +21,7 @@ from dotenv import dotenv_values
 
 from voice_trio.forwarded import TrustedProxies
 from voice_trio.languages import agent_language
+from voice_trio.tools_file import HttpToolSpec, ToolsFileError, load_tools_file
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 _TRUE = {"1", "true", "yes", "on"}
@@ -456,6 +457,35 @@ class Settings:
         secret=True,
         doc="signs media stream tokens; same on every instance (empty: random per process)",
     )
+    tools_file: str = _setting(
+        "TOOLS_FILE",
+        "",
+        _path,
+        doc="the operator's HTTP tools, TOML or JSON (docs/tools.md; empty: none)",
+    )
+    tools_secret: str = _setting(
+        "TOOLS_SECRET",
+        "",
+        _secret_key,
+        secret=True,
+        doc="signs every tool request (HMAC-SHA256); required with TOOLS_FILE",
+    )
+    tool_result_max_chars: int = _setting(
+        "TOOL_RESULT_MAX_CHARS",
+        4000,
+        _int_range(100, 100_000),
+        doc="a tool's answer is cut to this many characters before it reaches Claude",
+    )
+    tool_wait_ms: int = _setting(
+        "TOOL_WAIT_MS",
+        700,
+        _int_range(100, 10_000),
+        doc="a tool answer slower than this gets its waiting phrase said",
+    )
+    # Read from TOOLS_FILE by from_env, not a variable of its own.
+    http_tools: tuple[HttpToolSpec, ...] = field(
+        default=(), metadata={"env": None, "secret": False, "doc": "", "aliases": ()}
+    )
     transfer_number: str = _setting(
         "TRANSFER_NUMBER",
         "",
@@ -506,7 +536,7 @@ class Settings:
             source.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
         source.update(environ)
         values: dict[str, Any] = {}
-        for f in fields(cls):
+        for f in _variables(cls):
             meta = f.metadata
             raw = source.get(meta["env"])
             for alias in meta["aliases"]:
@@ -515,7 +545,26 @@ class Settings:
             if raw is None or raw.strip() == "":
                 continue
             values[f.name] = meta["parse"](meta["env"], raw)
-        return cls(**values).with_checked_language().with_workers(values.get("workers", 1))
+        settings = cls(**values).with_checked_language().with_workers(values.get("workers", 1))
+        return settings.with_tools(source)
+
+    def with_tools(self, environ: Mapping[str, str]) -> Settings:
+        """These settings with ``TOOLS_FILE`` read and checked (``${VAR}`` in endpoints
+        filled from ``environ``); declared tools need ``TOOLS_SECRET`` to sign with."""
+        if not self.tools_file:
+            return self
+        try:
+            tools = load_tools_file(self.tools_file, environ)
+        except ToolsFileError as exc:
+            raise ConfigError("TOOLS_FILE", "", reason=str(exc)) from None
+        if tools and not self.tools_secret:
+            raise ConfigError(
+                "TOOLS_SECRET",
+                "",
+                reason="TOOLS_FILE declares tools: set TOOLS_SECRET (at least 16 characters)"
+                " to sign their requests",
+            )
+        return replace(self, http_tools=tools)
 
     def with_workers(self, count: int) -> Settings:
         """These settings for ``count`` worker processes on one port. More than one need a
@@ -620,7 +669,7 @@ class Settings:
     def describe(self) -> list[tuple[str, str, str]]:
         """(variable, effective value with secrets masked, meaning) for every setting."""
         rows = []
-        for f in fields(self):
+        for f in _variables(self):
             value = getattr(self, f.name)
             shown = _shown(value)
             if f.metadata["secret"] and value:
@@ -637,16 +686,21 @@ class Settings:
                 _shown(f.default),
                 f.metadata["doc"],
             )
-            for f in fields(cls)
+            for f in _variables(cls)
         ]
 
     def secrets(self) -> list[str]:
         """Secret values that must never reach a log line or an error body."""
         return [
             getattr(self, f.name)
-            for f in fields(self)
+            for f in _variables(self)
             if f.metadata["secret"] and getattr(self, f.name)
         ]
+
+
+def _variables(settings: Any) -> list[Any]:
+    """The settings read from environment variables (not those derived from them)."""
+    return [f for f in fields(settings) if f.metadata["env"]]
 
 
 def _shown(value: Any) -> str:
