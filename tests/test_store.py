@@ -8,6 +8,7 @@ import os
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from voice_trio.store import (
     SqliteStore,
     StaleState,
     StoreError,
+    ToolCallEntry,
     TurnEntry,
     open_store,
 )
@@ -592,3 +594,42 @@ async def test_calls_of_an_instance_that_died_are_ended_and_a_live_ones_are_kept
     finally:
         await first.aclose()
         await second.aclose()
+
+
+async def test_tool_calls_are_kept_with_or_without_the_call_row(store: CallStore) -> None:
+    """A tool request is kept as it ended, even after (or without) the call's own row:
+    a hang-up mid-request still leaves its record, and a repeated save keeps the first."""
+    first = ToolCallEntry(
+        call_control_id="v3:tools-1",
+        tool_use_id="toolu_01",
+        tool="free_slots",
+        input={"fecha": "2026-12-07", "ñ": "sí"},
+        status="ok",
+        http_status=200,
+        result='{"slots": []}',
+        latency_ms=123.45,
+        started_at=1_700_000_000.5,
+    )
+    late = ToolCallEntry(
+        call_control_id="v3:tools-1",
+        tool_use_id="toolu_02",
+        tool="book_appointment",
+        input={"slot_id": "x"},
+        status="timeout",
+        http_status=None,
+        result="x" * 5000,
+        latency_ms=3000.0,
+        started_at=1_700_000_001.0,
+        caller_on_line=False,
+    )
+    await store.save_tool_call(late)
+    await store.save_tool_call(first)
+    await store.save_tool_call(ToolCallEntry(**{**asdict(first), "status": "error"}))
+    got = await store.get_tool_calls("v3:tools-1")
+    assert [t.tool_use_id for t in got] == ["toolu_01", "toolu_02"]
+    assert got[0] == first and got[0].input == {"fecha": "2026-12-07", "ñ": "sí"}
+    assert got[1].status == "timeout" and got[1].http_status is None
+    assert len(got[1].result) == ToolCallEntry.RESULT_CHARS and not got[1].caller_on_line
+    assert await store.get_tool_calls("v3:other") == []
+    with pytest.raises(ValueError, match="status"):
+        ToolCallEntry("v3:x", "t", "tool", {}, "maybe", None, "", 1.0)

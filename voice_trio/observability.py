@@ -328,6 +328,20 @@ class Metrics:
             ["kind", "outcome"],
             registry=r,
         )
+        # ``tool``: a name TOOLS_FILE declares (a closed set, read at start-up).
+        self.tool_calls = Counter(
+            "voice_tool_calls",
+            "Requests to the operator's HTTP tools, by how they ended",
+            ["tool", "status"],
+            registry=r,
+        )
+        self.tool_latency = Histogram(
+            "voice_tool_latency_seconds",
+            "Time from a tool request to its answer (or its timeout)",
+            ["tool"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.call_event_reconnects = Counter(
             "voice_call_event_reconnects",
             "Times the call-event bus got its lost LISTEN connection back",

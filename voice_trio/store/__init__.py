@@ -30,6 +30,7 @@ from voice_trio.store.records import (
     CallRecord,
     CallState,
     CallStore,
+    ToolCallEntry,
     TurnEntry,
 )
 from voice_trio.store.schema import LATEST
@@ -46,6 +47,7 @@ __all__ = [
     "SqliteStore",
     "StaleState",
     "StoreError",
+    "ToolCallEntry",
     "TurnEntry",
     "open_store",
     "store_for",

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from voice_trio.store.dialect import Dialect
-from voice_trio.store.records import CallQuery, CallRecord, TurnEntry
-from voice_trio.store.schema import CALL_COLUMNS, CALL_TIMES, TURN_COLUMNS
+from voice_trio.store.records import CallQuery, CallRecord, ToolCallEntry, TurnEntry
+from voice_trio.store.schema import CALL_COLUMNS, CALL_TIMES, TOOL_CALL_COLUMNS, TURN_COLUMNS
 
 
 def _slots(columns: Sequence[str]) -> str:
@@ -40,6 +40,16 @@ UPSERT_CALL = (
 )
 DELETE_TURNS = "DELETE FROM call_turns WHERE call_control_id = {call_control_id}"
 INSERT_TURN = f"INSERT INTO call_turns ({_TURNS}) VALUES ({_slots(TURN_COLUMNS)})"
+_TOOL_CALLS = ", ".join(TOOL_CALL_COLUMNS)
+# A request kept twice (a retried save) keeps its first row.
+INSERT_TOOL_CALL = (
+    f"INSERT INTO call_tool_calls ({_TOOL_CALLS}) VALUES ({_slots(TOOL_CALL_COLUMNS)}) "
+    "ON CONFLICT (call_control_id, tool_use_id) DO NOTHING"
+)
+SELECT_TOOL_CALLS = (
+    f"SELECT {_TOOL_CALLS} FROM call_tool_calls "
+    + "WHERE call_control_id = {call_control_id} ORDER BY started_at, tool_use_id"
+)
 SELECT_CALLS = f"SELECT {_CALLS} FROM calls"
 SELECT_CALL = SELECT_CALLS + " WHERE call_control_id = {call_control_id}"
 SELECT_TURNS = (
@@ -162,3 +172,19 @@ def turn_entry(row: Sequence[Any], dialect: Dialect) -> TurnEntry:
     values["interrupted"] = bool(values["interrupted"])
     values["tool_calls"] = dialect.load_json(values["tool_calls"])
     return TurnEntry(index=values.pop("idx"), **values)
+
+
+def tool_call_params(entry: ToolCallEntry, dialect: Dialect) -> dict[str, Any]:
+    params = {c: getattr(entry, c) for c in TOOL_CALL_COLUMNS}
+    params["input"] = dialect.dump_json(entry.input)
+    params["started_at"] = dialect.dump_time(entry.started_at)
+    return params
+
+
+def tool_call_entry(row: Sequence[Any], dialect: Dialect) -> ToolCallEntry:
+    """The entry of a row of ``SELECT_TOOL_CALLS``."""
+    values = dict(zip(TOOL_CALL_COLUMNS, row, strict=True))
+    values["input"] = dialect.load_json(values["input"])
+    values["started_at"] = dialect.load_time(values["started_at"])
+    values["caller_on_line"] = bool(values["caller_on_line"])
+    return ToolCallEntry(**values)

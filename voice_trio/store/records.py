@@ -89,6 +89,37 @@ class CallRecord:
             self.ended_at = round(self.ended_at, 6)
 
 
+TOOL_STATUSES = ("ok", "error", "timeout")
+
+
+@dataclass(slots=True)
+class ToolCallEntry:
+    """One request to an operator's HTTP tool (docs/tools.md), as it ended."""
+
+    call_control_id: str
+    tool_use_id: str  # Claude's id for the call; the request's X-Voice-Trio-Tool-Call
+    tool: str
+    input: dict[str, Any]
+    status: str  # ok | error | timeout
+    http_status: int | None  # None: no answer (timeout, connection refused)
+    result: str  # the answer (or the error) as Claude got it, cut to RESULT_CHARS
+    latency_ms: float
+    started_at: float = field(default_factory=time.time)
+    caller_on_line: bool = True  # False: the caller hung up before the answer came
+
+    RESULT_CHARS = 1000
+
+    def __post_init__(self) -> None:
+        if self.status not in TOOL_STATUSES:
+            raise ValueError(
+                f"ToolCallEntry.status: expected one of {TOOL_STATUSES}, got {self.status!r}"
+            )
+        if len(self.result) > self.RESULT_CHARS:
+            self.result = self.result[: self.RESULT_CHARS]
+        self.started_at = round(self.started_at, 6)
+        self.latency_ms = round(self.latency_ms, 1)
+
+
 class _TurnLike(Protocol):
     """What ``TurnEntry.from_turn`` reads (``conversation.turn_record.TurnRecord`` has it)."""
 
@@ -273,6 +304,14 @@ class CallStore(ABC):
     @abstractmethod
     async def get_call(self, call_control_id: str) -> tuple[CallRecord, list[TurnEntry]] | None:
         """The call and its turns in order, or None."""
+
+    @abstractmethod
+    async def save_tool_call(self, entry: ToolCallEntry) -> None:
+        """Keep one tool request as it ended (kept even if the call's row is not there)."""
+
+    @abstractmethod
+    async def get_tool_calls(self, call_control_id: str) -> list[ToolCallEntry]:
+        """The call's tool requests, oldest first."""
 
     async def list_calls(
         self,

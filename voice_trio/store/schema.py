@@ -56,6 +56,19 @@ TURN_COLUMNS = (
     "tool_calls",
 )
 
+TOOL_CALL_COLUMNS = (
+    "call_control_id",
+    "tool_use_id",
+    "tool",
+    "input",
+    "status",
+    "http_status",
+    "result",
+    "latency_ms",
+    "started_at",
+    "caller_on_line",
+)
+
 # Any 64-bit number both backends agree on; it names the migration lock in pg_locks.
 MIGRATION_LOCK = 0x766F_6963_6574_7269  # "voicetri"
 
@@ -154,6 +167,26 @@ CREATE TABLE instances (
     )
 
 
+def _tool_calls(time: str, real: str, boolean: str, json: str) -> tuple[str, ...]:
+    # No foreign key to calls: a request may end after a call whose row the store never got.
+    return (
+        f"""
+CREATE TABLE call_tool_calls (
+    call_control_id TEXT NOT NULL,
+    tool_use_id TEXT NOT NULL,
+    tool TEXT NOT NULL,
+    input {json} NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'error', 'timeout')),
+    http_status INTEGER,
+    result TEXT NOT NULL DEFAULT '',
+    latency_ms {real} NOT NULL,
+    started_at {time} NOT NULL,
+    caller_on_line {boolean} NOT NULL DEFAULT TRUE,
+    PRIMARY KEY (call_control_id, tool_use_id)
+)""",
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -176,6 +209,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         "instances and the calls they hold, so a dead instance's calls can be ended",
         sqlite=_instances("REAL"),
         postgres=_instances("TIMESTAMPTZ"),
+    ),
+    Migration(
+        3,
+        "the requests calls made to operators' HTTP tools",
+        sqlite=_tool_calls("REAL", "REAL", "INTEGER", "TEXT"),
+        postgres=_tool_calls("TIMESTAMPTZ", "DOUBLE PRECISION", "BOOLEAN", "JSONB"),
     ),
 )
 

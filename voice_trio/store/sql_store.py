@@ -25,6 +25,7 @@ from voice_trio.store.records import (
     CallRecord,
     CallState,
     CallStore,
+    ToolCallEntry,
     TurnEntry,
 )
 from voice_trio.store.schema import CREATE_MIGRATIONS_TABLE, pending
@@ -135,6 +136,16 @@ class SqlStore(CallStore):
                 q.call_record(row, self.dialect),
                 [q.turn_entry(t, self.dialect) for t in turns],
             )
+
+        return await self._read(read)
+
+    async def save_tool_call(self, entry: ToolCallEntry) -> None:
+        await self._write_one(q.INSERT_TOOL_CALL, **q.tool_call_params(entry, self.dialect))
+
+    async def get_tool_calls(self, call_control_id: str) -> list[ToolCallEntry]:
+        def read(tx: Transaction) -> list[ToolCallEntry]:
+            rows = tx.run(q.SELECT_TOOL_CALLS, call_control_id=call_control_id).fetchall()
+            return [q.tool_call_entry(r, self.dialect) for r in rows]
 
         return await self._read(read)
 

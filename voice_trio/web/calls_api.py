@@ -28,7 +28,7 @@ from quart_trio import QuartTrio
 
 from voice_trio.config import E164
 from voice_trio.instance.center import CallCenter
-from voice_trio.store import MAX_PAGE, CallRecord, CallStore, StoreError, TurnEntry
+from voice_trio.store import MAX_PAGE, CallRecord, CallStore, StoreError, ToolCallEntry, TurnEntry
 from voice_trio.store.records import MAX_EPOCH, STATUSES, decode_cursor
 
 log = logging.getLogger("voice_trio.web")
@@ -158,6 +158,20 @@ def turn_json(turn: TurnEntry) -> dict[str, Any]:
     }
 
 
+def tool_call_json(entry: ToolCallEntry) -> dict[str, Any]:
+    return {
+        "tool": entry.tool,
+        "tool_use_id": entry.tool_use_id,
+        "input": entry.input,
+        "status": entry.status,
+        "http_status": entry.http_status,
+        "result": entry.result,
+        "latency_ms": entry.latency_ms,
+        "started_at": iso(entry.started_at),
+        "caller_on_line": entry.caller_on_line,
+    }
+
+
 def latency_summary(turns: list[TurnEntry]) -> dict[str, Any]:
     """Median and worst voice path (t0→t5) and server overhead over the call's turns."""
     voice = [t.t5 - t.t0 for t in turns if t.t0 is not None and t.t5 is not None]
@@ -203,6 +217,7 @@ def register_calls_api(app: QuartTrio, center: CallCenter) -> None:
             return _no_store()
         try:
             found = await calls.get_call(call_control_id)
+            tools = await calls.get_tool_calls(call_control_id) if found is not None else []
         except StoreError as exc:
             return _store_failed(exc)
         if found is None:
@@ -212,6 +227,7 @@ def register_calls_api(app: QuartTrio, center: CallCenter) -> None:
             200,
             call=call_json(record),
             turns=[turn_json(t) for t in turns],
+            tool_calls=[tool_call_json(t) for t in tools],
             latency=latency_summary(turns),
         )
 
