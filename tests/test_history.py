@@ -99,3 +99,58 @@ def test_window_returns_copies() -> None:
 def test_window_of_empty_conversation() -> None:
     assert Conversation().window(10) == []
     assert Conversation().turns == ()
+
+
+USE = {"type": "tool_use", "id": "toolu_1", "name": "free_slots", "input": {}}
+RESULT = {"type": "tool_result", "tool_use_id": "toolu_1", "content": '{"slots": []}'}
+
+
+def test_a_tool_exchange_sits_between_the_question_and_the_answer() -> None:
+    c = Conversation()
+    c.add_user("Quiero una cita.")
+    c.add_tool_exchange([{"type": "text", "text": "Reviso."}, USE], [RESULT])
+    c.add_assistant("Reviso. No hay espacios esta semana.")
+    c.add_user("Gracias.")
+    assert c.window(10) == [
+        {"role": "user", "content": "Quiero una cita."},
+        {"role": "assistant", "content": [USE]},
+        {"role": "user", "content": [RESULT]},
+        {"role": "assistant", "content": "Reviso. No hay espacios esta semana."},
+        {"role": "user", "content": "Gracias."},
+    ]
+    assert [t.text for t in c.turns] == [
+        "Quiero una cita.",
+        "Reviso. No hay espacios esta semana.",
+        "Gracias.",
+    ]
+
+
+def test_a_cut_turn_s_exchange_comes_back_with_the_new_words() -> None:
+    """Barge-in while a tool ran: what was heard, the request, then its result together
+    with what the caller said over the bot."""
+    c = Conversation()
+    c.add_user("Quiero una cita.")
+    c.add_assistant("Con gusto, reviso", interrupted=True)
+    c.add_tool_exchange([USE], [RESULT])
+    c.add_user("Mejor el martes.")
+    window = c.window(10)
+    assert window[1:] == [
+        {"role": "assistant", "content": [{"type": "text", "text": "Con gusto, reviso —"}, USE]},
+        {"role": "user", "content": [RESULT, {"type": "text", "text": "Mejor el martes."}]},
+    ]
+    window[2]["content"].append("changed")  # a fresh copy: the history is not touched
+    assert len(c.window(10)[2]["content"]) == 2
+
+
+def test_the_window_never_starts_with_a_result_whose_request_it_cut() -> None:
+    c = Conversation()
+    c.add_user("Quiero una cita.")
+    c.add_tool_exchange([USE], [RESULT])
+    c.add_user("¿Y el martes?")
+    c.add_assistant("El martes hay a las 9.")
+    assert c.window(3) == [
+        {"role": "user", "content": [{"type": "text", "text": "¿Y el martes?"}]},
+        {"role": "assistant", "content": "El martes hay a las 9."},
+    ]
+    c.add_tool_exchange([USE], [RESULT])
+    assert c.window(1) == []  # only a result, whose request is cut off

@@ -5,12 +5,17 @@ A phone call does not: the bot greets first, a reprompt
 follows a reply the caller did not answer, the caller speaks twice while the bot is
 cut off. :class:`Conversation` keeps every turn as it happened (``turns``, for the call
 record) and, alongside, API messages where consecutive same-role turns are merged.
+
+Tool exchanges (docs/tools.md) live only in the API messages: an assistant message with the
+``tool_use`` blocks, then a user message whose content starts with their ``tool_result``
+blocks. Caller words that follow join that user message as a text block; the window never
+begins with a result whose request it cut off.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["DEFAULT_OPENING", "INTERRUPTED_MARK", "Conversation", "Turn"]
 
@@ -49,7 +54,7 @@ class Conversation:
     def __init__(self, opening: str = DEFAULT_OPENING) -> None:
         self.opening = opening
         self._turns: list[Turn] = []
-        self._messages: list[dict[str, str]] = []
+        self._messages: list[dict[str, Any]] = []
 
     @property
     def turns(self) -> tuple[Turn, ...]:
@@ -70,22 +75,69 @@ class Conversation:
             self._messages.append({"role": "user", "content": self.opening})
         self._append("assistant", text + INTERRUPTED_MARK if interrupted else text)
 
-    def window(self, limit: int) -> list[dict[str, str]]:
-        """The last ``limit`` API messages (fresh dicts), starting with a ``user`` message.
+    def add_tool_exchange(self, asked: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:
+        """Claude's ``tool_use`` blocks (``asked``; other blocks are left out: what was
+        said is added as the bot's words) and the ``tool_result`` blocks that answer them."""
+        uses = [dict(b) for b in asked if b.get("type") == "tool_use"]
+        if not uses:
+            return
+        if not self._messages:
+            self._messages.append({"role": "user", "content": self.opening})
+        self._append_blocks("assistant", uses)
+        self._messages.append({"role": "user", "content": [dict(b) for b in results]})
 
-        When the cut would start on an assistant message that message is left out too, so
-        the result may hold ``limit - 1`` messages; it never exceeds ``limit``.
+    def window(self, limit: int) -> list[dict[str, Any]]:
+        """The last ``limit`` API messages (fresh copies), starting with a ``user`` message.
+
+        When the cut would start on an assistant message that message is left out too, and
+        so are tool results whose request was cut off; the result never exceeds ``limit``.
         """
         if limit <= 0:
             return []
-        recent = self._messages[-limit:]
-        if recent and recent[0]["role"] == "assistant":
-            recent = recent[1:]
-        return [dict(m) for m in recent]
+        recent = [_copy(m) for m in self._messages[-limit:]]
+        while recent:
+            first = recent[0]
+            if first["role"] == "assistant":
+                recent = recent[1:]
+                continue
+            content = first["content"]
+            if isinstance(content, list) and any(_is_result(b) for b in content):
+                kept = [b for b in content if not _is_result(b)]
+                if not kept:
+                    recent = recent[1:]
+                    continue
+                first["content"] = kept
+            break
+        return recent
 
     def _append(self, role: Role, content: str) -> None:
         messages = self._messages
         if messages and messages[-1]["role"] == role:
-            messages[-1]["content"] += " " + content
+            last = messages[-1]
+            if isinstance(last["content"], list):
+                last["content"].append({"type": "text", "text": content})
+            else:
+                last["content"] += " " + content
         else:
             messages.append({"role": role, "content": content})
+
+    def _append_blocks(self, role: Role, blocks: list[dict[str, Any]]) -> None:
+        messages = self._messages
+        if messages and messages[-1]["role"] == role:
+            last = messages[-1]
+            if isinstance(last["content"], str):
+                last["content"] = [{"type": "text", "text": last["content"]}]
+            last["content"].extend(blocks)
+        else:
+            messages.append({"role": role, "content": blocks})
+
+
+def _is_result(block: Any) -> bool:
+    return isinstance(block, dict) and block.get("type") == "tool_result"
+
+
+def _copy(message: dict[str, Any]) -> dict[str, Any]:
+    content = message["content"]
+    if isinstance(content, list):
+        return {"role": message["role"], "content": [dict(b) for b in content]}
+    return dict(message)
