@@ -655,7 +655,7 @@ def plot(levels: list[dict[str, Any]], path: Path) -> str:
 async def run(opts: Options) -> int:
     opts.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    meta = {
+    meta: dict[str, Any] = {
         "machine": machine_info(),
         "options": {
             "levels": opts.levels,
