@@ -31,6 +31,7 @@ import httpx
 import psycopg
 import trio
 
+from voice_trio.calls.ends import CallMode
 from voice_trio.calls.orders import accepted
 from voice_trio.calls.registry import ActiveCall
 from voice_trio.config import Settings
@@ -86,7 +87,7 @@ async def run_holder(dsn: str) -> None:
         center, stop = await start_instance(nursery, dsn)
         for i in range(CALLS):
             ccid = f"v3:latency-{i}"
-            center.registry.add(ActiveCall(ccid, mode="media"))
+            center.registry.add(ActiveCall(ccid, mode=CallMode.MEDIA))
             record = CallRecord(ccid, "inbound", "+573001234567", "+5716000000")
             record.holder = center.instance_id
             await center.store.start_call(record)
@@ -97,7 +98,7 @@ async def run_holder(dsn: str) -> None:
             center.signals.attach(ccid, got)
             center.live.hold(ccid, Obedient())
         print("ready", flush=True)
-        await trio.wrap_file(sys.stdin).read()  # until the receiver is done
+        await trio.to_thread.run_sync(sys.stdin.read)  # until the receiver is done
         for call in center.registry:
             center.registry.remove(call)  # fake calls: nothing to hang up
         stop.set()

@@ -47,11 +47,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import _bench
 import httpx
 import trio
 
-HERE = Path(__file__).resolve().parent
+from bench.lab import (
+    CallOutcome,
+    LagProbe,
+    call_script,
+    lab_ports,
+    open_bench_lab,
+    prune_lab,
+    run_inbound_call,
+)
+from bench.machine import machine_cpu, machine_info
+from bench.report import Progress, bar, load_matplotlib, mb, write_json
+from bench.scrape import Scrape, scrape
+from bench.server import (
+    VARIANT_SERVE,
+    ServerProcess,
+    free_port,
+    server_env,
+    sigterm_as_interrupt,
+)
+from bench.stats import (
+    Buckets,
+    bucket_delta,
+    hist_summary,
+    max_bound,
+    per_bucket,
+    percentile,
+    raw_summary,
+    share_at_most,
+)
+
 LAG_TARGET_S = 0.02
 SIM_CPU_WARN = 85.0
 # CPU used by the rest of the machine (other jobs, the kernel's loopback work) above which a
@@ -129,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "--variant",
         default="",
         help="switch one optimisation off in the server, to compare "
-        "(scripts/_variant_serve.py: no-stt-batching, hypercorn-reads)",
+        "(scripts/bench/variant_serve.py: no-stt-batching, hypercorn-reads)",
     )
     parser.add_argument(
         "--workers",
@@ -178,7 +206,7 @@ def call_timeout(opts: Options) -> float:
 
 
 class Runner:
-    def __init__(self, opts: Options, lab: Any, server: _bench.ServerProcess) -> None:
+    def __init__(self, opts: Options, lab: Any, server: ServerProcess) -> None:
         self.opts = opts
         self.lab = lab
         self.server = server
@@ -187,32 +215,32 @@ class Runner:
         self.client = httpx.AsyncClient(
             base_url=server.base_url, timeout=10, trust_env=False, headers=headers
         )
-        self.progress = _bench.Progress()
-        self.lag = _bench.LagProbe()
+        self.progress = Progress()
+        self.lag = LagProbe()
         self.number = 0
-        self.idle: _bench.Scrape | None = None
+        self.idle: Scrape | None = None
 
     def next_number(self) -> str:
         self.number += 1
         return f"+57300{self.number:07d}"
 
-    async def call(self, turns: int) -> _bench.CallOutcome:
-        return await _bench.run_inbound_call(
+    async def call(self, turns: int) -> CallOutcome:
+        return await run_inbound_call(
             self.lab,
             number=self.next_number(),
-            script=_bench.call_script(turns),
+            script=call_script(turns),
             turns=turns,
             ms_per_char=self.opts.ms_per_char,
             timeout_s=call_timeout(self.opts),
         )
 
-    async def wait_idle(self, timeout: float = 60.0, settle: float = 12.0) -> _bench.Scrape:
+    async def wait_idle(self, timeout: float = 60.0, settle: float = 12.0) -> Scrape:
         """Until the server's registry is empty, then until its tasks and descriptors are
         back at the idle baseline (or, before there is one, have been stable for longer than
         the 5 s keep-alive timeout); at most ``settle`` seconds for that part."""
         with trio.move_on_after(timeout):
             while True:
-                current = await _bench.scrape(self.client)
+                current = await scrape(self.client)
                 if not current.active_calls:
                     break
                 await trio.sleep(0.5)
@@ -220,7 +248,7 @@ class Runner:
         previous, since = None, trio.current_time()
         while trio.current_time() < deadline:
             await trio.sleep(0.5)
-            current = await _bench.scrape(self.client)
+            current = await scrape(self.client)
             state = (current.tasks, current.fds)
             if state != previous:
                 previous, since = state, trio.current_time()
@@ -241,7 +269,7 @@ class Runner:
             raise RuntimeError(f"the warm-up call failed: {outcome.reason}")
         self.idle = await self.wait_idle()
         self.progress.done(
-            f"warm-up call ok; idle: RSS {_bench.mb(self.idle.rss)} MB, "
+            f"warm-up call ok; idle: RSS {mb(self.idle.rss)} MB, "
             f"{int(self.idle.tasks or 0)} tasks, {int(self.idle.fds or 0)} fds"
         )
 
@@ -252,10 +280,10 @@ class Runner:
         ramp_end = start + (n - 1) * stagger
         window_start = ramp_end + 1.0
         stop_dialling = window_start + opts.duration
-        outcomes: list[_bench.CallOutcome] = []
+        outcomes: list[CallOutcome] = []
         state = {"started": 0, "active": 0}
         max_calls = opts.max_calls if opts.max_calls is not None else math.inf
-        level_start = await _bench.scrape(self.client)
+        level_start = await scrape(self.client)
 
         async def slot(i: int) -> None:
             await trio.sleep_until(start + i * stagger)
@@ -273,17 +301,17 @@ class Runner:
 
         async def measure() -> None:
             await trio.sleep_until(window_start)
-            before = await _bench.scrape(self.client)
+            before = await scrape(self.client)
             cpu0, wall0, lag_mark = time.process_time(), trio.current_time(), self.lag.mark()
-            machine0 = _bench.machine_cpu()
-            samples: list[_bench.Scrape] = [before]
+            machine0 = machine_cpu()
+            samples: list[Scrape] = [before]
             while trio.current_time() < stop_dialling - opts.sample_every / 2:
                 await trio.sleep(min(opts.sample_every, stop_dialling - trio.current_time()))
-                samples.append(await _bench.scrape(self.client))
-            after = await _bench.scrape(self.client)
+                samples.append(await scrape(self.client))
+            after = await scrape(self.client)
             samples.append(after)
             wall = trio.current_time() - wall0
-            machine1 = _bench.machine_cpu()
+            machine1 = machine_cpu()
             window.update(
                 machine_busy=(machine1[0] - machine0[0]) / wall * 100 if wall > 0 else None,
                 before=before,
@@ -300,9 +328,9 @@ class Runner:
             while True:
                 now = trio.current_time()
                 if now < window_start:
-                    phase = f"ramp {_bench.bar(now - start, window_start - start)}"
+                    phase = f"ramp {bar(now - start, window_start - start)}"
                 elif now < stop_dialling:
-                    phase = f"steady {_bench.bar(now - window_start, opts.duration)}"
+                    phase = f"steady {bar(now - window_start, opts.duration)}"
                 else:
                     phase = f"draining {now - stop_dialling:4.0f}s"
                 failed = sum(1 for o in outcomes if not o.ok)
@@ -310,7 +338,7 @@ class Runner:
                     f"N={n:<4} {phase}  in call {state['active']:>4}"
                     f"  done {len(outcomes) - failed}  failed {failed}"
                 )
-                _bench.prune_lab(self.lab)
+                prune_lab(self.lab)
                 await trio.sleep(0.5)
 
         with trio.fail_after(stop_dialling - start + call_timeout(opts) + 60):
@@ -334,7 +362,7 @@ class Runner:
             "open_fds": int(after.fds or 0),
             "tasks_above_idle": int((after.tasks or 0) - ((idle.tasks or 0) if idle else 0)),
             "fds_above_idle": int((after.fds or 0) - ((idle.fds or 0) if idle else 0)),
-            "sockets": self.server.socket_peers(_bench.lab_ports(self.lab)),
+            "sockets": self.server.socket_peers(lab_ports(self.lab)),
         }
         result["workers"] = per_worker(window, level_start, after, idle, n)
         return result
@@ -342,20 +370,18 @@ class Runner:
 
 def summarize_level(
     n: int,
-    outcomes: list[_bench.CallOutcome],
+    outcomes: list[CallOutcome],
     window: dict[str, Any],
-    idle: _bench.Scrape | None,
+    idle: Scrape | None,
     opts: Options,
 ) -> dict[str, Any]:
-    before: _bench.Scrape = window["before"]
-    after: _bench.Scrape = window["after"]
-    samples: list[_bench.Scrape] = window["samples"]
+    before: Scrape = window["before"]
+    after: Scrape = window["after"]
+    samples: list[Scrape] = window["samples"]
     t0, t1 = window["t0"], window["t1"]
 
-    def delta_hist(name: str, **labels: str) -> _bench.Buckets:
-        return _bench.bucket_delta(
-            before.histogram(name, **labels), after.histogram(name, **labels)
-        )
+    def delta_hist(name: str, **labels: str) -> Buckets:
+        return bucket_delta(before.histogram(name, **labels), after.histogram(name, **labels))
 
     in_window = [ms for o in outcomes for at, ms in o.turn_starts if t0 <= at <= t1]
     every = [ms for o in outcomes for ms in o.latencies_ms]
@@ -363,7 +389,7 @@ def summarize_level(
     overhead = delta_hist("voice_server_overhead_seconds")
     stages = {}
     for stage in ("t0-t1", "t1-t2", "t2-t3", "t3-t4", "t4-t5", "t0-t5"):
-        stages[stage] = _bench.hist_summary(
+        stages[stage] = hist_summary(
             delta_hist("voice_turn_stage_seconds", stage=stage), bounds=False
         )
     late = (after.value("voice_outbound_frames_late_total") or 0.0) - (
@@ -374,7 +400,7 @@ def summarize_level(
         cpu = (after.cpu - before.cpu) / (t1 - t0) * 100
     rss_peak = max((s.rss or 0.0) for s in samples)
     idle_rss = idle.rss if idle is not None else None
-    share_ok = _bench.share_at_most(LAG_TARGET_S, lag)
+    share_ok = share_at_most(LAG_TARGET_S, lag)
     lag_ok = share_ok is not None and share_ok >= 0.99
     sim_lag = window["sim_lag"]
     sim_cpu = window["sim_cpu"]
@@ -388,18 +414,18 @@ def summarize_level(
             "failure_reasons": dict(reasons.most_common(5)),
         },
         "window_s": round(t1 - t0, 1),
-        "voice_to_voice_ms": _bench.raw_summary(in_window),
-        "voice_to_voice_ms_all_turns": _bench.raw_summary(every),
-        "server_overhead": _bench.hist_summary(overhead, (0.5, 0.99)),
-        "event_loop_lag": _bench.hist_summary(lag, (0.5, 0.99)),
+        "voice_to_voice_ms": raw_summary(in_window),
+        "voice_to_voice_ms_all_turns": raw_summary(every),
+        "server_overhead": hist_summary(overhead, (0.5, 0.99)),
+        "event_loop_lag": hist_summary(lag, (0.5, 0.99)),
         "event_loop_lag_share_le_20ms": None if share_ok is None else round(share_ok, 5),
-        "event_loop_lag_max_le_ms": _ms(_bench.max_bound(lag)),
-        "event_loop_lag_buckets": _bench.per_bucket(lag),
+        "event_loop_lag_max_le_ms": _ms(max_bound(lag)),
+        "event_loop_lag_buckets": per_bucket(lag),
         "turn_stages": stages,
         "outbound_frames_late": int(late),
         "server_cpu_percent": None if cpu is None else round(cpu, 1),
-        "server_rss_mb_idle": _bench.mb(idle_rss),
-        "server_rss_mb_peak": _bench.mb(rss_peak),
+        "server_rss_mb_idle": mb(idle_rss),
+        "server_rss_mb_peak": mb(rss_peak),
         "rss_per_call_kb": None if idle_rss is None else round((rss_peak - idle_rss) / n / 1024, 1),
         "max_active_calls": int(max((s.active_calls or 0.0) for s in samples)),
         "max_trio_tasks": int(max((s.tasks or 0.0) for s in samples)),
@@ -408,7 +434,7 @@ def summarize_level(
             "cpu_percent": None if sim_cpu is None else round(sim_cpu, 1),
             "loop_lag_p99_ms": None
             if not sim_lag
-            else round((_bench.percentile(sim_lag, 0.99) or 0.0) * 1000, 1),
+            else round((percentile(sim_lag, 0.99) or 0.0) * 1000, 1),
             "line_late_resyncs": sum(o.late_resyncs for o in outcomes),
         },
         "meets": {
@@ -450,18 +476,18 @@ def summarize_level(
 
 def per_worker(
     window: dict[str, Any],
-    level_start: _bench.Scrape,
-    after: _bench.Scrape,
-    idle: _bench.Scrape | None,
+    level_start: Scrape,
+    after: Scrape,
+    idle: Scrape | None,
     n: int,
 ) -> dict[str, dict[str, Any]]:
     """The level's numbers by worker (one entry, ``"-"``, for a single process): the calls
     it carried over the whole level, and in the window its CPU, its CPU per call-second
     (over the calls it held on average), its loop lag and late frames; its tasks and
     descriptors after the level, against its own idle baseline."""
-    before: _bench.Scrape = window["before"]
-    end: _bench.Scrape = window["after"]
-    samples: list[_bench.Scrape] = window["samples"]
+    before: Scrape = window["before"]
+    end: Scrape = window["after"]
+    samples: list[Scrape] = window["samples"]
     wall = end.at - before.at
     names = sorted(set(level_start.workers()) | set(after.workers()))
     carried = {
@@ -481,14 +507,14 @@ def per_worker(
             cpu_s = cpu_a - cpu_b
         held = [s.of("voice_active_calls", w) or 0.0 for s in samples]
         mean_held = sum(held) / len(held) if held else 0.0
-        lag = _bench.bucket_delta(
+        lag = bucket_delta(
             before.histogram_of("voice_event_loop_lag_seconds", w),
             end.histogram_of("voice_event_loop_lag_seconds", w),
         )
         late = (end.of("voice_outbound_frames_late_total", w) or 0.0) - (
             before.of("voice_outbound_frames_late_total", w) or 0.0
         )
-        share_ok = _bench.share_at_most(LAG_TARGET_S, lag)
+        share_ok = share_at_most(LAG_TARGET_S, lag)
         row: dict[str, Any] = {
             "calls": int(carried[w]),
             "calls_share": round(carried[w] / total, 3) if total else None,
@@ -499,7 +525,7 @@ def per_worker(
                 if cpu_s is not None and mean_held > 0
                 else None
             ),
-            "event_loop_lag": _bench.hist_summary(lag, (0.5, 0.99)),
+            "event_loop_lag": hist_summary(lag, (0.5, 0.99)),
             "event_loop_lag_share_le_20ms": None if share_ok is None else round(share_ok, 5),
             "outbound_frames_late": int(late),
         }
@@ -593,7 +619,7 @@ def table(levels: list[dict[str, Any]]) -> str:
 
 
 def plot(levels: list[dict[str, Any]], path: Path) -> str:
-    plt = _bench.load_matplotlib()
+    plt = load_matplotlib()
     if plt is None:
         return (
             "matplotlib is not installed: no PNG written (pip install matplotlib to get "
@@ -629,8 +655,8 @@ def plot(levels: list[dict[str, Any]], path: Path) -> str:
 async def run(opts: Options) -> int:
     opts.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    meta = {
-        "machine": _bench.machine_info(),
+    meta: dict[str, Any] = {
+        "machine": machine_info(),
         "options": {
             "levels": opts.levels,
             "turns": opts.turns,
@@ -647,19 +673,19 @@ async def run(opts: Options) -> int:
         "variant": opts.variant or None,
     }
     levels: list[dict[str, Any]] = []
-    server: _bench.ServerProcess | None = None
+    server: ServerProcess | None = None
     try:
         with trio.fail_after(opts.time_limit):
             async with trio.open_nursery() as nursery:
-                port = _bench.free_port()
-                lab = await _bench.open_bench_lab(
+                port = free_port()
+                lab = await open_bench_lab(
                     nursery,
                     ms_per_char=opts.ms_per_char,
                     llm_ttft=opts.llm_ttft,
                     tts_ttfb_ms=opts.tts_ttfb,
                     webhook_url=f"http://127.0.0.1:{port}/webhook/telnyx",
                 )
-                env = _bench.server_env(
+                env = server_env(
                     lab.server_env(),
                     port,
                     opts.out,
@@ -669,8 +695,8 @@ async def run(opts: Options) -> int:
                 launcher = None
                 if opts.variant:
                     env["VARIANT"] = opts.variant
-                    launcher = [sys.executable, str(HERE / "_variant_serve.py")]
-                server = _bench.ServerProcess(
+                    launcher = VARIANT_SERVE
+                server = ServerProcess(
                     env, port, opts.out / "server.log", launcher, workers=opts.workers
                 )
                 await server.start()
@@ -680,7 +706,7 @@ async def run(opts: Options) -> int:
                 for n in opts.levels:
                     result = await runner.level(n)
                     levels.append(result)
-                    _bench.write_json(opts.out / "results.json", {**meta, "levels": levels})
+                    write_json(opts.out / "results.json", {**meta, "levels": levels})
                     left = result["after_level"]
                     if left["tasks_above_idle"] > 0:
                         print(
@@ -714,7 +740,7 @@ async def run(opts: Options) -> int:
     meta["server_log_problems"] = server.log_problems() if server else {}
     meta["wall_seconds"] = round(time.time() - started, 1)
     knee = find_knee(levels)
-    _bench.write_json(opts.out / "results.json", {**meta, "levels": levels, "knee": knee})
+    write_json(opts.out / "results.json", {**meta, "levels": levels, "knee": knee})
     print()
     print(table(levels))
     print()
@@ -745,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("hypercorn.error").disabled = True  # the simulators' "Running on" lines
-    _bench.sigterm_as_interrupt()
+    sigterm_as_interrupt()
     return trio.run(run, parse_args(argv))
 
 

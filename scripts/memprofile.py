@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/memprofile.py --calls 30 --out results/mem
 
-The server runs under tracemalloc (scripts/_traced_serve.py). After one warm-up call and
+The server runs under tracemalloc (scripts/bench/traced_serve.py). After one warm-up call and
 a settle, snapshot A; then N calls are started (100 ms apart, long enough to stay up) and,
 once all of them are in conversation, snapshot B. B - A divided by N is what one call
 holds, grouped three ways: by the voice_trio line that (most recently) caused the
@@ -15,16 +15,17 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import tracemalloc
 from collections import Counter
 from pathlib import Path
 
-import _bench
 import httpx
 import trio
 
-HERE = Path(__file__).resolve().parent
+from bench.lab import call_script, open_bench_lab, run_inbound_call
+from bench.report import mb
+from bench.scrape import scrape
+from bench.server import TRACED_SERVE, ServerProcess, free_port, server_env
 
 
 def owner(tb: tracemalloc.Traceback) -> str:
@@ -87,27 +88,25 @@ def fresh_dir(path: str) -> Path:
 async def run(args: argparse.Namespace) -> None:
     out = fresh_dir(args.out)
     async with trio.open_nursery() as nursery:
-        port = _bench.free_port()
-        lab = await _bench.open_bench_lab(
+        port = free_port()
+        lab = await open_bench_lab(
             nursery,
             ms_per_char=65,
             llm_ttft=0.4,
             tts_ttfb_ms=150,
             webhook_url=f"http://127.0.0.1:{port}/webhook/telnyx",
         )
-        env = _bench.server_env(lab.server_env(), port, out, {"TRACEMALLOC_OUT": str(out)})
-        server = _bench.ServerProcess(
-            env, port, out / "server.log", [sys.executable, str(HERE / "_traced_serve.py")]
-        )
+        env = server_env(lab.server_env(), port, out, {"TRACEMALLOC_OUT": str(out)})
+        server = ServerProcess(env, port, out / "server.log", TRACED_SERVE)
         await server.start(timeout=240)  # tracemalloc slows start-up several-fold
         client = httpx.AsyncClient(base_url=server.base_url, timeout=30, trust_env=False)
         try:
 
             async def call(i: int, turns: int) -> None:
-                await _bench.run_inbound_call(
+                await run_inbound_call(
                     lab,
                     number=f"+57310{i:07d}",
-                    script=_bench.call_script(turns),
+                    script=call_script(turns),
                     turns=turns,
                     ms_per_char=65,
                     timeout_s=600,
@@ -115,14 +114,14 @@ async def run(args: argparse.Namespace) -> None:
 
             await call(0, 1)
             await trio.sleep(8)
-            idle = await _bench.scrape(client)
+            idle = await scrape(client)
             await snapshot(server, out, 1)
             async with trio.open_nursery() as calls:
                 for i in range(args.calls):
                     calls.start_soon(call, i + 1, args.turns)
                     await trio.sleep(0.1)
                 await trio.sleep(args.settle)
-                live = await _bench.scrape(client)
+                live = await scrape(client)
                 await snapshot(server, out, 2)
                 calls.cancel_scope.cancel()
         finally:
@@ -135,15 +134,14 @@ async def run(args: argparse.Namespace) -> None:
     text = report(a, b, args.calls, args.top)
     rss = ((live.rss or 0) - (idle.rss or 0)) / max(active, 1) / 1024
     text = (
-        f"calls live at snapshot B: {active} of {args.calls}; RSS idle {_bench.mb(idle.rss)} MB, "
-        f"live {_bench.mb(live.rss)} MB: {rss:.0f} KB per call (includes tracemalloc's own)\n"
-        + text
+        f"calls live at snapshot B: {active} of {args.calls}; RSS idle {mb(idle.rss)} MB, "
+        f"live {mb(live.rss)} MB: {rss:.0f} KB per call (includes tracemalloc's own)\n" + text
     )
     (out / "memprofile.txt").write_text(text + "\n")
     print(text)
 
 
-async def snapshot(server: _bench.ServerProcess, out: Path, n: int) -> None:
+async def snapshot(server: ServerProcess, out: Path, n: int) -> None:
     assert server.pid is not None
     os.kill(server.pid, signal.SIGUSR2)
     with trio.fail_after(120):

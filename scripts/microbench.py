@@ -15,6 +15,7 @@ import struct
 import time
 import timeit
 from base64 import b64encode
+from collections.abc import Callable
 
 import trio
 import wsproto
@@ -39,7 +40,7 @@ FRAME = json.dumps(
 NUMBER = 20_000
 
 
-def best(stmt, number: int = NUMBER) -> float:
+def best(stmt: Callable[[], object], number: int = NUMBER) -> float:
     return min(timeit.repeat(stmt, number=number, repeat=5)) / number * 1e6
 
 

@@ -52,15 +52,30 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import _bench
 import httpx
 import trio
 
+from bench.lab import (
+    CallOutcome,
+    call_script,
+    lab_ports,
+    open_bench_lab,
+    prune_lab,
+    run_inbound_call,
+)
+from bench.machine import machine_info
+from bench.report import Progress, bar, load_matplotlib, mb, write_json
+from bench.scrape import Scrape, scrape
+from bench.server import (
+    TRACED_SERVE,
+    ServerProcess,
+    free_port,
+    server_env,
+    sigterm_as_interrupt,
+)
+
 # Unchanged this long (longer than Hypercorn's 5 s keep-alive) counts as settled.
 STABLE_S = 6.0
-
-
-TRACED_SERVE = Path(__file__).resolve().parent / "_traced_serve.py"
 
 
 @dataclass
@@ -189,7 +204,7 @@ class Idle:
             "trio_tasks": self.tasks,
             "open_fds": self.fds,
             "registry": self.registry,
-            "rss_mb": _bench.mb(self.rss),
+            "rss_mb": mb(self.rss),
             "fd_kinds": self.fd_kinds,
             "sockets": self.sockets,
             "workers": {
@@ -219,7 +234,7 @@ def back_at(current: dict[str, tuple[int, int, int, int]], target: Idle) -> bool
 
 
 class Soak:
-    def __init__(self, opts: Options, lab: Any, server: _bench.ServerProcess) -> None:
+    def __init__(self, opts: Options, lab: Any, server: ServerProcess) -> None:
         self.opts = opts
         self.lab = lab
         self.server = server
@@ -229,10 +244,10 @@ class Soak:
         self.client = httpx.AsyncClient(
             base_url=server.base_url, timeout=10, trust_env=False, headers=headers
         )
-        self.ports = _bench.lab_ports(lab)
+        self.ports = lab_ports(lab)
         if opts.database_url:
             self.ports[urlsplit(opts.database_url).port or 5432] = "store"
-        self.progress = _bench.Progress()
+        self.progress = Progress()
         self.number = 0
         self.done = 0
         self.failed: Counter[str] = Counter()
@@ -243,12 +258,12 @@ class Soak:
         self.wave = 0
         self.warm_up_calls = 0  # the lone calls before the baseline
 
-    async def call(self) -> _bench.CallOutcome:
+    async def call(self) -> CallOutcome:
         self.number += 1
-        return await _bench.run_inbound_call(
+        return await run_inbound_call(
             self.lab,
             number=f"+57310{self.number:07d}",
-            script=_bench.call_script(self.opts.turns, pause_ms=200, silence_ms=300),
+            script=call_script(self.opts.turns, pause_ms=200, silence_ms=300),
             turns=self.opts.turns,
             ms_per_char=self.opts.ms_per_char,
             timeout_s=call_timeout(self.opts),
@@ -258,14 +273,14 @@ class Soak:
     async def lone_call(self) -> None:
         """One call alone; with several workers, one at a time until each worker has
         carried one (each worker's keep-alive pools then hold what one call leaves)."""
-        before = await _bench.scrape(self.client)
+        before = await scrape(self.client)
         for _ in range(8 * self.opts.workers):
             outcome = await self.call()
             if not outcome.ok:
                 raise RuntimeError(f"a single call failed: {outcome.reason}")
             await self.until_empty()
             await trio.sleep(1.2)  # the workers publish their gauges every second
-            now = await _bench.scrape(self.client)
+            now = await scrape(self.client)
             carried = [
                 w
                 for w in now.workers()
@@ -275,30 +290,30 @@ class Soak:
                 return
         raise RuntimeError("the calls did not reach every worker")
 
-    def by_worker(self, scrape: _bench.Scrape) -> dict[str, tuple[int, int, int, int]]:
+    def by_worker(self, sample: Scrape) -> dict[str, tuple[int, int, int, int]]:
         """Each worker's live tasks, descriptors (but its store connections, a bounded
         pool that grows under load and shrinks after minutes), registry size and inbound
         connections; empty for a single process."""
         out = {}
-        for w, pid in scrape.worker_pids().items():
+        for w, pid in sample.worker_pids().items():
             sockets = self.server.socket_peers(self.ports, pid)
             store = sum(n for key, n in sockets.items() if key.startswith("out store "))
             out[w] = (
-                int(scrape.of("voice_trio_tasks", w) or 0),
-                int(scrape.of("process_open_fds", w) or 0) - store,
-                int(scrape.of("voice_active_calls", w) or 0),
+                int(sample.of("voice_trio_tasks", w) or 0),
+                int(sample.of("process_open_fds", w) or 0) - store,
+                int(sample.of("voice_active_calls", w) or 0),
                 sockets.get("in ESTABLISHED", 0),
             )
         return out
 
-    async def until_empty(self, timeout: float = 60.0) -> _bench.Scrape:
+    async def until_empty(self, timeout: float = 60.0) -> Scrape:
         with trio.move_on_after(timeout):
             while True:
-                current = await _bench.scrape(self.client)
+                current = await scrape(self.client)
                 if not current.active_calls:
                     return current
                 await trio.sleep(0.2)
-        return await _bench.scrape(self.client)
+        return await scrape(self.client)
 
     async def idle(self, target: Idle | None = None) -> Idle:
         """Wait (at most ``--settle`` s) until the registry is empty and tasks and descriptors
@@ -307,7 +322,7 @@ class Soak:
         previous: tuple[int, int] | None = None
         stable_since = trio.current_time()
         while True:
-            current = await _bench.scrape(self.client)
+            current = await scrape(self.client)
             self.server.worker_pids = current.worker_pids()
             sockets = self.server.socket_peers(self.ports)
             store = sum(n for key, n in sockets.items() if key.startswith("out store "))
@@ -335,11 +350,11 @@ class Soak:
             workers=self.by_worker(current),
         )
 
-    def record(self, current: _bench.Scrape) -> dict[str, Any]:
+    def record(self, current: Scrape) -> dict[str, Any]:
         row = {
             "t": round(current.at - self.t0, 2),
             "calls_done": self.done,
-            "rss_mb": _bench.mb(current.rss),
+            "rss_mb": mb(current.rss),
             "open_fds": int(current.fds or 0),
             "trio_tasks": int(current.tasks or 0),
             "registry": int(current.active_calls or 0),
@@ -380,17 +395,17 @@ class Soak:
             row = self.record(await self.until_empty())
             row["sockets"] = self.server.socket_peers(self.ports)
             self.boundaries.append(row)
-            _bench.prune_lab(self.lab)
+            prune_lab(self.lab)
 
     async def sample(self) -> None:
         while True:
-            row = self.record(await _bench.scrape(self.client))
+            row = self.record(await scrape(self.client))
             if not self.opts.quiet:
                 total = self.opts.calls
                 goal = f"/{total}" if total else ""
                 share = self.done / total if total else 0.0
                 self.progress.update(
-                    f"soak {self.done}{goal} calls {_bench.bar(share, 1.0) if total else ''} "
+                    f"soak {self.done}{goal} calls {bar(share, 1.0) if total else ''} "
                     f"wave {self.wave}  in call {self.in_call:>3}  RSS {row['rss_mb']} MB  "
                     f"tasks {row['trio_tasks']}  fds {row['open_fds']}  "
                     f"failed {sum(self.failed.values())}"
@@ -507,7 +522,7 @@ def judge(
 
 
 def plot(samples: list[dict[str, Any]], path: Path) -> str:
-    plt = _bench.load_matplotlib()
+    plt = load_matplotlib()
     if plt is None:
         return "matplotlib is not installed: no PNG written (the samples are in soak.json)"
     ts = [s["t"] for s in samples]
@@ -532,7 +547,7 @@ async def run(opts: Options) -> int:
     opts.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     summary: dict[str, Any] = {
-        "machine": _bench.machine_info(),
+        "machine": machine_info(),
         "options": {
             "calls": opts.calls,
             "duration_s": opts.duration,
@@ -550,7 +565,7 @@ async def run(opts: Options) -> int:
         },
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
-    server: _bench.ServerProcess | None = None
+    server: ServerProcess | None = None
     soak: Soak | None = None
     limit = (
         (opts.duration or 0)
@@ -561,8 +576,8 @@ async def run(opts: Options) -> int:
     try:
         with trio.fail_after(limit):
             async with trio.open_nursery() as nursery:
-                port = _bench.free_port()
-                lab = await _bench.open_bench_lab(
+                port = free_port()
+                lab = await open_bench_lab(
                     nursery,
                     ms_per_char=opts.ms_per_char,
                     llm_ttft=opts.llm_ttft,
@@ -570,8 +585,8 @@ async def run(opts: Options) -> int:
                     webhook_url=f"http://127.0.0.1:{port}/webhook/telnyx",
                     keep_alive_s=1.0,
                 )
-                server = _bench.ServerProcess(
-                    _bench.server_env(
+                server = ServerProcess(
+                    server_env(
                         lab.server_env(),
                         port,
                         opts.out,
@@ -580,7 +595,7 @@ async def run(opts: Options) -> int:
                     ),
                     port,
                     opts.out / "server.log",
-                    [sys.executable, str(TRACED_SERVE)] if opts.slow_server else None,
+                    TRACED_SERVE if opts.slow_server else None,
                     workers=opts.workers,
                 )
                 await server.start(timeout=90 if opts.slow_server else 30)
@@ -588,7 +603,7 @@ async def run(opts: Options) -> int:
                 await soak.lone_call()
                 soak.warm_up_calls = soak.number
                 baseline = await soak.idle()
-                soak.record(await _bench.scrape(soak.client))
+                soak.record(await scrape(soak.client))
                 async with trio.open_nursery() as inner:
                     inner.start_soon(soak.sample)
                     await soak.waves()
@@ -600,7 +615,7 @@ async def run(opts: Options) -> int:
                 await trio.sleep(2.0)
                 await soak.lone_call()
                 final = await soak.idle(target=baseline)
-                soak.record(await _bench.scrape(soak.client))
+                soak.record(await scrape(soak.client))
                 await soak.client.aclose()
                 summary["server_exit_code"] = await server.stop()
                 nursery.cancel_scope.cancel()
@@ -633,7 +648,7 @@ async def run(opts: Options) -> int:
             "samples": soak.samples,
         }
     )
-    _bench.write_json(opts.out / "soak.json", summary)
+    write_json(opts.out / "soak.json", summary)
     print(
         f"soak: {soak.done} calls ({failed} failed) in {summary['wall_seconds']} s; "
         f"tasks {baseline.tasks} -> {final.tasks}, fds {baseline.fds} -> {final.fds}, "
@@ -660,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger("hypercorn.error").disabled = True  # the simulators' "Running on" lines
-    _bench.sigterm_as_interrupt()
+    sigterm_as_interrupt()
     return trio.run(run, parse_args(argv))
 
 

@@ -241,7 +241,7 @@ def _install_spawn_app() -> None:
 
 
 def _install_read_data() -> None:
-    # Reads the module global when applied: scripts/_variant_serve.py swaps it back.
+    # Reads the module global when applied: scripts/bench/variant_serve.py swaps it back.
     replace(TCPServer, "_read_data", _read_data)
 
 

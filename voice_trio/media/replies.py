@@ -3,14 +3,16 @@
 A turn's reply is asked of Claude when the turn ends, or was asked before it ended: a
 speculative reply (:mod:`~voice_trio.media.speculation`) started on a stable transcript is
 adopted when the turn ends with the same text, and its buffered sentences go to TTS at once.
-Either way the sentences become a bot turn (:class:`~voice_trio.media.voice.BotVoice`),
-and the tools Claude called are noted for ``converse``: ``end_call`` ends the call after
+Either way ``Replies`` hands the bot turn (:class:`~voice_trio.media.voice.BotVoice`) a
+sentence source, and the voice does the rest: TTS, pacing, the turn's record. The tools
+Claude called are noted for ``converse``: ``end_call`` ends the call after
 the reply, ``transfer_call`` leaves a transfer pending (:mod:`~voice_trio.media.controls`).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from typing import Any
 
@@ -18,11 +20,11 @@ import trio
 
 from voice_trio.calls.services import CallServices
 from voice_trio.conversation.history import Conversation
-from voice_trio.conversation.thinking import SENTENCE_QUEUE, think_reply
+from voice_trio.conversation.thinking import think_reply
 from voice_trio.conversation.turn_record import TurnRecord
 from voice_trio.media.controls import CallControls
 from voice_trio.media.speculation import Speculation, Speculator, normalize
-from voice_trio.media.voice import BotVoice, VoiceItem
+from voice_trio.media.voice import BotVoice
 
 log = logging.getLogger("voice_trio.calls")
 
@@ -102,16 +104,7 @@ class Replies:
             return
         record = TurnRecord(user_text=user_text, t0=t0)
         record.count_usage(*self.speculator.take_unclaimed())
-
-        async def produce(audio_send: trio.MemorySendChannel[VoiceItem]) -> None:
-            sentence_send, sentence_recv = trio.open_memory_channel[str](SENTENCE_QUEUE)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.think, sentence_send, record)
-                async with audio_send, sentence_recv:
-                    async for sentence in sentence_recv:
-                        await self.voice.synthesize_into(sentence, audio_send, record)
-
-        await self.voice.turn(record, produce)
+        await self.voice.turn(record, functools.partial(self.think, record))
 
     async def reply_adopted(self, spec: Speculation, t0: float) -> None:
         """The turn ended as speculated: its buffered sentences go to TTS now. The
@@ -122,17 +115,17 @@ class Replies:
         head = (t0 - record.t1) * 1000 if record.t1 is not None else 0.0
         log.info("🔮 Speculative reply kept (asked %.0f ms before the turn ended)", head)
 
-        async def produce(audio_send: trio.MemorySendChannel[VoiceItem]) -> None:
+        async def buffered(sentence_send: trio.MemorySendChannel[str]) -> None:
             try:
-                async with audio_send, spec.sentences:
+                async with sentence_send, spec.sentences:
                     async for sentence in spec.sentences:
-                        await self.voice.synthesize_into(sentence, audio_send, record)
+                        await sentence_send.send(sentence)
                 await spec.done.wait()  # its tool calls are all in
             finally:
                 spec.cancel()
                 self.note_tool_calls(record)
 
-        await self.voice.turn(record, produce)
+        await self.voice.turn(record, buffered)
 
     def note_tool_calls(self, record: TurnRecord) -> None:
         if "end_call" in record.tool_calls:
@@ -140,8 +133,9 @@ class Replies:
         if "transfer_call" in record.tool_calls and self.controls.pending is None:
             self.controls.pending = "transfer"  # after the reply that announces it has played
 
-    async def think(self, sentence_send: trio.MemorySendChannel[str], record: TurnRecord) -> None:
-        """Claude's streamed reply, cut into sentences (at most MAX_RESPONSE_LENGTH)."""
+    async def think(self, record: TurnRecord, sentence_send: trio.MemorySendChannel[str]) -> None:
+        """Claude's streamed reply, cut into sentences (at most MAX_RESPONSE_LENGTH): a
+        bot turn's sentence source, once ``record`` is bound."""
         try:
             await self._ask_claude(sentence_send, record)
         finally:

@@ -1,10 +1,12 @@
 """``BotVoice``: the bot's turns of a media call, from sentences to paced audio frames.
 
-A bot turn runs in its own cancel scope: whatever produces its audio (fixed text, Claude's
-streamed reply, an adopted speculation) fills a bounded audio queue, and ``pace`` writes
-that audio to Telnyx at playback speed. Barge-in, an action that cuts the conversation
-short and the end of the call's time cancel the scope (``cut``, ``stop``): Claude's
-stream, the TTS stream and the pacing stop together. Either way the turn's
+A bot turn is given a *sentence source* (fixed text, Claude's streamed reply, an adopted
+speculation): it writes the turn's sentences into a bounded sentence queue. The turn runs
+it, synthesizes each sentence into a bounded audio queue (cached audio, else streamed TTS,
+else Telnyx ``speak``), and ``pace`` writes that audio to Telnyx at playback speed, all in
+the turn's own cancel scope. Barge-in, an action that cuts the conversation short and the
+end of the call's time cancel the scope (``cut``, ``stop``): the source (Claude's stream),
+the TTS stream and the pacing stop together. Either way the turn's
 :class:`~voice_trio.conversation.turn_record.TurnRecord` keeps what the caller actually heard.
 """
 
@@ -20,6 +22,7 @@ from voice_trio.calls.registry import ActiveCall
 from voice_trio.calls.services import CallServices
 from voice_trio.conversation.history import Conversation
 from voice_trio.conversation.sentences import SentenceChunker
+from voice_trio.conversation.thinking import SENTENCE_QUEUE
 from voice_trio.conversation.turn_record import TurnRecord
 from voice_trio.media.playback import Playback
 from voice_trio.providers.deepgram.tts import TtsError
@@ -58,8 +61,10 @@ class SentenceEnd:
 
 
 VoiceItem = SentenceStart | AudioChunk | SpeakInstead | SentenceEnd
-# Fills a turn's audio queue and closes it.
-Produce = Callable[[trio.MemorySendChannel[VoiceItem]], Awaitable[None]]
+# Writes a turn's sentences into the channel it is given, and closes it (the turn closes it
+# too once the source returns). Runs in the turn's cancel scope: barge-in cancels it. The
+# channel holds SENTENCE_QUEUE sentences; full = the source waits for TTS (back-pressure).
+SentenceSource = Callable[[trio.MemorySendChannel[str]], Awaitable[None]]
 
 
 class BotVoice:
@@ -112,15 +117,26 @@ class BotVoice:
         chunker = SentenceChunker()
         sentences = chunker.push(text) + chunker.flush()
 
-        async def produce(audio_send: trio.MemorySendChannel[VoiceItem]) -> None:
-            async with audio_send:
+        async def fixed_text(sentence_send: trio.MemorySendChannel[str]) -> None:
+            async with sentence_send:
                 for sentence in sentences:
-                    await self.synthesize_into(sentence, audio_send, record)
+                    await sentence_send.send(sentence)
 
-        await self.turn(record, produce)
+        await self.turn(record, fixed_text)
         return record
 
-    async def synthesize_into(
+    async def _synthesize(
+        self,
+        sentence_recv: trio.MemoryReceiveChannel[str],
+        audio_send: trio.MemorySendChannel[VoiceItem],
+        record: TurnRecord,
+    ) -> None:
+        """Each sentence of the turn into its audio queue, in order; closes it at the end."""
+        async with sentence_recv, audio_send:
+            async for sentence in sentence_recv:
+                await self._synthesize_sentence(sentence, audio_send, record)
+
+    async def _synthesize_sentence(
         self, sentence: str, audio_send: trio.MemorySendChannel[VoiceItem], record: TurnRecord
     ) -> None:
         """One sentence's audio into the turn's audio queue: cached, else streamed TTS."""
@@ -174,18 +190,21 @@ class BotVoice:
         """Telnyx says its ``speak`` has played (``call.speak.ended``)."""
         self._speak_ended.set()
 
-    async def turn(self, record: TurnRecord, produce: Produce) -> None:
-        """Run ``produce`` (which fills an audio queue) and pace its audio out, inside the
-        turn's own cancel scope; then record what the caller heard."""
+    async def turn(self, record: TurnRecord, sentences: SentenceSource) -> None:
+        """Speak the sentences ``sentences`` writes, inside the turn's own cancel scope:
+        the source, the synthesis and the pacing run together and stop together. Then
+        record what the caller heard."""
         first_sentence = len(self.playback.sentences)
         self._barged_at = None
         scope = trio.CancelScope()
         try:
             with scope:
                 self._scope = scope
+                sentence_send, sentence_recv = trio.open_memory_channel[str](SENTENCE_QUEUE)
                 audio_send, audio_recv = trio.open_memory_channel[VoiceItem](AUDIO_QUEUE)
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(produce, audio_send)
+                    nursery.start_soon(_run_source, sentences, sentence_send)
+                    nursery.start_soon(self._synthesize, sentence_recv, audio_send, record)
                     await self.pace(audio_recv, record)
                 await self.playback.wait_played()
             if self._cut_for_action:
@@ -235,3 +254,10 @@ class BotVoice:
         timing = " ".join(f"{k}={v:.0f}ms" for k, v in stages.items())
         extra = f" overhead={overhead * 1000:.1f}ms" if overhead is not None else ""
         log.info("🔊 Bot turn %s done%s: %s%s", record.kind, note, timing or "-", extra)
+
+
+async def _run_source(sentences: SentenceSource, send: trio.MemorySendChannel[str]) -> None:
+    """Run a turn's source; its channel is closed after it however it ends, so synthesis
+    never waits on a source that returned without closing it."""
+    async with send:
+        await sentences(send)

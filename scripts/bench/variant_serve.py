@@ -1,8 +1,9 @@
 """``voice_trio.cli`` with one optimisation switched off, for before/after comparisons.
 
-    python scripts/_variant_serve.py --env-file ... serve      (VARIANT=no-stt-batching | hypercorn-reads)
+    VARIANT=no-stt-batching python -P scripts/bench/variant_serve.py --env-file ... serve
 
-Used by ``scripts/loadtest.py --variant``; the variants are named in ``VARIANTS``.
+Used by ``scripts/loadtest.py --variant`` (``server.VARIANT_SERVE``); the variants are
+named in ``VARIANTS``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""``voice_trio.cli`` under tracemalloc: SIGUSR2 writes a snapshot (for scripts/memprofile.py).
+"""``voice_trio.cli`` under tracemalloc: SIGUSR2 writes a snapshot (for scripts/memprofile.py,
+and ``scripts/soak.py --slow-server``, which wants a slow server).
 
-    python scripts/_traced_serve.py --env-file ... serve
+    python -P scripts/bench/traced_serve.py --env-file ... serve      (``server.TRACED_SERVE``)
 
 ``TRACEMALLOC_OUT`` names the directory; snapshots are ``snap-<n>.pickle``. Tracing makes
 the server several times slower: use it for memory questions only, never for timings.
