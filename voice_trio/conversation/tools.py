@@ -9,7 +9,8 @@ reply asked for on its turn (``TurnRecord.acts``) and each call mode carries the
 Adding a built-in tool is declaring it in ``BUILT_IN``; a new act is also a member of
 ``CallAct``, which mypy then asks each mode to handle (their ``match`` ends in
 ``assert_never``). A tool whose result Claude reads back in the same turn (an operator's
-HTTP tool) would add a way to run it alongside ``act``, not a new shape.
+HTTP tool, docs/tools.md) would add a way to run it alongside ``act``, not a new shape;
+its name may not be one of ``BUILT_IN``'s.
 """
 
 from __future__ import annotations
