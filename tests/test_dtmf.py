@@ -6,6 +6,7 @@ from conftest import FAST_SPEECH_MS, start_lab_server
 
 from voice_trio.calls.signals import CallSignals
 from voice_trio.conversation.dtmf import STREAM, WEBHOOK, KeyCollector, PressDeduper, key_note
+from voice_trio.conversation.tools import offered_tools, tool_specs
 from voice_trio.sim.caller import Dtmf, ScriptedCaller, Wait, WaitForBot
 from voice_trio.sim.lab import OUR_NUMBER
 
@@ -103,7 +104,7 @@ async def test_keys_during_bot_speech_reach_claude_once(nursery, lab) -> None:
     assert "teclas que la persona marcó" in system
     assert "[la persona marcó 1 2 en el teclado]" in results.bot_text  # the sim quotes it
     # No TRANSFER_NUMBER: no transfer tool, and 0 would be just a key.
-    assert [t["name"] for t in request.body["tools"]] == ["end_call"]
+    assert request.body["tools"] == tool_specs(offered_tools(can_transfer=False))
     assert not server.app.center.settings.dtmf_actions
     server.stop.set()
 

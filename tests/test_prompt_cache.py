@@ -8,12 +8,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from voice_trio.conversation.persona import (
-    load_persona,
-    persona_is_cacheable,
-    system_blocks,
-    tools_for,
-)
+from voice_trio.conversation.persona import load_persona, persona_is_cacheable, system_blocks
+from voice_trio.conversation.tools import offered_tools, tool_specs
 from voice_trio.observability import Metrics
 from voice_trio.providers.claude import LlmUsage
 from voice_trio.providers.claude_cache import (
@@ -62,7 +58,8 @@ def blocks(persona: str, cache: bool) -> list[dict[str, object]]:
 def test_the_built_in_persona_is_not_marked_on_haiku_4_5(language: str, can_transfer: bool) -> None:
     persona = load_persona("", language)
     assert not persona_is_cacheable("claude-haiku-4-5", persona, can_transfer=can_transfer)
-    assert tokens_at_least(tools_for(can_transfer=can_transfer), [persona]) < 300
+    tools = tool_specs(offered_tools(can_transfer=can_transfer))
+    assert tokens_at_least(tools, [persona]) < 300
     assert all("cache_control" not in block for block in blocks(persona, False))
 
 

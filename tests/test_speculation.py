@@ -11,6 +11,7 @@ import trio
 import trio.testing
 from conftest import FAST_SPEECH_MS, start_lab_server
 
+from voice_trio.conversation.tools import offered_tools, tool_specs
 from voice_trio.media.speculation import (
     ENDPOINT,
     QUIET,
@@ -176,7 +177,7 @@ async def test_a_speculative_reply_is_asked_before_the_turn_ends(nursery, lab) -
         # Tools + persona are far below Haiku 4.5's minimum cacheable prefix (4 096 tokens):
         # no breakpoint is claimed, and none could have made a cache entry.
         assert not any("cache_control" in block for block in request.body["system"])
-        assert [tool["name"] for tool in request.body["tools"]] == ["end_call"]
+        assert request.body["tools"] == tool_specs(offered_tools(can_transfer=False))
         assert not lab.anthropic.prompt_cache
         if enabled == "true":
             assert 'voice_speculations_total{outcome="started"} 1.0' in metrics

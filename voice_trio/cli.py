@@ -151,12 +151,14 @@ def language_line(settings: Settings) -> str:
 
 def prompt_caching_line(settings: Settings) -> str:
     """Whether the persona gets a prompt-cache breakpoint with this model, and why."""
-    from voice_trio.conversation.persona import load_persona, persona_is_cacheable, tools_for
+    from voice_trio.conversation.persona import load_persona, persona_is_cacheable
+    from voice_trio.conversation.tools import offered_tools, tool_specs
     from voice_trio.providers.claude_cache import min_cacheable_tokens, tokens_at_least
 
     can_transfer = bool(settings.transfer_number)
     persona = load_persona(settings.persona_prompt_file, settings.agent_language)
-    tokens = tokens_at_least(tools_for(can_transfer=can_transfer), [persona])
+    tools = tool_specs(offered_tools(can_transfer=can_transfer))
+    tokens = tokens_at_least(tools, [persona])
     minimum = min_cacheable_tokens(settings.claude_model)
     state = (
         "on"

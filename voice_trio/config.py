@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -160,7 +161,17 @@ def _database_url(name: str, raw: str) -> str:
 
 
 DTMF_KEYS = frozenset("0123456789*#ABCD")
-DTMF_ACTIONS = ("transfer", "end_call")
+
+
+class KeyAction(StrEnum):
+    """What a shortcut key (``DTMF_SHORTCUTS``) does at once. The caller's, not Claude's:
+    Claude's tools are conversation.tools (``end_call`` is a name in both)."""
+
+    TRANSFER = "transfer"
+    END_CALL = "end_call"
+
+
+DTMF_ACTIONS = tuple(KeyAction)
 AMD_MODES = ("disabled", "detect", "detect_beep", "detect_words", "greeting_end", "premium")
 
 
@@ -169,11 +180,11 @@ def _optional_e164(name: str, raw: str) -> str:
     return _e164(name, value) if value else ""
 
 
-def _dtmf_shortcuts(name: str, raw: str) -> tuple[tuple[str, str], ...]:
+def _dtmf_shortcuts(name: str, raw: str) -> tuple[tuple[str, KeyAction], ...]:
     """``0=transfer,9=end_call``: keys the caller presses to act at once."""
     expected = "key=action pairs separated by commas, e.g. 0=transfer,9=end_call (keys 0-9 * #"
     expected += " A-D; actions " + ", ".join(DTMF_ACTIONS) + ")"
-    pairs: dict[str, str] = {}
+    pairs: dict[str, KeyAction] = {}
     for item in raw.split(","):
         if not item.strip():
             continue
@@ -181,7 +192,7 @@ def _dtmf_shortcuts(name: str, raw: str) -> tuple[tuple[str, str], ...]:
         key = key.upper()
         if not sep or key not in DTMF_KEYS or action not in DTMF_ACTIONS or key in pairs:
             raise ConfigError(name, expected, raw)
-        pairs[key] = action
+        pairs[key] = KeyAction(action)
     return tuple(pairs.items())
 
 
@@ -492,9 +503,9 @@ class Settings:
         _optional_e164,
         doc="E.164 number of the people calls are transferred to; empty: no transfers",
     )
-    dtmf_shortcuts: tuple[tuple[str, str], ...] = _setting(
+    dtmf_shortcuts: tuple[tuple[str, KeyAction], ...] = _setting(
         "DTMF_SHORTCUTS",
-        (("0", "transfer"),),
+        (("0", KeyAction.TRANSFER),),
         _dtmf_shortcuts,
         doc="keys that act at once: key=action,... (actions: transfer, end_call)",
     )
@@ -626,12 +637,12 @@ class Settings:
         return f"{self.webhook_base_url}/webhook/telnyx" if self.webhook_base_url else ""
 
     @property
-    def dtmf_actions(self) -> dict[str, str]:
+    def dtmf_actions(self) -> dict[str, KeyAction]:
         """Key -> action; ``transfer`` only while there is a number to transfer to."""
         return {
             key: action
             for key, action in self.dtmf_shortcuts
-            if action != "transfer" or self.transfer_number
+            if action != KeyAction.TRANSFER or self.transfer_number
         }
 
     @property

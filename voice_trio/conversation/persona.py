@@ -1,5 +1,5 @@
-"""The system prompt and the tools Claude may use on a call, and whether its fixed part is
-worth a prompt-cache breakpoint."""
+"""The system prompt of a call, and whether its fixed part (the tools offered, from
+:mod:`~voice_trio.conversation.tools`, then the persona) is worth a prompt-cache breakpoint."""
 
 from __future__ import annotations
 
@@ -8,44 +8,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from voice_trio.conversation.tools import offered_tools, tool_specs
 from voice_trio.providers.claude_cache import breakpoint_engages
 
-END_CALL_TOOL: dict[str, Any] = {
-    "name": "end_call",
-    "description": (
-        "End the phone call. Use it after saying goodbye, when the caller says goodbye "
-        "or has nothing else to ask."
-    ),
-    "input_schema": {
-        "type": "object",
-        "properties": {"reason": {"type": "string", "description": "why the call ends"}},
-        "required": [],
-    },
-}
-
-# Offered only when TRANSFER_NUMBER is set; the session says a hand-off line and transfers.
-TRANSFER_TOOL: dict[str, Any] = {
-    "name": "transfer_call",
-    "description": (
-        "Transfer the call to a person on the clinic's team. Use it when the caller asks "
-        "to speak with a person, or needs something you cannot do. Say briefly that you "
-        "will transfer them; the transfer happens after you finish speaking."
-    ),
-    "input_schema": {
-        "type": "object",
-        "properties": {"reason": {"type": "string", "description": "why the call is transferred"}},
-        "required": [],
-    },
-}
 # How a caller's key presses appear in the conversation (see conversation.dtmf.key_note).
 KEYS_FACT = (
     "Un texto entre corchetes como [la persona marcó 1 en el teclado] no es voz: son teclas "
     "que la persona marcó en el teléfono."
 )
-
-
-def tools_for(*, can_transfer: bool) -> list[dict[str, Any]]:
-    return [END_CALL_TOOL, TRANSFER_TOOL] if can_transfer else [END_CALL_TOOL]
 
 
 def load_persona(path: str = "", language: str = "es") -> str:
@@ -67,7 +37,8 @@ def persona_is_cacheable(model: str, persona: str, *, can_transfer: bool) -> boo
     ``PERSONA_PROMPT_FILE`` or a model with a lower minimum turns it on. Padding the prompt up
     to the minimum would not pay: see docs/protocols/anthropic.md, "Prompt caching".
     """
-    return breakpoint_engages(model, tools_for(can_transfer=can_transfer), [persona])
+    tools = tool_specs(offered_tools(can_transfer=can_transfer))
+    return breakpoint_engages(model, tools, [persona])
 
 
 def system_blocks(

@@ -3,8 +3,10 @@
 The media session turns the sentences into streamed TTS audio; the fallback mode hands each
 one to Telnyx ``speak``. Either way the request is the same: the persona system prompt with
 this call's facts, the last ``CONVERSATION_HISTORY_LIMIT`` messages of the conversation, and
-the ``end_call`` tool (plus ``transfer_call`` when the caller may offer it); the reply is cut at
-``MAX_RESPONSE_LENGTH`` characters.
+the tools offered on the call (:mod:`~voice_trio.conversation.tools`: ``end_call``, plus
+``transfer_call`` when the call can transfer); the reply is cut at ``MAX_RESPONSE_LENGTH``
+characters. The tools Claude called become acts on the turn (``TurnRecord.acts``), which the
+call mode carries out once the reply has been said.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from voice_trio.conversation.history import Conversation
-from voice_trio.conversation.persona import system_blocks, tools_for
+from voice_trio.conversation.persona import system_blocks
 from voice_trio.conversation.phrases import local_now
 from voice_trio.conversation.sentences import SentenceChunker
-from voice_trio.providers.claude import ClaudeClient, LlmError
+from voice_trio.conversation.tools import Tool, offered_tools, tool_specs
+from voice_trio.providers.claude import ClaudeClient, LlmError, ToolCall
 
 if TYPE_CHECKING:
     from voice_trio.conversation.turn_record import TurnRecord
@@ -40,8 +43,8 @@ class Mind:
 
     claude: ClaudeClient
     persona: str  # the system prompt, before this call's facts
-    # Whether the persona gets a prompt-cache breakpoint, by whether transfer_call is
-    # offered (the tools come before it in the cached prefix).
+    # Whether the persona gets a prompt-cache breakpoint, by whether the call can transfer:
+    # that decides the tools offered, which come before the persona in the cached prefix.
     cache_persona: Mapping[bool, bool]
     apology: str  # said when Claude fails before anything was said
     timezone: str
@@ -66,11 +69,11 @@ async def think_reply(
     with a copy of the history plus the text it guesses, and leaves the history alone.
 
     Fills ``record.t1``, ``t2``, ``t2s``, the LLM token counts (every attempt's, as they are
-    reported) and ``tool_calls`` (``"end_call"`` there means the
-    model asked to end the call, ``"transfer_call"`` to transfer it; that tool is offered
-    only with ``can_transfer``). A reply cut at the length limit drops its tool calls;
-    a failed request is retried within RETRY_BUDGET_SECONDS while nothing was said yet,
-    then yields the apology phrase.
+    reported), ``tool_calls`` (the names Claude called) and ``acts`` (what those tools ask
+    of the call; the tools offered are :func:`~voice_trio.conversation.tools.offered_tools`
+    with ``can_transfer``, and a name not among them is logged and ignored). A reply cut at
+    the length limit drops its tool calls; a failed request is retried within
+    RETRY_BUDGET_SECONDS while nothing was said yet, then yields the apology phrase.
     """
     system = system_blocks(
         mind.persona,
@@ -82,7 +85,8 @@ async def think_reply(
     )
     if messages is None:
         messages = conversation.window(mind.history_limit)
-    tools = tools_for(can_transfer=can_transfer)
+    offered = offered_tools(can_transfer=can_transfer)
+    tools = tool_specs(offered)
     chunker = SentenceChunker()
     spoken = 0
     async with sentence_send:
@@ -105,8 +109,7 @@ async def think_reply(
                                 return
                             spoken += len(sentence)
                             await sentence_send.send(sentence)
-                    for call in reply.tool_calls:
-                        record.tool_calls.append(call.name)
+                    _note_tool_calls(record, reply.tool_calls, offered)
                 break
             except LlmError as exc:
                 attempt += 1
@@ -126,6 +129,20 @@ async def think_reply(
                 return
             spoken += len(sentence)
             await sentence_send.send(sentence)
+
+
+def _note_tool_calls(record: TurnRecord, calls: list[ToolCall], offered: tuple[Tool, ...]) -> None:
+    """Record the tools Claude called and the acts they ask for. A name that is not an
+    offered tool (Claude invents one now and then) is kept in ``tool_calls``, as said, and
+    asks nothing of the call."""
+    by_name = {tool.name: tool for tool in offered}
+    for call in calls:
+        record.tool_calls.append(call.name)
+        tool = by_name.get(call.name)
+        if tool is None:
+            log.warning("⚡ Claude called %r, not a tool offered on this call: ignored", call.name)
+        else:
+            record.acts.add(tool.act)
 
 
 def _retry_delay(exc: LlmError, attempt: int, started: float, spoken: int) -> float | None:

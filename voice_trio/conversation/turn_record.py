@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from voice_trio.conversation.tools import CallAct
+
 
 @dataclass
 class TurnRecord:
@@ -25,7 +27,8 @@ class TurnRecord:
     t3: float | None = None  # first sentence sent to TTS
     t4: float | None = None  # first TTS audio
     t5: float | None = None  # first audio frame written to Telnyx
-    tool_calls: list[str] = field(default_factory=list)
+    tool_calls: list[str] = field(default_factory=list)  # names, as Claude called them
+    acts: set[CallAct] = field(default_factory=set)  # what they ask of the call (not stored)
     llm_input_tokens: int = 0  # every request of the turn (retries too), as reported
     llm_output_tokens: int = 0
     speculative: bool = False  # adopted a reply started before t0 (t1 < t0)

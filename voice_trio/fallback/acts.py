@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from functools import partial
+from typing import assert_never
 
 import trio
 
 from voice_trio.calls.ends import EndReason
 from voice_trio.conversation.phrases import local_now
 from voice_trio.conversation.thinking import SENTENCE_QUEUE, think_reply
+from voice_trio.conversation.tools import CallAct
 from voice_trio.conversation.turn_record import TurnRecord
 from voice_trio.fallback import state as fs
 from voice_trio.fallback.line import FallbackLine
@@ -103,6 +106,7 @@ async def reply(call: FallbackLine) -> None:
                 record,
                 nombre=data.caller.nombre,
                 contexto=data.caller.contexto,
+                can_transfer=False,  # a transfer is a media-mode act (docs/reliability.md)
             )
         )
         async with sentence_recv:
@@ -112,11 +116,26 @@ async def reply(call: FallbackLine) -> None:
                 if await call.speak(sentence):
                     call.said.append(sentence)
     report(call, record)
-    if "end_call" in record.tool_calls:
+    if ends_the_call(record.acts):
         await call.give_back(keep=True)
         await finish(call, EndReason.AGENT_ENDED, None)
     else:
         await call.give_back()
+
+
+def ends_the_call(acts: Iterable[CallAct]) -> bool:
+    """Whether what the reply's tools ask ends a fallback-mode call. ``TRANSFER`` is never
+    offered here, so never asked: the turn goes on."""
+    ends = False
+    for act in acts:
+        match act:
+            case CallAct.END:
+                ends = True
+            case CallAct.TRANSFER:
+                pass
+            case _:
+                assert_never(act)
+    return ends
 
 
 def report(call: FallbackLine, record: TurnRecord) -> None:

@@ -39,6 +39,7 @@ import trio
 from voice_trio.calls.ends import CallMode, EndReason
 from voice_trio.calls.registry import ActiveCall, RecentCalls
 from voice_trio.calls.services import CallServices
+from voice_trio.config import KeyAction
 from voice_trio.conversation.history import Conversation
 from voice_trio.fallback import state as fs
 from voice_trio.fallback.call import FallbackCall
@@ -146,7 +147,7 @@ class FallbackCalls:
         settings = self.services.settings
         action = settings.dtmf_actions.get(digit)
         log.info("🎤 DTMF %s%s", digit, f" → {action}" if action else "")
-        if action == "end_call":
+        if action == KeyAction.END_CALL:
             return lambda d: fs.request_end(d, EndReason.CALLER_ENDED)
         language = settings.agent_language
         return lambda d: fs.add_caller_key(d, digit, now, event.occurred_at, language)

@@ -34,10 +34,11 @@ from voice_trio.calls.registry import CallRegistry, RecentCalls, SeenEvents
 from voice_trio.calls.services import CallServices
 from voice_trio.calls.signals import SIGNAL_EVENTS, CallSignals
 from voice_trio.config import Settings
-from voice_trio.conversation.persona import load_persona, persona_is_cacheable, tools_for
+from voice_trio.conversation.persona import load_persona, persona_is_cacheable
 from voice_trio.conversation.phrases import PhraseCache, local_now, phrases_for
 from voice_trio.conversation.sentences import SentenceChunker
 from voice_trio.conversation.thinking import Mind
+from voice_trio.conversation.tools import offered_tools, tool_specs
 from voice_trio.fallback.calls import FallbackCalls
 from voice_trio.instance.live import LiveCalls
 from voice_trio.observability import LogSummary, Metrics, call_id_var
@@ -281,7 +282,7 @@ class CallCenter:
 
     def _log_prompt_caching(self) -> None:
         s = self.settings
-        tools = tools_for(can_transfer=bool(s.transfer_number))
+        tools = tool_specs(offered_tools(can_transfer=bool(s.transfer_number)))
         tokens = tokens_at_least(tools, [self.persona])
         minimum = min_cacheable_tokens(s.claude_model)
         if self.cache_persona[bool(s.transfer_number)]:

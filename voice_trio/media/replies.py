@@ -4,9 +4,10 @@ A turn's reply is asked of Claude when the turn ends, or was asked before it end
 speculative reply (:mod:`~voice_trio.media.speculation`) started on a stable transcript is
 adopted when the turn ends with the same text, and its buffered sentences go to TTS at once.
 Either way ``Replies`` hands the bot turn (:class:`~voice_trio.media.voice.BotVoice`) a
-sentence source, and the voice does the rest: TTS, pacing, the turn's record. The tools
-Claude called are noted for ``converse``: ``end_call`` ends the call after
-the reply, ``transfer_call`` leaves a transfer pending (:mod:`~voice_trio.media.controls`).
+sentence source, and the voice does the rest: TTS, pacing, the turn's record. What the
+tools Claude called ask of the call is noted for ``converse`` (``note_acts``):
+``CallAct.END`` ends the call after the reply, ``CallAct.TRANSFER`` leaves a transfer
+pending (:mod:`~voice_trio.media.controls`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-from typing import Any
+from typing import Any, assert_never
 
 import trio
 
 from voice_trio.calls.services import CallServices
 from voice_trio.conversation.history import Conversation
 from voice_trio.conversation.thinking import think_reply
+from voice_trio.conversation.tools import CallAct
 from voice_trio.conversation.turn_record import TurnRecord
 from voice_trio.media.controls import CallControls
 from voice_trio.media.speculation import Speculation, Speculator, normalize
@@ -51,7 +53,7 @@ class Replies:
         self.speculator = speculator
         self.nombre = nombre
         self.contexto = contexto
-        self.end_requested = False  # Claude called ``end_call``
+        self.end_requested = False  # a reply asked to end the call (CallAct.END)
 
     def speculate(self, text: str, *, ready: bool) -> None:
         """Start (or replace, or drop) the speculative reply for the caller's ``text`` so
@@ -123,15 +125,22 @@ class Replies:
                 await spec.done.wait()  # its tool calls are all in
             finally:
                 spec.cancel()
-                self.note_tool_calls(record)
+                self.note_acts(record)
 
         await self.voice.turn(record, buffered)
 
-    def note_tool_calls(self, record: TurnRecord) -> None:
-        if "end_call" in record.tool_calls:
-            self.end_requested = True
-        if "transfer_call" in record.tool_calls and self.controls.pending is None:
-            self.controls.pending = "transfer"  # after the reply that announces it has played
+    def note_acts(self, record: TurnRecord) -> None:
+        """What the reply's tools ask of the call, carried out by ``converse`` once the
+        reply has played."""
+        for act in record.acts:
+            match act:
+                case CallAct.END:
+                    self.end_requested = True
+                case CallAct.TRANSFER:
+                    if self.controls.pending is None:
+                        self.controls.pending = "transfer"  # after the reply announcing it
+                case _:
+                    assert_never(act)
 
     async def think(self, record: TurnRecord, sentence_send: trio.MemorySendChannel[str]) -> None:
         """Claude's streamed reply, cut into sentences (at most MAX_RESPONSE_LENGTH): a
@@ -139,4 +148,4 @@ class Replies:
         try:
             await self._ask_claude(sentence_send, record)
         finally:
-            self.note_tool_calls(record)
+            self.note_acts(record)
