@@ -169,7 +169,24 @@ async def _start_server(
     port: int | None = None,
     command: Callable[[int], list[str]] = lambda port: SERVE,
 ):
-    """A server process on the lab, once it answers ``/health``; killed if it never does."""
+    """A server process on the lab, once it answers ``/health``; killed if it never does.
+    A port picked here may be taken by another test's server before ours binds it (the
+    suite runs in parallel): then another port is picked."""
+    if port is not None:
+        return await _start_server_once(lab, tmp_path, drain_timeout, port, command)
+    for attempt in range(3):
+        try:
+            return await _start_server_once(lab, tmp_path, drain_timeout, None, command)
+        except AssertionError:
+            if attempt == 2 or "Address already in use" not in _server_log(tmp_path):
+                raise
+
+
+def _server_log(tmp_path) -> str:
+    return (tmp_path / "server.log").read_text(errors="replace")
+
+
+async def _start_server_once(lab, tmp_path, drain_timeout: int, port, command):
     if port is None:
         with reserve_listener("127.0.0.1") as probe:
             port = probe.getsockname()[1]
