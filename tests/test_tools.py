@@ -13,6 +13,7 @@ import trio
 
 from voice_trio.conversation.history import Conversation
 from voice_trio.conversation.thinking import SENTENCE_QUEUE, Mind, think_reply
+from voice_trio.conversation.tool_use import ToolCaller
 from voice_trio.conversation.tools import (
     BUILT_IN,
     END_CALL,
@@ -166,7 +167,7 @@ def replies() -> Replies:
     services = SimpleNamespace(settings=SimpleNamespace())
     controls = SimpleNamespace(pending=None)
     voice = speculator = SimpleNamespace()
-    return Replies(services, Conversation(), voice, controls, speculator, nombre="", contexto="")
+    return Replies(services, Conversation(), voice, controls, speculator, caller=ToolCaller("v3:t"))
 
 
 @pytest.mark.parametrize(

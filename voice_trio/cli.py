@@ -157,12 +157,14 @@ def prompt_caching_line(settings: Settings) -> str:
 
     can_transfer = bool(settings.transfer_number)
     persona = load_persona(settings.persona_prompt_file, settings.agent_language)
-    tools = tool_specs(offered_tools(can_transfer=can_transfer))
+    tools = tool_specs(offered_tools(can_transfer=can_transfer, http=settings.http_tools))
     tokens = tokens_at_least(tools, [persona])
     minimum = min_cacheable_tokens(settings.claude_model)
     state = (
         "on"
-        if persona_is_cacheable(settings.claude_model, persona, can_transfer=can_transfer)
+        if persona_is_cacheable(
+            settings.claude_model, persona, can_transfer=can_transfer, http=settings.http_tools
+        )
         else "off"
     )
     return (

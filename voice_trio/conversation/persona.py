@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 from voice_trio.conversation.tools import offered_tools, tool_specs
 from voice_trio.providers.claude_cache import breakpoint_engages
+from voice_trio.tools_file import HttpToolSpec
 
 # How a caller's key presses appear in the conversation (see conversation.dtmf.key_note).
 KEYS_FACT = (
@@ -27,7 +29,9 @@ def load_persona(path: str = "", language: str = "es") -> str:
     return resources.files("voice_trio.prompts").joinpath(name).read_text(encoding="utf-8").strip()
 
 
-def persona_is_cacheable(model: str, persona: str, *, can_transfer: bool) -> bool:
+def persona_is_cacheable(
+    model: str, persona: str, *, can_transfer: bool, http: Iterable[HttpToolSpec] = ()
+) -> bool:
     """Whether a cache breakpoint after the persona can engage on ``model``: the prefix it
     closes (the tools, then the persona) must reach the model's minimum cacheable length.
 
@@ -37,7 +41,7 @@ def persona_is_cacheable(model: str, persona: str, *, can_transfer: bool) -> boo
     ``PERSONA_PROMPT_FILE`` or a model with a lower minimum turns it on. Padding the prompt up
     to the minimum would not pay: see docs/protocols/anthropic.md, "Prompt caching".
     """
-    tools = tool_specs(offered_tools(can_transfer=can_transfer))
+    tools = tool_specs(offered_tools(can_transfer=can_transfer, http=http))
     return breakpoint_engages(model, tools, [persona])
 
 

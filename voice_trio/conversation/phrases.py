@@ -35,6 +35,7 @@ class Phrases:
     voicemail_intro: str  # "{opener}, {nombre}." comes before it
     voicemail_reason: str  # with {contexto}
     voicemail_close: str
+    waiting: str  # while a tool's answer is slow and the tool has no phrase of its own
 
     def time_greeting(self, now: datetime) -> str:
         if now.hour < 12:
@@ -70,6 +71,7 @@ class Phrases:
             self.goodbye,
             self.timeout_goodbye,
             self.apology,
+            self.waiting,
         ]
 
 
@@ -88,6 +90,7 @@ SPANISH = Phrases(
     voicemail_intro="Le habla Sofía, de la Clínica Santa Lucía.",
     voicemail_reason="Le llamábamos por lo siguiente: {contexto}.",
     voicemail_close="Por favor, devuélvanos la llamada cuando pueda. Gracias, hasta luego.",
+    waiting="Un momento, por favor.",
 )
 
 ENGLISH = Phrases(
@@ -105,6 +108,7 @@ ENGLISH = Phrases(
     voicemail_intro="This is Sofia from Santa Lucia Clinic.",
     voicemail_reason="We were calling about the following: {contexto}.",
     voicemail_close="Please call us back when you can. Thank you, goodbye.",
+    waiting="One moment, please.",
 )
 
 

@@ -8,9 +8,10 @@ reply asked for on its turn (``TurnRecord.acts``) and each call mode carries the
 
 Adding a built-in tool is declaring it in ``BUILT_IN``; a new act is also a member of
 ``CallAct``, which mypy then asks each mode to handle (their ``match`` ends in
-``assert_never``). A tool whose result Claude reads back in the same turn (an operator's
-HTTP tool, docs/tools.md) would add a way to run it alongside ``act``, not a new shape;
-its name may not be one of ``BUILT_IN``'s.
+``assert_never``). An operator's HTTP tool (``TOOLS_FILE``, docs/tools.md) has no act: it
+has an ``http`` declaration instead, and Claude reads its answer back in the same turn
+(:func:`~voice_trio.conversation.thinking.think_reply`); its name may not be one of
+``BUILT_IN``'s.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+
+from voice_trio.tools_file import HttpToolSpec
 
 
 class CallAct(StrEnum):
@@ -36,9 +39,19 @@ class Tool:
     name: str
     description: str  # for Claude: when to call it
     input_schema: Mapping[str, Any]  # JSON schema of the tool's input
-    act: CallAct
+    act: CallAct | None = None  # None: an HTTP tool, whose answer goes back to Claude
+    http: HttpToolSpec | None = None  # where and how an operator's tool is called
     # Offered only when the call can transfer (TRANSFER_NUMBER set, media mode).
     needs_transfer: bool = False
+
+    @classmethod
+    def from_http(cls, spec: HttpToolSpec) -> Tool:
+        return cls(
+            name=spec.name,
+            description=spec.description,
+            input_schema=spec.input_schema,
+            http=spec,
+        )
 
     def offered(self, *, can_transfer: bool) -> bool:
         return can_transfer or not self.needs_transfer
@@ -87,9 +100,11 @@ TRANSFER_CALL = Tool(
 BUILT_IN: tuple[Tool, ...] = (END_CALL, TRANSFER_CALL)
 
 
-def offered_tools(*, can_transfer: bool) -> tuple[Tool, ...]:
-    """The tools offered on a call (fallback mode never transfers: ``can_transfer=False``)."""
-    return tuple(tool for tool in BUILT_IN if tool.offered(can_transfer=can_transfer))
+def offered_tools(*, can_transfer: bool, http: Iterable[HttpToolSpec] = ()) -> tuple[Tool, ...]:
+    """The tools offered on a call (fallback mode never transfers: ``can_transfer=False``):
+    the built-in ones, then the operator's ``http`` tools in the order declared."""
+    built_in = tuple(tool for tool in BUILT_IN if tool.offered(can_transfer=can_transfer))
+    return built_in + tuple(Tool.from_http(spec) for spec in http)
 
 
 def tool_specs(tools: Iterable[Tool]) -> list[dict[str, Any]]:

@@ -18,7 +18,8 @@ import trio
 
 from voice_trio.calls.ends import EndReason
 from voice_trio.conversation.phrases import local_now
-from voice_trio.conversation.thinking import SENTENCE_QUEUE, think_reply
+from voice_trio.conversation.thinking import SENTENCE_QUEUE, ToolTurn, think_reply
+from voice_trio.conversation.tool_use import ToolCaller, ToolLedger
 from voice_trio.conversation.tools import CallAct
 from voice_trio.conversation.turn_record import TurnRecord
 from voice_trio.fallback import state as fs
@@ -107,6 +108,7 @@ async def reply(call: FallbackLine) -> None:
                 nombre=data.caller.nombre,
                 contexto=data.caller.contexto,
                 can_transfer=False,  # a transfer is a media-mode act (docs/reliability.md)
+                tools=ToolTurn(caller=tool_caller(call, data), ledger=ToolLedger()),
             )
         )
         async with sentence_recv:
@@ -136,6 +138,19 @@ def ends_the_call(acts: Iterable[CallAct]) -> bool:
             case _:
                 assert_never(act)
     return ends
+
+
+def tool_caller(call: FallbackLine, data: fs.FallbackState) -> ToolCaller:
+    """Whom the call's tool requests are made for. No barge-in in this mode: a request
+    is always answered within its turn (a hang-up cuts the turn, never the request)."""
+    line = data.line
+    return ToolCaller(
+        call.call_control_id,
+        nombre=data.caller.nombre,
+        telefono=line.from_number if line.direction == "inbound" else line.to_number,
+        contexto=data.caller.contexto,
+        on_line=lambda: call.call.end_reason is None,
+    )
 
 
 def report(call: FallbackLine, record: TurnRecord) -> None:

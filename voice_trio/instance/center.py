@@ -33,6 +33,7 @@ from voice_trio.calls.ends import CallMode, EndReason
 from voice_trio.calls.registry import CallRegistry, RecentCalls, SeenEvents
 from voice_trio.calls.services import CallServices
 from voice_trio.calls.signals import SIGNAL_EVENTS, CallSignals
+from voice_trio.calls.tool_desk import ToolDesk
 from voice_trio.config import Settings
 from voice_trio.conversation.persona import load_persona, persona_is_cacheable
 from voice_trio.conversation.phrases import PhraseCache, local_now, phrases_for
@@ -56,6 +57,7 @@ from voice_trio.providers.telnyx.control import (
     encode_client_state,
 )
 from voice_trio.providers.telnyx.webhooks import WebhookEvent
+from voice_trio.providers.tool_http import ToolClient
 from voice_trio.store import CallStore, StoreError, store_for
 from voice_trio.store.records import SERVER_LOST
 
@@ -119,7 +121,10 @@ class CallCenter:
         # Whether the persona gets a prompt-cache breakpoint (``Mind.cache_persona``).
         self.cache_persona = {
             can_transfer: persona_is_cacheable(
-                settings.claude_model, self.persona, can_transfer=can_transfer
+                settings.claude_model,
+                self.persona,
+                can_transfer=can_transfer,
+                http=settings.http_tools,
             )
             for can_transfer in (False, True)
         }
@@ -250,6 +255,11 @@ class CallCenter:
 
     def _services(self) -> CallServices:
         s = self.settings
+        desk = None
+        if s.http_tools:
+            assert self.http is not None
+            client = ToolClient(self.http, s.tools_secret, s.tool_result_max_chars)
+            desk = ToolDesk(client, self.spawn, self.metrics, self.store)
         mind = Mind(
             claude=self.claude,
             persona=self.persona,
@@ -258,6 +268,10 @@ class CallCenter:
             timezone=s.timezone,
             max_response_length=s.max_response_length,
             history_limit=s.conversation_history_limit,
+            http_tools=s.http_tools,
+            tool_runner=desk,
+            tool_wait_s=s.tool_wait_ms / 1000,
+            waiting_phrase=self.phrases.waiting,
         )
         return CallServices(
             settings=s,
@@ -282,7 +296,7 @@ class CallCenter:
 
     def _log_prompt_caching(self) -> None:
         s = self.settings
-        tools = tool_specs(offered_tools(can_transfer=bool(s.transfer_number)))
+        tools = tool_specs(offered_tools(can_transfer=bool(s.transfer_number), http=s.http_tools))
         tokens = tokens_at_least(tools, [self.persona])
         minimum = min_cacheable_tokens(s.claude_model)
         if self.cache_persona[bool(s.transfer_number)]:

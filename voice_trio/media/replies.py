@@ -21,7 +21,8 @@ import trio
 
 from voice_trio.calls.services import CallServices
 from voice_trio.conversation.history import Conversation
-from voice_trio.conversation.thinking import think_reply
+from voice_trio.conversation.thinking import ToolTurn, think_reply
+from voice_trio.conversation.tool_use import ToolCaller, ToolLedger
 from voice_trio.conversation.tools import CallAct
 from voice_trio.conversation.turn_record import TurnRecord
 from voice_trio.media.controls import CallControls
@@ -42,8 +43,7 @@ class Replies:
         controls: CallControls,
         speculator: Speculator,
         *,
-        nombre: str,
-        contexto: str,
+        caller: ToolCaller,
     ) -> None:
         self.services = services
         self.settings = services.settings
@@ -51,9 +51,13 @@ class Replies:
         self.voice = voice
         self.controls = controls
         self.speculator = speculator
-        self.nombre = nombre
-        self.contexto = contexto
+        self.nombre = caller.nombre
+        self.contexto = caller.contexto
+        self.caller = caller
         self.end_requested = False  # a reply asked to end the call (CallAct.END)
+        # Tool requests a cut turn left running: their results go with the next turn.
+        self.ledger = ToolLedger()
+        self._go_ahead = trio.Event()  # the current speculation's adoption
 
     def speculate(self, text: str, *, ready: bool) -> None:
         """Start (or replace, or drop) the speculative reply for the caller's ``text`` so
@@ -63,29 +67,36 @@ class Replies:
         if current is not None and current.key != normalize(text):
             speculator.cancel()  # the caller said more, or something else
             current = None
-        if current is not None or not text or not ready:
+        if current is not None or not text or not ready or self.ledger.open:
             return
         future = copy.deepcopy(self.conversation)
         future.add_user(text)
         messages = future.window(self.settings.conversation_history_limit)
         record = TurnRecord(user_text=text, speculative=True)
         log.info("🔮 Speculative reply for: %s", text)
-        speculator.start(text, messages, record, self._think_ahead)
+        self._go_ahead = trio.Event()
+        speculator.start(
+            text, messages, record, functools.partial(self._think_ahead, self._go_ahead)
+        )
 
     async def _think_ahead(
         self,
+        go_ahead: trio.Event,
         sentence_send: trio.MemorySendChannel[str],
         messages: list[dict[str, Any]],
         record: TurnRecord,
     ) -> None:
-        await self._ask_claude(sentence_send, record, messages)
+        await self._ask_claude(sentence_send, record, messages, go_ahead=go_ahead)
 
     async def _ask_claude(
         self,
         sentence_send: trio.MemorySendChannel[str],
         record: TurnRecord,
         messages: list[dict[str, Any]] | None = None,
+        *,
+        go_ahead: trio.Event | None = None,
     ) -> None:
+        tools = ToolTurn(caller=self.caller, ledger=self.ledger, go_ahead=go_ahead)
         await think_reply(
             self.services.mind,
             self.conversation,
@@ -95,9 +106,11 @@ class Replies:
             contexto=self.contexto,
             can_transfer=bool(self.settings.transfer_number),
             messages=messages,
+            tools=tools,
         )
 
     async def reply(self, user_text: str, t0: float) -> None:
+        await self.settle_tools()
         self.conversation.add_user(user_text)
         messages = self.conversation.window(self.settings.conversation_history_limit)
         spec = self.speculator.take(user_text, messages)
@@ -116,6 +129,7 @@ class Replies:
         record.count_usage(*self.speculator.take_unclaimed())
         head = (t0 - record.t1) * 1000 if record.t1 is not None else 0.0
         log.info("🔮 Speculative reply kept (asked %.0f ms before the turn ended)", head)
+        self._go_ahead.set()  # the turn is the speculation's: its tool requests may go
 
         async def buffered(sentence_send: trio.MemorySendChannel[str]) -> None:
             try:
@@ -128,6 +142,16 @@ class Replies:
                 self.note_acts(record)
 
         await self.voice.turn(record, buffered)
+
+    async def settle_tools(self) -> None:
+        """Tool requests a cut turn left running: wait for them (each within its timeout)
+        and put them in the conversation, so Claude reads their results with the words
+        the caller said over the bot."""
+        for exchange in await self.ledger.settle():
+            log.info(
+                "🛠️ %d tool result(s) from the cut turn go with this one", len(exchange.pending)
+            )
+            self.conversation.add_tool_exchange(exchange.asked, exchange.results())
 
     def note_acts(self, record: TurnRecord) -> None:
         """What the reply's tools ask of the call, carried out by ``converse`` once the

@@ -40,6 +40,7 @@ from voice_trio.calls.services import CallServices
 from voice_trio.conversation.dtmf import STREAM
 from voice_trio.conversation.history import Conversation
 from voice_trio.conversation.phrases import local_now
+from voice_trio.conversation.tool_use import ToolCaller
 from voice_trio.conversation.turn_record import TurnRecord
 from voice_trio.media.controls import CallControls
 from voice_trio.media.playback import Playback
@@ -110,14 +111,20 @@ class CallSession:
         )
         outcomes = services.metrics.speculations
         self.speculator = Speculator(lambda outcome: outcomes.labels(outcome).inc())
+        inbound = context.get("dir") == "inbound"
         self.replies = Replies(
             services,
             self.conversation,
             self.voice,
             self.controls,
             self.speculator,
-            nombre=self.nombre,
-            contexto=self.contexto,
+            caller=ToolCaller(
+                call.call_control_id,
+                nombre=self.nombre,
+                telefono=(start.from_ if inbound else start.to) or "",
+                contexto=self.contexto,
+                on_line=lambda: call.end_reason is None,
+            ),
         )
         self._awaiting_user = False  # converse waits in next_user_turn
 
