@@ -1,6 +1,6 @@
 """Anthropic Messages API simulator: ``POST /v1/messages``, JSON or SSE, with faults.
 
-What is simulated (``shared/docs/protocols/anthropic.md``):
+What is simulated (``shared/docs/protocols/anthropic.md``, docs/protocols/anthropic.md):
 
 - Auth by ``x-api-key`` or ``Authorization: Bearer`` (``x-api-key`` wins if both are sent);
   ``anthropic-version`` must be ``2023-06-01`` or ``2026-10-21``; under ``2026-10-21``
@@ -9,11 +9,13 @@ What is simulated (``shared/docs/protocols/anthropic.md``):
   Errors are ``{"type":"error","error":{...},"request_id":"req_..."}``; every response
   carries a ``request-id`` header.
 - ``"stream": true`` answers with the canonical SSE flow (message_start, content_block_start,
-  ping, text deltas of ``words_per_delta`` words, content_block_stop, an optional tool_use
-  block with ``input_json_delta`` pieces, message_delta, message_stop); otherwise the whole
-  Message as JSON, sent once it would have finished streaming.
-- Tokens are counted as words. ``max_tokens`` truncates the reply (and drops any tool call)
-  with ``stop_reason: "max_tokens"``; ``stop_sequences`` are honoured. ``cache_control``
+  ping, text deltas of ``words_per_delta`` words, content_block_stop, then one tool_use
+  block per tool call, each with its own ``toolu_`` id and ``input_json_delta`` pieces,
+  message_delta with ``stop_reason: "tool_use"`` if there were any, message_stop);
+  otherwise the whole Message as JSON, sent once it would have finished streaming.
+- Tokens are counted as words. ``max_tokens`` truncates the reply (and drops every tool
+  call: they come whole or not at all) with ``stop_reason: "max_tokens"``;
+  ``stop_sequences`` are honoured. ``cache_control``
   breakpoints on tools, system or message blocks create a prompt-cache entry (keyed by a
   hash of the model and the prefix) reported as ``cache_creation_input_tokens`` the first
   time and ``cache_read_input_tokens`` afterwards. A breakpoint engages only when the prompt
@@ -22,11 +24,14 @@ What is simulated (``shared/docs/protocols/anthropic.md``):
   caching (usage 0 and 0), or, with ``short_cache_prefix="error"``, refused with a 400 the
   way the API once did. There is no TTL.
 
-The reply rule lives in :func:`default_reply` (replace it with ``sim.reply_fn``): the last
-user message is quoted back in Spanish; a farewell with an ``end_call`` tool on offer, or a
-request for a person with a ``transfer_call`` tool on offer, ends in that tool call; a turn
-made only of ``tool_result`` blocks is acknowledged as a continuation. The system prompt
-is ignored, so replies depend only on the conversation and the tools.
+What the model says is a :class:`Reply` (text, then any number of tool calls) from
+``reply_fn``; the default, :func:`default_reply` (voice_trio.sim.anthropic_replies, where
+the rules are listed), is a deterministic Spanish script: it quotes the caller back, ends
+the call on a farewell and transfers on a request for a person when those tools are on
+offer, and plays a clinic receptionist when the clinic's tools (examples/clinic-tools.toml)
+are: an appointment request calls ``free_slots``, free slots are booked with
+``book_appointment`` for the caller named in the system prompt, a booking is confirmed, an
+error result is apologised for, and words the caller said over the tools are acknowledged.
 
 Knobs on :class:`AnthropicSim`: ``api_key`` (``None`` accepts any key), ``ttft`` (seconds
 before the first delta, default 0.4), ``tokens_per_second`` (default 80, must be > 0;
@@ -46,7 +51,6 @@ import hashlib
 import json
 import math
 import re
-import unicodedata
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +60,7 @@ from typing import Any
 import trio
 
 from voice_trio.sim._serve import serve_asgi
+from voice_trio.sim.anthropic_replies import Reply, default_reply
 from voice_trio.sim.anthropic_requests import API_VERSIONS, validate
 
 HISTORY = 200
@@ -109,19 +114,9 @@ CACHE_MINIMUMS: dict[str, int] = {
     "claude-haiku-4-5": 4096,
 }
 CACHE_MINIMUM_DEFAULT = 1024  # a model the sources do not list [unconfirmed]
-_FAREWELL = re.compile(r"\b(adios|chao|hasta luego|eso es todo|goodbye)\b")
-_TRANSFER = re.compile(r"\btransferir|\bhablar con una persona\b")
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
-
-
-@dataclass(frozen=True)
-class Reply:
-    """What the simulated model says: text, then optionally one tool call ``(name, input)``."""
-
-    text: str
-    tool_call: tuple[str, dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -175,46 +170,6 @@ class RecordedRequest:
     status: int = 0
     fault: Fault | None = None
     usage: dict[str, int] | None = None  # the input side of the usage reported, if answered
-
-
-def default_reply(request: Mapping[str, Any]) -> Reply:
-    """Answer the last user turn deterministically, in Spanish (see the module docstring)."""
-    text, continuation = _last_user_text(request.get("messages") or [])
-    tools = {t.get("name") for t in request.get("tools") or [] if isinstance(t, dict)}
-    plain = _fold(text)
-    if _FAREWELL.search(plain) and "end_call" in tools:
-        return Reply(
-            "Gracias por llamar. ¡Que tenga un buen día!",
-            ("end_call", {"reason": "caller_said_goodbye"}),
-        )
-    if _TRANSFER.search(plain) and "transfer_call" in tools:
-        return Reply(
-            "Con gusto, le comunico con una persona.",
-            ("transfer_call", {"reason": "caller_asked_for_a_person"}),
-        )
-    if text:
-        return Reply(f'Entendido, usted dijo: "{text}". ¿En qué más le puedo ayudar?')
-    if continuation:
-        return Reply("Listo, ya quedó hecho. ¿En qué más le puedo ayudar?")
-    return Reply("Disculpe, no le escuché bien. ¿Me lo puede repetir?")
-
-
-def _last_user_text(messages: list[Any]) -> tuple[str, bool]:
-    for message in reversed(messages):
-        if message.get("role") != "user":
-            continue
-        content = message.get("content")
-        if isinstance(content, str):
-            return " ".join(content.split()), False
-        texts = [b.get("text", "") for b in content if b.get("type") == "text"]
-        has_result = any(b.get("type") == "tool_result" for b in content)
-        return " ".join(" ".join(texts).split()), has_result
-    return "", False
-
-
-def _fold(text: str) -> str:
-    decomposed = unicodedata.normalize("NFKD", text.lower())
-    return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
 def split_deltas(text: str, words_per_delta: int) -> list[str]:
@@ -274,7 +229,7 @@ class _Output:
 
     thinking: str
     text: str
-    tool: tuple[str, str, dict[str, Any]] | None  # (id, name, input)
+    tools: tuple[tuple[str, str, dict[str, Any]], ...]  # (id, name, input) per tool_use
     stop_reason: str
     stop_sequence: str | None
     output_tokens: int
@@ -449,39 +404,39 @@ class AnthropicSim:
         if (body.get("thinking") or {}).get("type") == "disabled":
             thinking = ""
         stop_reason, stop_sequence = "end_turn", None
-        text, tool = reply.text, reply.tool_call
+        text, tools = reply.text, reply.tool_calls
         for sequence in body.get("stop_sequences") or []:
             at = text.find(sequence)
             if sequence and at >= 0 and (stop_sequence is None or at < text.find(stop_sequence)):
                 stop_reason, stop_sequence = "stop_sequence", sequence
         if stop_sequence is not None:
-            text, tool = text[: text.find(stop_sequence)], None
+            text, tools = text[: text.find(stop_sequence)], ()
         pieces = []
         for part in (thinking, text):
             kept = re.findall(r"\s*\S+", part)[:budget]
             budget -= len(kept)
             if len(kept) < _words(part):
-                stop_reason, tool = "max_tokens", None
+                stop_reason, tools = "max_tokens", ()
                 part = "".join(kept)
             pieces.append(part)
-        tool_tokens = _words(json.dumps(tool[1], ensure_ascii=False)) if tool else 0
-        if tool and tool_tokens > budget:
-            stop_reason, tool = "max_tokens", None
-        elif tool:
+        # The tool calls come whole or not at all: a cut tool_use would be useless input.
+        tool_tokens = sum(_words(json.dumps(call[1], ensure_ascii=False)) for call in tools)
+        if tools and tool_tokens > budget:
+            stop_reason, tools = "max_tokens", ()
+        elif tools:
             stop_reason = "tool_use"
-        tool_block = (self._new_id("toolu"), tool[0], tool[1]) if tool else None
-        used = body["max_tokens"] - budget + (tool_tokens if tool else 0)
-        return _Output(pieces[0], pieces[1], tool_block, stop_reason, stop_sequence, max(1, used))
+        blocks = tuple((self._new_id("toolu"), name, tool_input) for name, tool_input in tools)
+        used = body["max_tokens"] - budget + (tool_tokens if tools else 0)
+        return _Output(pieces[0], pieces[1], blocks, stop_reason, stop_sequence, max(1, used))
 
     def _content(self, output: _Output) -> list[dict[str, Any]]:
         blocks: list[dict[str, Any]] = []
         if output.thinking:
             signature = hashlib.sha256(output.thinking.encode()).hexdigest()
             blocks.append({"type": "thinking", "thinking": output.thinking, "signature": signature})
-        if output.text or not output.tool:
+        if output.text or not output.tools:
             blocks.append({"type": "text", "text": output.text})
-        if output.tool:
-            tool_id, name, tool_input = output.tool
+        for tool_id, name, tool_input in output.tools:
             blocks.append({"type": "tool_use", "id": tool_id, "name": name, "input": tool_input})
         return blocks
 
