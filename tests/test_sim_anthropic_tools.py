@@ -1,8 +1,9 @@
 """The Anthropic simulator's tool use: several calls per reply, the scripted clinic intents
-(played against the clinic simulator, as the server will)."""
+(played against the clinic simulator, as the server will), and the tool pairing rules."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import hmac
 import json
@@ -17,12 +18,19 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from test_sim_anthropic import HEADERS, parse_sse
+from test_sim_anthropic import HEADERS, assert_error, parse_sse
 
 from voice_trio.conversation.persona import END_CALL_TOOL, load_persona, system_blocks
-from voice_trio.providers.claude import ClaudeClient, ToolCall
+from voice_trio.providers.claude import ClaudeClient, LlmError, ToolCall
 from voice_trio.sim import clinic
-from voice_trio.sim.anthropic import AnthropicSim, Reply, default_reply, serve, validate
+from voice_trio.sim.anthropic import (
+    AnthropicSim,
+    Reply,
+    add_arguments,
+    default_reply,
+    serve,
+    validate,
+)
 from voice_trio.sim.anthropic_replies import CONTINUATION_TEXT, ERROR_TEXT, NO_SLOTS_TEXT
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "clinic-tools.toml"
@@ -347,3 +355,73 @@ async def test_a_failing_clinic_is_apologised_for(
         ERROR_TEXT,
     ]
     assert clinic_state.booked() == []
+
+
+# --- tool pairing: what the API refuses ----------------------------------------------------
+
+
+async def test_a_tool_result_without_its_tool_use_just_before_is_refused(
+    base_url: str, claude: ClaudeClient
+) -> None:
+    orphan = request(user("hola"), assistant(text("Hola.")), user(result("toolu_x", {})))
+    async with httpx.AsyncClient(base_url=base_url) as http:
+        response = await http.post("/v1/messages", headers=HEADERS, json=orphan)
+    message = assert_error(response, 400, "invalid_request_error")["error"]["message"]
+    assert message == (
+        "messages.2.content.0: unexpected `tool_use_id` found in `tool_result` blocks: "
+        "toolu_x. Each `tool_result` block must have a corresponding `tool_use` block in the "
+        "previous message."
+    )
+    # Through the project's client: a request error that no retry can fix.
+    with pytest.raises(LlmError) as refused:
+        async with claude.stream_reply("s", orphan["messages"]):
+            pass
+    assert (refused.value.status, refused.value.kind) == (400, "invalid_request_error")
+    assert not refused.value.retryable
+
+
+def test_a_tool_use_must_be_answered_at_the_start_of_the_next_message() -> None:
+    asked = assistant(text("Reviso."), tool_use("toolu_1", "free_slots"), tool_use("toolu_2", "x"))
+    both = user(result("toolu_1", {}), result("toolu_2", {}), text("gracias"))
+    assert validate(request(user("a"), asked, both), "2023-06-01") is None
+    missing = (
+        "messages.1: `tool_use` ids were found without `tool_result` blocks immediately after: "
+        "{}. Each `tool_use` block must have a corresponding `tool_result` block in the next "
+        "message."
+    )
+    cases = {
+        "toolu_2": user(result("toolu_1", {})),  # one of two answered
+        "toolu_1, toolu_2": user("gracias"),  # not answered at all
+    }
+    for ids, answer in cases.items():
+        assert validate(request(user("a"), asked, answer), "2023-06-01") == missing.format(ids)
+    # Text before the results: they do not count as "immediately after".
+    text_first = user(text("aquí van"), result("toolu_1", {}), result("toolu_2", {}))
+    assert validate(request(user("a"), asked, text_first), "2023-06-01") == missing.format(
+        "toolu_1, toolu_2"
+    )
+    # A message in between, even the right results a message later, is refused too.
+    late = [user("espere"), assistant(text("Bien.")), both]
+    assert validate(request(user("a"), asked, *late), "2023-06-01") == missing.format(
+        "toolu_1, toolu_2"
+    )
+
+
+async def test_an_unanswered_tool_use_in_a_last_message_is_a_knob(
+    sim: AnthropicSim, base_url: str
+) -> None:
+    trailing = request(user("una cita"), assistant(tool_use("toolu_1", "free_slots")))
+    async with httpx.AsyncClient(base_url=base_url) as http:
+        refused = await http.post("/v1/messages", headers=HEADERS, json=trailing)
+        assert_error(refused, 400, "invalid_request_error")
+        sim.trailing_tool_use = "allow"
+        assert (await http.post("/v1/messages", headers=HEADERS, json=trailing)).status_code == 200
+    assert validate(trailing, "2023-06-01", trailing_tool_use="allow") is None
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).trailing_tool_use == "error"
+    assert parser.parse_args(["--trailing-tool-use", "allow"]).trailing_tool_use == "allow"
+    not_bool = request(
+        user("a"), assistant(tool_use("t", "x")), user(result("t", 1) | {"is_error": "yes"})
+    )
+    assert validate(not_bool, "2023-06-01") == "messages.2: content.0.is_error: must be a boolean"

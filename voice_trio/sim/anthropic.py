@@ -8,6 +8,12 @@ What is simulated (``shared/docs/protocols/anthropic.md``, docs/protocols/anthro
   positive int ``max_tokens``, non-empty ``messages`` of text/tool_use/tool_result blocks).
   Errors are ``{"type":"error","error":{...},"request_id":"req_..."}``; every response
   carries a ``request-id`` header.
+- Tool pairing, with the API's own error messages: every ``tool_use`` of an assistant
+  message must be answered by a ``tool_result`` in the leading run of ``tool_result`` blocks
+  of the very next (user) message, and every ``tool_result`` must answer a ``tool_use`` of
+  the message just before it; otherwise a 400 ``invalid_request_error``. ``tool_use``
+  blocks in a last (prefill) assistant message are refused too unless
+  ``trailing_tool_use="allow"`` (the API's documentation does not say).
 - ``"stream": true`` answers with the canonical SSE flow (message_start, content_block_start,
   ping, text deltas of ``words_per_delta`` words, content_block_stop, then one tool_use
   block per tool call, each with its own ``toolu_`` id and ``input_json_delta`` pieces,
@@ -38,8 +44,9 @@ before the first delta, default 0.4), ``tokens_per_second`` (default 80, must be
 ``math.inf`` for no pacing), ``words_per_delta``, ``thinking`` (text of a leading thinking
 block, skipped when the request sends ``thinking: {"type": "disabled"}``), ``reply_fn``,
 ``cache_minimums`` (model id prefix -> minimum cacheable tokens; the longest matching prefix
-wins), ``cache_minimum_default`` (for a model not listed) and ``short_cache_prefix``
-(``"ignore"`` or ``"error"``). The sources disagree on some minimums: set them here.
+wins), ``cache_minimum_default`` (for a model not listed), ``short_cache_prefix``
+(``"ignore"`` or ``"error"``) and ``trailing_tool_use`` (``"error"`` or ``"allow"``). The
+sources disagree on some minimums: set them here.
 Faults queue up with :meth:`AnthropicSim.inject` and apply to the next requests that pass
 auth and validation, one fault per request.
 """
@@ -248,6 +255,7 @@ class AnthropicSim:
     cache_minimums: dict[str, int] = field(default_factory=lambda: dict(CACHE_MINIMUMS))
     cache_minimum_default: int = CACHE_MINIMUM_DEFAULT
     short_cache_prefix: str = "ignore"  # or "error": a 400, as the API answered in 2024
+    trailing_tool_use: str = "error"  # or "allow": unanswered tool_use in a last message
     history: int = HISTORY
     requests: deque[RecordedRequest] = field(init=False)
     request_count: int = field(init=False, default=0)
@@ -327,7 +335,7 @@ class AnthropicSim:
             return await error(400, f"anthropic-version: unsupported or missing ({version!r})")
         if raw and body is None:
             return await error(400, "request body is not valid JSON")
-        if problem := validate(body, version):
+        if problem := validate(body, version, trailing_tool_use=self.trailing_tool_use):
             return await error(400, problem)
         assert isinstance(body, dict)  # validate() refuses anything else
         if self.short_cache_prefix == "error" and (problem := self._short_prefix_problem(body)):
@@ -649,6 +657,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="ignore",
         help="a cache breakpoint below the minimum: processed uncached, or a 400",
     )
+    parser.add_argument(
+        "--trailing-tool-use",
+        choices=("error", "allow"),
+        default="error",
+        help="tool_use blocks in a last assistant message, with nothing to answer them",
+    )
 
 
 async def run_from_args(args: argparse.Namespace) -> None:
@@ -659,6 +673,7 @@ async def run_from_args(args: argparse.Namespace) -> None:
         words_per_delta=args.words_per_delta,
         thinking=args.thinking,
         short_cache_prefix=args.short_cache_prefix,
+        trailing_tool_use=args.trailing_tool_use,
     )
     sim.cache_minimums.update(args.cache_minimum)
     async with trio.open_nursery() as nursery:
