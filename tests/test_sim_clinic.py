@@ -17,8 +17,10 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from dotenv import dotenv_values
 
 from voice_trio.cli import build_parser
+from voice_trio.sim import lab
 from voice_trio.sim.clinic import (
     TIMEZONE,
     TOOLS,
@@ -338,3 +340,35 @@ async def test_the_cli_serves_the_clinic(capsys: pytest.CaptureFixture[str]) -> 
             assert_json(await call(http, "cancel_appointment", {"appointment_id": "a"}), 500)
             assert_json(await http.post("/tools/free_slots", content=envelope("free_slots")), 401)
         nursery.cancel_scope.cancel()
+
+
+async def test_sim_all_serves_the_clinic_and_writes_its_settings_as_comments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env_file = tmp_path / ".env"
+    argv = ["sim", "all", "--write-env", str(env_file)]
+    ports = ["--telnyx-port=0", "--deepgram-port=0", "--anthropic-port=0"]
+    secrets_seen = []
+    for _ in range(2):  # the second run keeps the secret a server may have been started with
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lab.run_from_args, build_parser().parse_args([*argv, *ports]))
+            out = ""
+            with trio.fail_after(10):
+                # Polling: captured stdout offers nothing to wait on.
+                while "(written to" not in out:
+                    await trio.sleep(0.01)
+                    out += capsys.readouterr().out
+            url = re.search(r"^Clinic simulator listening on (http://127\.0\.0\.1:\d+)$", out, re.M)
+            assert url is not None
+            written = env_file.read_text()
+            assert "# TOOLS_FILE=examples/clinic-tools.toml\n" in written
+            assert f"# CLINIC_URL={url[1]}\n" in written
+            secret = re.search(r"^# TOOLS_SECRET=(\S{16,})$", written, re.M)
+            assert secret is not None
+            secrets_seen.append(secret[1])
+            # Comments only: the server's settings do not name tools yet.
+            assert not {"TOOLS_FILE", "TOOLS_SECRET", "CLINIC_URL"} & set(dotenv_values(env_file))
+            async with httpx.AsyncClient(base_url=url[1]) as http:
+                assert_json(await call(http, "free_slots", secret=secret[1]), 200)
+            nursery.cancel_scope.cancel()
+    assert secrets_seen[0] == secrets_seen[1]
