@@ -228,7 +228,7 @@ async def test_several_tool_calls_stream_as_several_tool_use_blocks(
             for n, d in events
             if n == "content_block_delta" and d["index"] == index
         ]
-        assert all(p for p in pieces) and json.loads("".join(pieces)) == data
+        assert all(pieces) and json.loads("".join(pieces)) == data
     assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
     assert [n for n, _ in events].count("content_block_stop") == 3
     # Not streamed: the same blocks in the Message.

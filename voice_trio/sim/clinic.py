@@ -75,6 +75,10 @@ class Slot:
     start: str  # local ISO time, no offset: "2026-12-07T09:00"
     doctor: str
 
+    @property
+    def doctor_id(self) -> str:
+        return self.slot_id.rpartition("/")[2]
+
     def as_json(self) -> dict[str, str]:
         return {"slot_id": self.slot_id, "start": self.start, "doctor": self.doctor}
 
@@ -296,7 +300,7 @@ class ClinicSim:
         slots = [
             s
             for s in self.free_slots()
-            if s.start.startswith(day) and doctor in _fold(f"{s.doctor} {s.slot_id.split('/')[-1]}")
+            if s.start.startswith(day) and doctor in _fold(f"{s.doctor} {s.doctor_id}")
         ]
         return {"slots": [s.as_json() for s in slots[:MAX_SLOTS]]}
 
