@@ -19,6 +19,7 @@ SIMULATORS = {
     "deepgram": ("voice_trio.sim.deepgram", "Deepgram live STT WebSocket and Aura TTS"),
     "anthropic": ("voice_trio.sim.anthropic", "Anthropic Messages API with SSE streaming"),
     "elevenlabs": ("voice_trio.sim.elevenlabs", "ElevenLabs stream-input TTS WebSocket"),
+    "clinic": ("voice_trio.sim.clinic", "a clinic's scheduling backend for HTTP tools (signed)"),
     "all": (
         "voice_trio.sim.lab",
         "every simulator at once; dialled numbers get a scripted patient",

@@ -1,6 +1,6 @@
 """Anthropic Messages API simulator: ``POST /v1/messages``, JSON or SSE, with faults.
 
-What is simulated (``shared/docs/protocols/anthropic.md``):
+What is simulated (``shared/docs/protocols/anthropic.md``, docs/protocols/anthropic.md):
 
 - Auth by ``x-api-key`` or ``Authorization: Bearer`` (``x-api-key`` wins if both are sent);
   ``anthropic-version`` must be ``2023-06-01`` or ``2026-10-21``; under ``2026-10-21``
@@ -8,12 +8,20 @@ What is simulated (``shared/docs/protocols/anthropic.md``):
   positive int ``max_tokens``, non-empty ``messages`` of text/tool_use/tool_result blocks).
   Errors are ``{"type":"error","error":{...},"request_id":"req_..."}``; every response
   carries a ``request-id`` header.
+- Tool pairing, with the API's own error messages: every ``tool_use`` of an assistant
+  message must be answered by a ``tool_result`` in the leading run of ``tool_result`` blocks
+  of the very next (user) message, and every ``tool_result`` must answer a ``tool_use`` of
+  the message just before it; otherwise a 400 ``invalid_request_error``. ``tool_use``
+  blocks in a last (prefill) assistant message are refused too unless
+  ``trailing_tool_use="allow"`` (the API's documentation does not say).
 - ``"stream": true`` answers with the canonical SSE flow (message_start, content_block_start,
-  ping, text deltas of ``words_per_delta`` words, content_block_stop, an optional tool_use
-  block with ``input_json_delta`` pieces, message_delta, message_stop); otherwise the whole
-  Message as JSON, sent once it would have finished streaming.
-- Tokens are counted as words. ``max_tokens`` truncates the reply (and drops any tool call)
-  with ``stop_reason: "max_tokens"``; ``stop_sequences`` are honoured. ``cache_control``
+  ping, text deltas of ``words_per_delta`` words, content_block_stop, then one tool_use
+  block per tool call, each with its own ``toolu_`` id and ``input_json_delta`` pieces,
+  message_delta with ``stop_reason: "tool_use"`` if there were any, message_stop);
+  otherwise the whole Message as JSON, sent once it would have finished streaming.
+- Tokens are counted as words. ``max_tokens`` truncates the reply (and drops every tool
+  call: they come whole or not at all) with ``stop_reason: "max_tokens"``;
+  ``stop_sequences`` are honoured. ``cache_control``
   breakpoints on tools, system or message blocks create a prompt-cache entry (keyed by a
   hash of the model and the prefix) reported as ``cache_creation_input_tokens`` the first
   time and ``cache_read_input_tokens`` afterwards. A breakpoint engages only when the prompt
@@ -22,19 +30,23 @@ What is simulated (``shared/docs/protocols/anthropic.md``):
   caching (usage 0 and 0), or, with ``short_cache_prefix="error"``, refused with a 400 the
   way the API once did. There is no TTL.
 
-The reply rule lives in :func:`default_reply` (replace it with ``sim.reply_fn``): the last
-user message is quoted back in Spanish; a farewell with an ``end_call`` tool on offer, or a
-request for a person with a ``transfer_call`` tool on offer, ends in that tool call; a turn
-made only of ``tool_result`` blocks is acknowledged as a continuation. The system prompt
-is ignored, so replies depend only on the conversation and the tools.
+What the model says is a :class:`Reply` (text, then any number of tool calls) from
+``reply_fn``; the default, :func:`default_reply` (voice_trio.sim.anthropic_replies, where
+the rules are listed), is a deterministic Spanish script: it quotes the caller back, ends
+the call on a farewell and transfers on a request for a person when those tools are on
+offer, and plays a clinic receptionist when the clinic's tools (examples/clinic-tools.toml)
+are: an appointment request calls ``free_slots``, free slots are booked with
+``book_appointment`` for the caller named in the system prompt, a booking is confirmed, an
+error result is apologised for, and words the caller said over the tools are acknowledged.
 
 Knobs on :class:`AnthropicSim`: ``api_key`` (``None`` accepts any key), ``ttft`` (seconds
 before the first delta, default 0.4), ``tokens_per_second`` (default 80, must be > 0;
 ``math.inf`` for no pacing), ``words_per_delta``, ``thinking`` (text of a leading thinking
 block, skipped when the request sends ``thinking: {"type": "disabled"}``), ``reply_fn``,
 ``cache_minimums`` (model id prefix -> minimum cacheable tokens; the longest matching prefix
-wins), ``cache_minimum_default`` (for a model not listed) and ``short_cache_prefix``
-(``"ignore"`` or ``"error"``). The sources disagree on some minimums: set them here.
+wins), ``cache_minimum_default`` (for a model not listed), ``short_cache_prefix``
+(``"ignore"`` or ``"error"``) and ``trailing_tool_use`` (``"error"`` or ``"allow"``). The
+sources disagree on some minimums: set them here.
 Faults queue up with :meth:`AnthropicSim.inject` and apply to the next requests that pass
 auth and validation, one fault per request.
 """
@@ -46,7 +58,6 @@ import hashlib
 import json
 import math
 import re
-import unicodedata
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -56,8 +67,9 @@ from typing import Any
 import trio
 
 from voice_trio.sim._serve import serve_asgi
+from voice_trio.sim.anthropic_replies import Reply, default_reply
+from voice_trio.sim.anthropic_requests import API_VERSIONS, validate
 
-API_VERSIONS = frozenset({"2023-06-01", "2026-10-21"})
 HISTORY = 200
 
 _ERROR_TYPES = {
@@ -84,9 +96,6 @@ _RECORDED_HEADERS = (
     "x-stainless-async",
     "x-stainless-retry-count",
 )
-_BLOCK_TYPES = frozenset(
-    {"text", "tool_use", "tool_result", "thinking", "redacted_thinking", "image", "document"}
-)
 # Minimum cacheable prompt length per model id prefix, as Anthropic's prompt-caching page
 # gives it in 2026 (docs/protocols/anthropic.md lists the sources and where they disagree).
 CACHE_MINIMUMS: dict[str, int] = {
@@ -112,19 +121,9 @@ CACHE_MINIMUMS: dict[str, int] = {
     "claude-haiku-4-5": 4096,
 }
 CACHE_MINIMUM_DEFAULT = 1024  # a model the sources do not list [unconfirmed]
-_FAREWELL = re.compile(r"\b(adios|chao|hasta luego|eso es todo|goodbye)\b")
-_TRANSFER = re.compile(r"\btransferir|\bhablar con una persona\b")
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
-
-
-@dataclass(frozen=True)
-class Reply:
-    """What the simulated model says: text, then optionally one tool call ``(name, input)``."""
-
-    text: str
-    tool_call: tuple[str, dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -180,46 +179,6 @@ class RecordedRequest:
     usage: dict[str, int] | None = None  # the input side of the usage reported, if answered
 
 
-def default_reply(request: Mapping[str, Any]) -> Reply:
-    """Answer the last user turn deterministically, in Spanish (see the module docstring)."""
-    text, continuation = _last_user_text(request.get("messages") or [])
-    tools = {t.get("name") for t in request.get("tools") or [] if isinstance(t, dict)}
-    plain = _fold(text)
-    if _FAREWELL.search(plain) and "end_call" in tools:
-        return Reply(
-            "Gracias por llamar. ¡Que tenga un buen día!",
-            ("end_call", {"reason": "caller_said_goodbye"}),
-        )
-    if _TRANSFER.search(plain) and "transfer_call" in tools:
-        return Reply(
-            "Con gusto, le comunico con una persona.",
-            ("transfer_call", {"reason": "caller_asked_for_a_person"}),
-        )
-    if text:
-        return Reply(f'Entendido, usted dijo: "{text}". ¿En qué más le puedo ayudar?')
-    if continuation:
-        return Reply("Listo, ya quedó hecho. ¿En qué más le puedo ayudar?")
-    return Reply("Disculpe, no le escuché bien. ¿Me lo puede repetir?")
-
-
-def _last_user_text(messages: list[Any]) -> tuple[str, bool]:
-    for message in reversed(messages):
-        if message.get("role") != "user":
-            continue
-        content = message.get("content")
-        if isinstance(content, str):
-            return " ".join(content.split()), False
-        texts = [b.get("text", "") for b in content if b.get("type") == "text"]
-        has_result = any(b.get("type") == "tool_result" for b in content)
-        return " ".join(" ".join(texts).split()), has_result
-    return "", False
-
-
-def _fold(text: str) -> str:
-    decomposed = unicodedata.normalize("NFKD", text.lower())
-    return "".join(c for c in decomposed if not unicodedata.combining(c))
-
-
 def split_deltas(text: str, words_per_delta: int) -> list[str]:
     """Split ``text`` into pieces of ``words_per_delta`` words; the pieces join back to it."""
     words = re.findall(r"\s*\S+", text)
@@ -232,73 +191,6 @@ def split_deltas(text: str, words_per_delta: int) -> list[str]:
 
 def _words(text: str) -> int:
     return len(text.split())
-
-
-def validate(body: Any, version: str) -> str | None:
-    """The ``invalid_request_error`` message for a bad request body, or None if it is fine."""
-    if not isinstance(body, dict):
-        return "request body must be a JSON object"
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        return "model: field required (a non-empty string)"
-    max_tokens = body.get("max_tokens")
-    if type(max_tokens) is not int or max_tokens < 1:
-        return "max_tokens: field required (an integer >= 1)"
-    if version == "2026-10-21":
-        for name in ("temperature", "top_p", "top_k"):
-            if name in body:
-                return f"{name}: is not supported in API version 2026-10-21"
-    if "stream" in body and not isinstance(body["stream"], bool):
-        return "stream: must be a boolean"
-    system = body.get("system")
-    if system is not None and not isinstance(system, str):
-        if not isinstance(system, list) or not all(_is_text_block(b) for b in system):
-            return "system: must be a string or a list of text blocks"
-    tools = body.get("tools")
-    if tools is not None and not (
-        isinstance(tools, list) and all(isinstance(t, dict) and "name" in t for t in tools)
-    ):
-        return "tools: must be a list of objects with a name"
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return "messages: field required (a non-empty list)"
-    for i, message in enumerate(messages):
-        problem = _message_problem(message)
-        if problem:
-            return f"messages.{i}: {problem}"
-    return None
-
-
-def _is_text_block(block: Any) -> bool:
-    return isinstance(block, dict) and block.get("type") == "text" and _is_str(block.get("text"))
-
-
-def _is_str(value: Any) -> bool:
-    return isinstance(value, str)
-
-
-def _message_problem(message: Any) -> str | None:
-    if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-        return "role: must be 'user' or 'assistant'"
-    content = message.get("content")
-    if isinstance(content, str):
-        return None
-    if not isinstance(content, list):
-        return "content: must be a string or a list of content blocks"
-    for j, block in enumerate(content):
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind not in _BLOCK_TYPES:
-            return f"content.{j}: unknown content block type {kind!r}"
-        if kind == "text" and not _is_text_block(block):
-            return f"content.{j}.text: field required"
-        if kind == "tool_use" and not (
-            _is_str(block.get("id"))
-            and _is_str(block.get("name"))
-            and isinstance(block.get("input"), dict)
-        ):
-            return f"content.{j}: tool_use needs id, name and an input object"
-        if kind == "tool_result" and not _is_str(block.get("tool_use_id")):
-            return f"content.{j}.tool_use_id: field required"
-    return None
 
 
 def _prompt_segments(body: Mapping[str, Any]) -> Iterator[tuple[Any, int, bool]]:
@@ -344,7 +236,7 @@ class _Output:
 
     thinking: str
     text: str
-    tool: tuple[str, str, dict[str, Any]] | None  # (id, name, input)
+    tools: tuple[tuple[str, str, dict[str, Any]], ...]  # (id, name, input) per tool_use
     stop_reason: str
     stop_sequence: str | None
     output_tokens: int
@@ -363,6 +255,7 @@ class AnthropicSim:
     cache_minimums: dict[str, int] = field(default_factory=lambda: dict(CACHE_MINIMUMS))
     cache_minimum_default: int = CACHE_MINIMUM_DEFAULT
     short_cache_prefix: str = "ignore"  # or "error": a 400, as the API answered in 2024
+    trailing_tool_use: str = "error"  # or "allow": unanswered tool_use in a last message
     history: int = HISTORY
     requests: deque[RecordedRequest] = field(init=False)
     request_count: int = field(init=False, default=0)
@@ -442,7 +335,7 @@ class AnthropicSim:
             return await error(400, f"anthropic-version: unsupported or missing ({version!r})")
         if raw and body is None:
             return await error(400, "request body is not valid JSON")
-        if problem := validate(body, version):
+        if problem := validate(body, version, trailing_tool_use=self.trailing_tool_use):
             return await error(400, problem)
         assert isinstance(body, dict)  # validate() refuses anything else
         if self.short_cache_prefix == "error" and (problem := self._short_prefix_problem(body)):
@@ -519,39 +412,39 @@ class AnthropicSim:
         if (body.get("thinking") or {}).get("type") == "disabled":
             thinking = ""
         stop_reason, stop_sequence = "end_turn", None
-        text, tool = reply.text, reply.tool_call
+        text, tools = reply.text, reply.tool_calls
         for sequence in body.get("stop_sequences") or []:
             at = text.find(sequence)
             if sequence and at >= 0 and (stop_sequence is None or at < text.find(stop_sequence)):
                 stop_reason, stop_sequence = "stop_sequence", sequence
         if stop_sequence is not None:
-            text, tool = text[: text.find(stop_sequence)], None
+            text, tools = text[: text.find(stop_sequence)], ()
         pieces = []
         for part in (thinking, text):
             kept = re.findall(r"\s*\S+", part)[:budget]
             budget -= len(kept)
             if len(kept) < _words(part):
-                stop_reason, tool = "max_tokens", None
+                stop_reason, tools = "max_tokens", ()
                 part = "".join(kept)
             pieces.append(part)
-        tool_tokens = _words(json.dumps(tool[1], ensure_ascii=False)) if tool else 0
-        if tool and tool_tokens > budget:
-            stop_reason, tool = "max_tokens", None
-        elif tool:
+        # The tool calls come whole or not at all: a cut tool_use would be useless input.
+        tool_tokens = sum(_words(json.dumps(call[1], ensure_ascii=False)) for call in tools)
+        if tools and tool_tokens > budget:
+            stop_reason, tools = "max_tokens", ()
+        elif tools:
             stop_reason = "tool_use"
-        tool_block = (self._new_id("toolu"), tool[0], tool[1]) if tool else None
-        used = body["max_tokens"] - budget + (tool_tokens if tool else 0)
-        return _Output(pieces[0], pieces[1], tool_block, stop_reason, stop_sequence, max(1, used))
+        blocks = tuple((self._new_id("toolu"), name, tool_input) for name, tool_input in tools)
+        used = body["max_tokens"] - budget + (tool_tokens if tools else 0)
+        return _Output(pieces[0], pieces[1], blocks, stop_reason, stop_sequence, max(1, used))
 
     def _content(self, output: _Output) -> list[dict[str, Any]]:
         blocks: list[dict[str, Any]] = []
         if output.thinking:
             signature = hashlib.sha256(output.thinking.encode()).hexdigest()
             blocks.append({"type": "thinking", "thinking": output.thinking, "signature": signature})
-        if output.text or not output.tool:
+        if output.text or not output.tools:
             blocks.append({"type": "text", "text": output.text})
-        if output.tool:
-            tool_id, name, tool_input = output.tool
+        for tool_id, name, tool_input in output.tools:
             blocks.append({"type": "tool_use", "id": tool_id, "name": name, "input": tool_input})
         return blocks
 
@@ -764,6 +657,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="ignore",
         help="a cache breakpoint below the minimum: processed uncached, or a 400",
     )
+    parser.add_argument(
+        "--trailing-tool-use",
+        choices=("error", "allow"),
+        default="error",
+        help="tool_use blocks in a last assistant message, with nothing to answer them",
+    )
 
 
 async def run_from_args(args: argparse.Namespace) -> None:
@@ -774,6 +673,7 @@ async def run_from_args(args: argparse.Namespace) -> None:
         words_per_delta=args.words_per_delta,
         thinking=args.thinking,
         short_cache_prefix=args.short_cache_prefix,
+        trailing_tool_use=args.trailing_tool_use,
     )
     sim.cache_minimums.update(args.cache_minimum)
     async with trio.open_nursery() as nursery:

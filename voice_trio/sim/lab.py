@@ -1,22 +1,28 @@
-"""All the simulators together: Telnyx (with its carrier), Deepgram and Anthropic.
+"""All the simulators together: Telnyx (with its carrier), Deepgram, Anthropic, ElevenLabs.
 
 ``open_lab`` starts them on loopback in the caller's nursery and returns their addresses
 plus ``server_env()``, the settings that point a voice-trio server at them. Used by
 ``voice-trio demo``, the end-to-end tests, ``voice-trio sim all`` and the load and soak
 scripts (which run the lab in one process and the server in another).
+
+``voice-trio sim all`` also serves the clinic's scheduling backend (:mod:`.clinic`) for
+HTTP tools, and writes its settings (``TOOLS_FILE``, ``TOOLS_SECRET``, ``CLINIC_URL``) as
+comments: the server does not read them yet.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import secrets
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import trio
 from dotenv import dotenv_values
 
-from voice_trio.sim import anthropic, deepgram, elevenlabs, telnyx
+from voice_trio.sim import anthropic, clinic, deepgram, elevenlabs, telnyx
 from voice_trio.sim.caller import BargeIn, Say, ScriptedCaller, Step, WaitForBot
 
 TELNYX_KEY = "KEYsim0123456789"
@@ -140,22 +146,47 @@ async def run_from_args(args: argparse.Namespace) -> None:
             return caller
 
         lab.telnyx.callee_factory = patient
+        # Like the token below: a server started earlier from the file keeps its secret.
+        kept = _kept_tools_secret(args.write_env) if args.write_env else None
+        clinic_sim = clinic.ClinicSim(secret=kept or secrets.token_urlsafe(24))
+        clinic_port = args.anthropic_port + 20 if args.anthropic_port else 0
+        clinic_url = await nursery.start(
+            partial(clinic.serve, clinic_sim, host=args.host, port=clinic_port)
+        )
         print(f"Telnyx simulator listening on {lab.telnyx_url}")
         print(f"Deepgram simulator listening on {lab.deepgram_url}")
         print(f"Anthropic simulator listening on {lab.anthropic_url}")
         print(f"ElevenLabs simulator listening on {lab.elevenlabs_url}")
+        print(f"Clinic simulator listening on {clinic_url}")
         if args.write_env:
             # A server started earlier from this file keeps working with its token.
             lab.api_token = _kept_token(args.write_env) or lab.api_token
         webhook_base = args.webhook_url.removesuffix("/webhook/telnyx")
         env = lab.server_env() | {"WEBHOOK_BASE_URL": webhook_base}
         lines = [f"{name}={value}" for name, value in env.items()]
+        lines += [
+            "# HTTP tools (docs/tools.md) against the clinic simulator, for a server that",
+            "# reads these settings:",
+            "# TOOLS_FILE=examples/clinic-tools.toml",
+            f"# TOOLS_SECRET={clinic_sim.secret}",
+            f"# CLINIC_URL={clinic_url}",
+        ]
         print("\n# Settings for `voice-trio serve` (e.g. put them in .env):")
         print("\n".join(lines), flush=True)
         if args.write_env:
             header = "# Written by `voice-trio sim all`: the server talks to the simulators.\n"
             await trio.Path(args.write_env).write_text(header + "\n".join(lines) + "\n")
             print(f"(written to {args.write_env})", flush=True)
+
+
+def _kept_tools_secret(path: str) -> str | None:
+    """``TOOLS_SECRET`` of an env file written before, commented out or not."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    found = re.search(r"^#?\s*TOOLS_SECRET=(\S{16,})\s*$", text, re.M)
+    return found[1] if found else None
 
 
 def _kept_token(path: str) -> str | None:
