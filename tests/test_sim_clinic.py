@@ -20,6 +20,7 @@ import trio
 from dotenv import dotenv_values
 
 from voice_trio.cli import build_parser
+from voice_trio.config import Settings
 from voice_trio.sim import lab
 from voice_trio.sim.clinic import (
     TIMEZONE,
@@ -342,7 +343,7 @@ async def test_the_cli_serves_the_clinic(capsys: pytest.CaptureFixture[str]) -> 
         nursery.cancel_scope.cancel()
 
 
-async def test_sim_all_serves_the_clinic_and_writes_its_settings_as_comments(
+async def test_sim_all_serves_the_clinic_and_writes_its_tool_settings(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env_file = tmp_path / ".env"
@@ -360,15 +361,22 @@ async def test_sim_all_serves_the_clinic_and_writes_its_settings_as_comments(
                     out += capsys.readouterr().out
             url = re.search(r"^Clinic simulator listening on (http://127\.0\.0\.1:\d+)$", out, re.M)
             assert url is not None
-            written = env_file.read_text()
-            assert "# TOOLS_FILE=examples/clinic-tools.toml\n" in written
-            assert f"# CLINIC_URL={url[1]}\n" in written
-            secret = re.search(r"^# TOOLS_SECRET=(\S{16,})$", written, re.M)
-            assert secret is not None
-            secrets_seen.append(secret[1])
-            # Comments only: the server's settings do not name tools yet.
-            assert not {"TOOLS_FILE", "TOOLS_SECRET", "CLINIC_URL"} & set(dotenv_values(env_file))
+            written = dotenv_values(env_file)
+            assert written["TOOLS_FILE"] == lab.CLINIC_TOOLS and written["CLINIC_URL"] == url[1]
+            secret = written["TOOLS_SECRET"]
+            assert secret is not None and len(secret) >= 16
+            secrets_seen.append(secret)
+            # A server reads them: the clinic's tools, signed with the clinic's secret.
+            settings = Settings.from_env(dict(written), None)  # type: ignore[arg-type]
+            assert [t.name for t in settings.http_tools][:2] == ["free_slots", "book_appointment"]
+            assert settings.http_tools[0].endpoint == f"{url[1]}/tools/free_slots"
             async with httpx.AsyncClient(base_url=url[1]) as http:
-                assert_json(await call(http, "free_slots", secret=secret[1]), 200)
+                assert_json(await call(http, "free_slots", secret=secret), 200)
             nursery.cancel_scope.cancel()
     assert secrets_seen[0] == secrets_seen[1]
+
+
+def test_the_example_is_the_declaration_the_package_ships() -> None:
+    """examples/clinic-tools.toml links to the file inside the package (the demo and
+    `sim all` use it from an installed package too)."""
+    assert Path(lab.CLINIC_TOOLS).read_bytes() == EXAMPLE.read_bytes()

@@ -2,8 +2,10 @@
 
 The server and every simulator run in this process: the server places an outbound call
 (through its own ``POST /api/call/initiate``) to a scripted Spanish-speaking patient who
-asks three things, talks over the bot once, and says goodbye. The server's log shows the
-conversation live; a summary with each turn's voice-to-voice latency follows.
+asks for an appointment (which the agent books in the clinic simulator through its HTTP
+tools, docs/tools.md), asks two more things, talks over the bot once, and says goodbye.
+The server's log shows the conversation live; a summary with each turn's voice-to-voice
+latency and the appointment the clinic now holds follows.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from voice_trio.config import Settings
 from voice_trio.observability import setup_logging
 from voice_trio.server import reserve_listener, serve
 from voice_trio.sim.caller import CallerResults, ScriptedCaller
+from voice_trio.sim.clinic import Appointment
 from voice_trio.sim.lab import DEMO_SCRIPT, open_lab
 from voice_trio.web.dispatch import build_app
 
@@ -77,7 +80,7 @@ class RecordingCaller(ScriptedCaller):
 async def run_demo(user_settings: Settings, wav: str | None = None) -> int:
     print("voice-trio demo: the server and every simulator in this process, offline.\n")
     async with trio.open_nursery() as nursery:
-        lab = await open_lab(nursery)
+        lab = await open_lab(nursery, tools=True)
         listener = reserve_listener("127.0.0.1")
         port = listener.getsockname()[1]
         env = lab.server_env() | {
@@ -120,10 +123,11 @@ async def run_demo(user_settings: Settings, wav: str | None = None) -> int:
     if wav:
         patient.write_wav(wav)
         print(f"\nWrote {wav} (left: caller, right: bot; 8 kHz, 16-bit).")
-    return summarize(results)
+    assert lab.clinic is not None
+    return summarize(results, lab.clinic.booked())
 
 
-def summarize(results: CallerResults) -> int:
+def summarize(results: CallerResults, booked: list[Appointment] | None = None) -> int:
     print("\n── Conversation, as the caller heard it ──")
     turns = sorted(
         [(u.started_at or 0.0, "caller", u.text, None, u.barge_in) for u in results.utterances]
@@ -152,6 +156,16 @@ def summarize(results: CallerResults) -> int:
             "(includes the simulated 300 ms endpointing, 400 ms LLM first token, 150 ms TTS)."
         )
     print(f"Barge-ins: {results.clears}   call ended by: {results.hangup_by or 'nobody'}")
+    if booked is not None:
+        print("\n── The clinic simulator now holds ──")
+        for appointment in booked:
+            print(
+                f"  📅 {appointment.appointment_id}: {appointment.slot.start} with "
+                f"{appointment.slot.doctor}, for {appointment.patient_name} "
+                f"({appointment.caller.get('telefono', '')})"
+            )
+        if not booked:
+            problems.append("no appointment was booked")
     if problems:
         print("demo FAILED: " + "; ".join(problems), file=sys.stderr)
         return 1

@@ -34,7 +34,7 @@ What the model says is a :class:`Reply` (text, then any number of tool calls) fr
 ``reply_fn``; the default, :func:`default_reply` (voice_trio.sim.anthropic_replies, where
 the rules are listed), is a deterministic Spanish script: it quotes the caller back, ends
 the call on a farewell and transfers on a request for a person when those tools are on
-offer, and plays a clinic receptionist when the clinic's tools (examples/clinic-tools.toml)
+offer, and plays a clinic receptionist when the clinic's tools (sim/clinic_tools.toml)
 are: an appointment request calls ``free_slots``, free slots are booked with
 ``book_appointment`` for the caller named in the system prompt, a booking is confirmed, an
 error result is apologised for, and words the caller said over the tools are acknowledged.

@@ -5,9 +5,9 @@ plus ``server_env()``, the settings that point a voice-trio server at them. Used
 ``voice-trio demo``, the end-to-end tests, ``voice-trio sim all`` and the load and soak
 scripts (which run the lab in one process and the server in another).
 
-``voice-trio sim all`` also serves the clinic's scheduling backend (:mod:`.clinic`) for
-HTTP tools, and writes its settings (``TOOLS_FILE``, ``TOOLS_SECRET``, ``CLINIC_URL``) as
-comments: the server does not read them yet.
+With ``tools=True`` (``voice-trio sim all``, the demo) the lab also serves a clinic's
+scheduling backend (:mod:`.clinic`) and ``server_env()`` declares its HTTP tools
+(``TOOLS_FILE`` = :data:`CLINIC_TOOLS`, ``TOOLS_SECRET``, ``CLINIC_URL``; docs/tools.md).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from functools import partial
+from importlib import resources
 from pathlib import Path
 
 import trio
@@ -32,6 +33,8 @@ ELEVENLABS_KEY = "el-test-key"
 ELEVENLABS_VOICE = "sim-voice-sofia"
 CONNECTION_ID = "1684641123236054244"
 OUR_NUMBER = "+5716000000"
+# The clinic's tools, shipped with the package (examples/clinic-tools.toml links to it).
+CLINIC_TOOLS = str(resources.files("voice_trio.sim").joinpath("clinic_tools.toml"))
 
 # A Spanish-speaking patient: three questions, one of them said over the bot, a goodbye.
 DEMO_SCRIPT: list[Step] = [
@@ -58,6 +61,8 @@ class Lab:
     elevenlabs_url: str
     # The server's /api is closed without a token; a new one per lab, never a published one.
     api_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    clinic: clinic.ClinicSim | None = None  # with tools=True: the HTTP tools' backend
+    clinic_url: str = ""
 
     @property
     def api_auth(self) -> dict[str, str]:
@@ -80,6 +85,16 @@ class Lab:
             "ELEVENLABS_API_KEY": ELEVENLABS_KEY,
             "ELEVENLABS_VOICE_ID": ELEVENLABS_VOICE,
             "ELEVENLABS_API_BASE": self.elevenlabs_url,
+        } | self.tools_env()
+
+    def tools_env(self) -> dict[str, str]:
+        """The clinic's HTTP tools, for a server of a lab that serves the clinic."""
+        if self.clinic is None or self.clinic.secret is None:
+            return {}
+        return {
+            "TOOLS_FILE": CLINIC_TOOLS,
+            "TOOLS_SECRET": self.clinic.secret,
+            "CLINIC_URL": self.clinic_url,
         }
 
 
@@ -92,6 +107,8 @@ async def open_lab(
     webhook_url: str | None = None,
     host: str = "127.0.0.1",
     ports: tuple[int, int, int] = (0, 0, 0),
+    tools: bool = False,
+    tools_secret: str | None = None,
 ) -> Lab:
     tel = telnyx.TelnyxSim(
         api_key=TELNYX_KEY, default_webhook_url=webhook_url, speak_ms_per_char=ms_per_char
@@ -108,7 +125,14 @@ async def open_lab(
     an_url = await nursery.start(partial(anthropic.serve, an, host=host, port=ports[2]))
     el_port = ports[2] + 10 if ports[2] else 0
     el_url = await nursery.start(partial(elevenlabs.serve, el, host=host, port=el_port))
-    return Lab(tel, dg, an, el, tel_url, dg_url, an_url, el_url)
+    lab = Lab(tel, dg, an, el, tel_url, dg_url, an_url, el_url)
+    if tools:
+        lab.clinic = clinic.ClinicSim(secret=tools_secret or secrets.token_urlsafe(24))
+        clinic_port = ports[2] + 20 if ports[2] else 0
+        lab.clinic_url = await nursery.start(
+            partial(clinic.serve, lab.clinic, host=host, port=clinic_port)
+        )
+    return lab
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,6 +162,9 @@ async def run_from_args(args: argparse.Namespace) -> None:
             webhook_url=args.webhook_url,
             host=args.host,
             ports=(args.telnyx_port, args.deepgram_port, args.anthropic_port),
+            tools=True,
+            # Like the token below: a server started earlier from the file keeps its secret.
+            tools_secret=_kept_tools_secret(args.write_env) if args.write_env else None,
         )
 
         def patient(number: str) -> ScriptedCaller:
@@ -146,31 +173,17 @@ async def run_from_args(args: argparse.Namespace) -> None:
             return caller
 
         lab.telnyx.callee_factory = patient
-        # Like the token below: a server started earlier from the file keeps its secret.
-        kept = _kept_tools_secret(args.write_env) if args.write_env else None
-        clinic_sim = clinic.ClinicSim(secret=kept or secrets.token_urlsafe(24))
-        clinic_port = args.anthropic_port + 20 if args.anthropic_port else 0
-        clinic_url = await nursery.start(
-            partial(clinic.serve, clinic_sim, host=args.host, port=clinic_port)
-        )
         print(f"Telnyx simulator listening on {lab.telnyx_url}")
         print(f"Deepgram simulator listening on {lab.deepgram_url}")
         print(f"Anthropic simulator listening on {lab.anthropic_url}")
         print(f"ElevenLabs simulator listening on {lab.elevenlabs_url}")
-        print(f"Clinic simulator listening on {clinic_url}")
+        print(f"Clinic simulator listening on {lab.clinic_url}")
         if args.write_env:
             # A server started earlier from this file keeps working with its token.
             lab.api_token = _kept_token(args.write_env) or lab.api_token
         webhook_base = args.webhook_url.removesuffix("/webhook/telnyx")
         env = lab.server_env() | {"WEBHOOK_BASE_URL": webhook_base}
         lines = [f"{name}={value}" for name, value in env.items()]
-        lines += [
-            "# HTTP tools (docs/tools.md) against the clinic simulator, for a server that",
-            "# reads these settings:",
-            "# TOOLS_FILE=examples/clinic-tools.toml",
-            f"# TOOLS_SECRET={clinic_sim.secret}",
-            f"# CLINIC_URL={clinic_url}",
-        ]
         print("\n# Settings for `voice-trio serve` (e.g. put them in .env):")
         print("\n".join(lines), flush=True)
         if args.write_env:
