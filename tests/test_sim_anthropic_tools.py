@@ -20,7 +20,8 @@ import pytest
 import trio
 from test_sim_anthropic import HEADERS, assert_error, parse_sse
 
-from voice_trio.conversation.persona import END_CALL_TOOL, load_persona, system_blocks
+from voice_trio.conversation.persona import load_persona, system_blocks
+from voice_trio.conversation.tools import END_CALL
 from voice_trio.providers.claude import ClaudeClient, LlmError, ToolCall
 from voice_trio.sim import clinic
 from voice_trio.sim.anthropic import (
@@ -49,7 +50,7 @@ def clinic_tools() -> list[dict[str, Any]]:
         {"name": t["name"], "description": t["description"], "input_schema": t["input_schema"]}
         for t in declared
     ]
-    return [*offered, END_CALL_TOOL]
+    return [*offered, END_CALL.spec()]
 
 
 def system(nombre: str = "Ana María", language: str = "es") -> list[dict[str, Any]]:
@@ -146,7 +147,7 @@ def test_an_appointment_request_asks_for_free_slots_only_when_offered() -> None:
         reply = default_reply(request(user(said), tools=tools))
         assert reply == Reply("Con gusto, reviso la agenda.", ("free_slots", {})), said
     assert default_reply(request(user("Quiero una cita"))).tool_calls == ()
-    assert default_reply(request(user("Quiero una cita"), tools=[END_CALL_TOOL])).tool_calls == ()
+    assert default_reply(request(user("Quiero una cita"), tools=[END_CALL.spec()])).tool_calls == ()
     # The farewell still wins, and a word containing "cita" is not a request.
     farewell = default_reply(request(user("Ya tengo la cita, adiós"), tools=tools))
     assert farewell.tool_call is not None and farewell.tool_call[0] == "end_call"
