@@ -145,7 +145,7 @@ class CallSession:
             self.call.obey = self.controls.obey  # operators' orders, from now on
             try:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(self.speculator.run)
+                    self.speculator.attach(nursery)
                     nursery.start_soon(self.read_carrier, stt)
                     nursery.start_soon(self.listen, stt)
                     nursery.start_soon(self.converse)
@@ -154,6 +154,7 @@ class CallSession:
             finally:
                 self.call.obey = None
                 self.services.signals.detach(ccid, on_signal)
+                self.speculator.detach()
                 spent = self.speculator.take_unclaimed()
                 if self.records and any(spent):
                     self.records[-1].count_usage(*spent)  # billed all the same
