@@ -1,11 +1,21 @@
 """Key presses: counted once whichever way Telnyx reports them, grouped into one caller turn
 that Claude reads as keys, and shortcuts that act at once."""
 
+import math
+
+import pytest
 import trio
 from conftest import FAST_SPEECH_MS, start_lab_server
 
 from voice_trio.calls.signals import CallSignals
-from voice_trio.conversation.dtmf import STREAM, WEBHOOK, KeyCollector, PressDeduper, key_note
+from voice_trio.conversation.dtmf import (
+    KEY_QUEUE,
+    STREAM,
+    WEBHOOK,
+    KeyCollector,
+    PressDeduper,
+    key_note,
+)
 from voice_trio.conversation.tools import offered_tools, tool_specs
 from voice_trio.sim.caller import Dtmf, ScriptedCaller, Wait, WaitForBot
 from voice_trio.sim.lab import OUR_NUMBER
@@ -39,25 +49,27 @@ def test_key_notes_say_they_are_keys_in_the_call_language() -> None:
     assert key_note(["0"], "en-US") == "[the caller pressed 0 on the keypad]"
 
 
-async def test_keys_in_a_row_are_one_group() -> None:
+def test_keys_in_a_row_are_one_group() -> None:
     collector = KeyCollector(gap=0.2)
-    pressed: list[str] = []
-    groups: list[list[str]] = []
+    assert collector.due == math.inf and collector.take_group(0.0) is None
+    assert collector.push("1", 0.0) and collector.push("2", 0.05)
+    assert collector.due == -math.inf  # presses to report: at once
+    assert collector.take_group(1.0) is None  # not before its presses were reported
+    assert collector.take_presses() == ["1", "2"]
+    assert collector.due == pytest.approx(0.25)  # the gap runs from the last press
+    assert collector.take_group(0.24) is None
+    assert collector.take_group(0.25) == ["1", "2"]
+    assert collector.due == math.inf and collector.take_presses() == []
+    collector.push("#", 0.7)
+    assert collector.take_presses() == ["#"] and collector.take_group(0.9) == ["#"]
 
-    async def on_press(key: str) -> None:
-        pressed.append(key)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(collector.run, on_press, groups.append)
-        for key in "12":
-            collector.push(key)
-            await trio.sleep(0.05)
-        await trio.sleep(0.4)
-        collector.push("#")
-        await trio.sleep(0.4)
-        nursery.cancel_scope.cancel()
-    assert pressed == ["1", "2", "#"]
-    assert groups == [["1", "2"], ["#"]]
+def test_a_full_key_queue_drops_presses() -> None:
+    collector = KeyCollector()
+    assert all(collector.push("1", 0.0) for _ in range(KEY_QUEUE))
+    assert not collector.push("2", 0.0)
+    assert collector.take_presses() == ["1"] * KEY_QUEUE
+    assert collector.push("3", 0.1)
 
 
 def test_signals_wait_for_their_call_and_then_go_straight_through() -> None:

@@ -27,6 +27,7 @@ from voice_trio.providers.deepgram.stt import (
     SttUnavailable,
     Transcript,
     UtteranceEnd,
+    connect_stt,
     listen_url,
     open_stt,
     parse_stt_message,
@@ -282,6 +283,32 @@ async def test_keepalive_is_a_text_frame_sent_only_when_idle(nursery: trio.Nurse
     texts = [f for f in fake.frames if isinstance(f, str)]
     assert texts[:2] == ['{"type": "KeepAlive"}'] * 2
     assert fake.frames[:10] == [FRAME] * 10
+
+
+async def test_connect_stt_adds_no_task_and_is_read_by_its_consumer(
+    nursery: trio.Nursery,
+) -> None:
+    """The bare stream (``SttLink``'s): events are read and parsed in the task iterating
+    them, the socket's only task is trio-websocket's reader, and nothing goes out unasked."""
+    fake = FakeListen(conversation)
+    base = await start_listen(nursery, fake)
+    me = trio.lowlevel.current_task()
+    before = {t for n in me.child_nurseries for t in n.child_tasks}
+    with trio.fail_after(5):
+        async with connect_stt(base, "dg-test-key", SttOptions()) as stt:
+            spawned = [t.name for n in me.child_nurseries for t in n.child_tasks - before]
+            assert spawned == ["trio_websocket._impl.WebSocketConnection._reader_task"]
+            await stt.send_audio(FRAME)
+            await stt.send_audio(FRAME)
+            events = stt.events()
+            first = [await anext(events) for _ in range(3)]
+            assert await stt.close_stream(timeout=0) is None  # nobody reads: not seen yet
+            rest = [event async for event in events]
+    assert [type(e) for e in first] == [SpeechStarted, Transcript, UtteranceEnd]
+    assert [type(e) for e in rest] == [Transcript, SttMetadata]
+    assert stt.closed and stt.close_code == 1000 and stt.metadata == rest[1]
+    assert stt.keepalives_sent == 0
+    assert fake.frames == [FRAME, FRAME, '{"type": "CloseStream"}']
 
 
 async def test_finalize_and_malformed_messages_are_dropped(nursery: trio.Nursery) -> None:

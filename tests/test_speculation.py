@@ -88,18 +88,17 @@ async def test_a_cancelled_speculation_leaves_no_task_and_keeps_its_usage(
     speculator = Speculator(outcomes.append)
     messages = [{"role": "user", "content": "Quiero una cita"}]
     async with trio.open_nursery() as nursery:
-        await nursery.start(speculator.run)
-        (inner,) = [n for t in nursery.child_tasks for n in t.child_nurseries]
+        speculator.attach(nursery)
         think = await _think(["Claro."], first_token_s=0.4)
         spec = speculator.start("Quiero una cita", messages, Usage(), think)
         assert spec is not None
         await trio.sleep(0.1)  # the request is out, no token yet
-        assert len(inner.child_tasks) == 1
+        assert len(nursery.child_tasks) == 1
         # The turn ended with more words: the speculation is dropped, not played.
         assert speculator.take("Quiero una cita para el lunes", messages) is None
         await trio.testing.wait_all_tasks_blocked()
         assert spec.scope.cancel_called and spec.done.is_set()
-        assert len(inner.child_tasks) == 0  # nothing left behind
+        assert len(nursery.child_tasks) == 0  # nothing left behind
         assert outcomes == ["started", "cancelled"]
         assert speculator.take_unclaimed() == (120, 0)  # billed input, counted once
         assert speculator.take_unclaimed() == (0, 0)
@@ -120,7 +119,7 @@ async def test_a_kept_speculation_hands_over_its_sentences(
     speculator = Speculator(outcomes.append)
     messages = [{"role": "user", "content": "¿Tienen cita el jueves?"}]
     async with trio.open_nursery() as nursery:
-        await nursery.start(speculator.run)
+        speculator.attach(nursery)
         think = await _think(["Sí, el jueves.", "¿A qué hora?"], first_token_s=0.4)
         started = trio.current_time()
         spec = speculator.start("¿Tienen cita el jueves?", messages, Usage(), think)
@@ -141,7 +140,26 @@ async def test_a_kept_speculation_hands_over_its_sentences(
         spec = speculator.start("Gracias", messages, Usage(), think)
         assert speculator.take("Gracias", [*messages, {"role": "user", "content": "x"}]) is None
         nursery.cancel_scope.cancel()
+    speculator.detach()
     assert outcomes[-2:] == ["started", "cancelled"]
+
+
+async def test_hang_up_cancels_the_speculation_in_the_calls_nursery_and_counts_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    outcomes: list[str] = []
+    speculator = Speculator(outcomes.append)
+    messages = [{"role": "user", "content": "Hola"}]
+    async with trio.open_nursery() as call:
+        speculator.attach(call)
+        spec = speculator.start("Hola", messages, Usage(), await _think(["Hola."], 0.4))
+        await trio.sleep(0.1)
+        call.cancel_scope.cancel()  # hang-up: the call's nursery and all in it
+    speculator.detach()
+    assert spec is not None and spec.done.is_set()
+    assert outcomes == ["started", "cancelled"]
+    assert speculator.take_unclaimed() == (120, 0)
+    assert speculator.start("Hola", messages, Usage(), await _think([], 0)) is None
 
 
 def caller(script: list[Any]) -> ScriptedCaller:

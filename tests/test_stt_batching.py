@@ -1,4 +1,5 @@
-"""``SttLink`` batches live caller audio: what Deepgram receives, and when.
+"""``SttLink`` batches live caller audio and keeps the socket alive: what Deepgram
+receives, and when.
 
 A fake ``open_stream`` records every send with its time on trio's autojump clock, so the
 timing is exact and no socket is involved. The replay pacer (at most 1.2x real time from
@@ -35,6 +36,10 @@ class FakeStream:
 
     async def finalize(self) -> None:
         self.sent.append((trio.current_time(), "finalize", 0))
+        await trio.lowlevel.checkpoint()
+
+    async def keep_alive(self) -> None:
+        self.sent.append((trio.current_time(), "keepalive", 0))
         await trio.lowlevel.checkpoint()
 
     async def close_stream(self, timeout: float = 5.0) -> None:
@@ -186,6 +191,34 @@ async def test_batch_seconds_zero_sends_every_frame(
         await frames(link, 5)
         await trio.sleep(0.1)
     assert [n for _, n in fake.audio()] == [FRAME] * 5
+
+
+async def test_the_pump_keeps_an_idle_socket_alive_and_only_an_idle_one(
+    fake: FakeStream, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_stt_link("ws://x", "k", SttOptions(), open_stream=opener(fake)) as link:
+        await frames(link, 50)
+        await trio.sleep(9)  # the carrier stalls: nothing to send
+        audio_end = max(t for t, kind, _ in fake.sent if kind == "audio")
+        idle = [round(t - audio_end, 3) for t, kind, _ in fake.sent if kind == "keepalive"]
+        assert idle == [4.0, 8.0]  # KEEPALIVE_SECONDS after the last frame, then again
+        fake.sent.clear()
+        await frames(link, 500)  # ten seconds of audio: no KeepAlive among it
+        assert {kind for _, kind, _ in fake.sent} == {"audio"}
+        await link.close_stream(timeout=1)
+        await trio.sleep(10)  # none after CloseStream either
+    assert [kind for _, kind, _ in fake.sent if kind != "audio"] == ["close"]
+
+
+async def test_keepalive_interval_none_sends_none(
+    fake: FakeStream, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_stt_link(
+        "ws://x", "k", SttOptions(), open_stream=opener(fake), keepalive_interval=None
+    ) as link:
+        await frames(link, 5)
+        await trio.sleep(30)
+    assert {kind for _, kind, _ in fake.sent} == {"audio"}
 
 
 async def test_batch_seconds_is_bounded(fake: FakeStream) -> None:

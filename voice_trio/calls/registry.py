@@ -28,13 +28,6 @@ class ActiveCall:
     # How a media call here takes an operator's order, once it can (None until then).
     obey: Callable[[Order], Outcome] | None = None
 
-    async def time_up_after(self, seconds: float) -> EndReason:
-        """Wait for the call's maximum length or a drain; say which came first."""
-        with trio.move_on_after(seconds):
-            await self.wind_down.wait()
-            return EndReason.DRAIN
-        return EndReason.MAX_DURATION
-
     def end(self, reason: EndReason) -> None:
         if self.end_reason is None:
             self.end_reason = reason

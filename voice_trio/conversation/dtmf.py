@@ -13,10 +13,8 @@ is a bracketed note ("[la persona marcó 1 2 3]") that Claude reads as a key pre
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from collections.abc import Awaitable, Callable
-
-import trio
 
 STREAM = "stream"
 WEBHOOK = "webhook"
@@ -24,7 +22,7 @@ WEBHOOK = "webhook"
 # an HTTP round trip later, retried deliveries are de-duplicated by event id before here).
 DEDUPE_WINDOW_S = 2.0
 KEY_GAP_S = 0.8  # a pause this long after a key ends the group of keys
-KEY_QUEUE = 32  # presses waiting to be grouped; a caller cannot type faster than we read
+KEY_QUEUE = 32  # presses waiting to be reported; a caller cannot type faster than we read
 
 KEY_NOTES = {
     "es": "[la persona marcó {keys} en el teclado]",
@@ -58,36 +56,42 @@ class PressDeduper:
 
 
 class KeyCollector:
-    """Groups presses into turns: ``push`` never blocks; ``run`` hands each group on."""
+    """Groups presses into turns. Pure, clock passed in: ``push`` never blocks, and the
+    task that drives it (the call's watch) waits until ``due``, reports each press
+    (``take_presses``, to barge in) and then each finished group (``take_group``)."""
 
     def __init__(self, gap: float = KEY_GAP_S) -> None:
         self._gap = gap
-        self._send, self._recv = trio.open_memory_channel[str](KEY_QUEUE)
+        self._unreported: deque[str] = deque()
+        self._group: list[str] = []
+        self._closes_at = math.inf
 
-    def push(self, key: str) -> bool:
-        """Queue a press; False (dropped) if the queue is full or closed."""
-        try:
-            self._send.send_nowait(key)
-        except (trio.WouldBlock, trio.ClosedResourceError):
+    def push(self, key: str, now: float) -> bool:
+        """Queue a press made at ``now``; False (dropped) if the queue is full."""
+        if len(self._unreported) >= KEY_QUEUE:
             return False
+        self._unreported.append(key)
+        self._group.append(key)
+        self._closes_at = now + self._gap
         return True
 
-    async def run(
-        self,
-        on_press: Callable[[str], Awaitable[None]],
-        on_group: Callable[[list[str]], None],
-    ) -> None:
-        """Await ``on_press(key)`` for every press as it comes (to barge in), and call
-        ``on_group(keys)`` once ``gap`` passes without another press."""
-        async with self._recv:
-            async for key in self._recv:
-                keys = [key]
-                await on_press(key)
-                while True:
-                    with trio.move_on_after(self._gap):
-                        key = await self._recv.receive()
-                        keys.append(key)
-                        await on_press(key)
-                        continue
-                    break
-                on_group(keys)
+    @property
+    def due(self) -> float:
+        """When there is something to take: at once while presses wait to be reported,
+        else when the open group's gap ends (``inf``: no group is open)."""
+        return -math.inf if self._unreported else self._closes_at
+
+    def take_presses(self) -> list[str]:
+        """The presses not reported yet, in order."""
+        presses = list(self._unreported)
+        self._unreported.clear()
+        return presses
+
+    def take_group(self, now: float) -> list[str] | None:
+        """The keys pressed in a row, once ``gap`` has passed without another press and
+        every one of them was reported; else None."""
+        if not self._group or self._unreported or now < self._closes_at:
+            return None
+        group, self._group = self._group, []
+        self._closes_at = math.inf
+        return group

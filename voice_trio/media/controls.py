@@ -12,6 +12,13 @@ announces it.
 stop waiting and cut the bot's turn; ``converse`` carries the action out between turns
 (``act``).
 
+The call's time is watched here too, in the same task as the keys (``run``, one task
+with one deadline): the maximum call length (``MAX_CALL_SECONDS``) or the server's drain
+(``ActiveCall.wind_down``) ends the conversation with a goodbye (``CallLine.time_up``).
+The task waits for the drain in a cancel scope whose deadline is the earliest of the
+call's end and the end of the group of keys being typed; a press cancels the scope, so
+the wait ends at once and the press barges in.
+
 An operator's orders (:mod:`voice_trio.instance.live`, from any process) come here too
 (``obey``): a hang-up or a transfer interrupts like a key; a text to say waits in ``notes``
 for the bot's current turn to end and is then said as a turn of its own.
@@ -38,7 +45,7 @@ MAX_NOTES = 4  # operator's texts waiting to be said; more is refused (409), nev
 
 
 class CallControls:
-    """Key presses and webhook facts of one session's call; owned by the session."""
+    """Key presses, webhook facts and the time of one session's call; owned by the session."""
 
     def __init__(self, session: CallLine, amd: MachineDetection | None) -> None:
         self.session = session
@@ -49,10 +56,33 @@ class CallControls:
         self.pending: str | None = None  # transfer | end_call | voicemail | operator_hangup
         self.transfer_to = ""  # an operator's number for the pending transfer
         self.notes: deque[str] = deque()  # an operator's texts, said next
+        self._watch = trio.CancelScope()  # the wait of ``run``: a key press cancels it
 
     async def run(self) -> None:
-        """Group the keys pressed (a task of the call's nursery)."""
-        await self.keys.run(self.key_pressed, self.keys_entered)
+        """Watch the call (a task of the call's nursery): each key press barges in as it
+        comes, each group of keys becomes a caller turn, and once the call's maximum
+        length has passed or the server drains, its time is up. Keys are still watched
+        after that: a press cuts the goodbye, as it cuts any bot turn."""
+        call = self.session.call
+        keys = self.keys
+        ends_at = trio.current_time() + self.settings.max_call_seconds
+        time_up = False
+        while True:
+            deadline = keys.due if time_up else min(keys.due, ends_at)
+            with trio.CancelScope(deadline=deadline) as self._watch:
+                if time_up:
+                    await trio.sleep_forever()
+                else:
+                    await call.wind_down.wait()
+            for key in keys.take_presses():
+                await self.key_pressed(key)
+            group = keys.take_group(trio.current_time())
+            if group:
+                self.keys_entered(group)
+            if not time_up and (call.wind_down.is_set() or trio.current_time() >= ends_at):
+                time_up = True
+                drain = call.wind_down.is_set()
+                await self.session.time_up(EndReason.DRAIN if drain else EndReason.MAX_DURATION)
 
     def on_signal(self, kind: str, payload: dict[str, Any]) -> None:
         """A webhook fact for this call (``CallSignals``): never blocks."""
@@ -76,7 +106,9 @@ class CallControls:
         log.info("🎤 DTMF %s%s", key, f" → {action}" if action else "")
         if action is not None:
             self.interrupt(action)
-        elif not self.keys.push(key):
+        elif self.keys.push(key, trio.current_time()):
+            self._watch.cancel()  # ``run`` reports it now
+        else:
             log.warning("🎤 Too many keys waiting; dropped %s", key)
 
     async def key_pressed(self, key: str) -> None:

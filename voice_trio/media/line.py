@@ -51,3 +51,7 @@ class CallLine(Protocol):
 
     def cut_short(self) -> None:
         """An action is pending: the wait ends and the bot's turn stops."""
+
+    async def time_up(self, reason: EndReason) -> None:
+        """The call's maximum length has passed, or the server drains (``reason``): the
+        bot's turn stops and the conversation ends with a goodbye."""

@@ -1,14 +1,19 @@
 """``CallSession``: one media-streams call, STT → Claude → TTS, inside one nursery.
 
-Tasks of the call's nursery (DESIGN.md §3):
+Tasks of the call's nursery (DESIGN.md §3), four while the call idles:
 
 - ``read_carrier``: Telnyx frames → (reorder, transcode) → Deepgram; marks; stop/close.
 - ``listen``: Deepgram events → ``TurnDetector`` → user turns; caller speech barges in.
 - ``converse``: greeting, then one reply per user turn (:mod:`~voice_trio.media.replies`);
-  silence reprompt/goodbye.
-- ``watch_duration``: the maximum call length.
-- ``controls.run``: key presses (``dtmf`` frames and ``call.dtmf.received``, counted once)
-  barge in and reach the conversation as a bracketed note (:mod:`voice_trio.conversation.dtmf`).
+  the silence reprompt/goodbye is the deadline of its wait for the caller.
+- ``controls.run``, the call's watch, one task with one deadline: key presses (``dtmf``
+  frames and ``call.dtmf.received``, counted once) barge in and reach the conversation as
+  a bracketed note (:mod:`voice_trio.conversation.dtmf`); the maximum call length and the
+  server's drain end it (``time_up``).
+
+Besides them a bot turn runs its own tasks while it speaks (:mod:`~voice_trio.media.voice`),
+a speculation runs as a task of this nursery while there is one, and the Deepgram link
+(:mod:`~voice_trio.providers.deepgram.link`) runs three tasks around the nursery.
 
 Some events cut the conversation short: a key shortcut, Claude's ``transfer_call`` tool, an
 answering machine on an outbound call, an operator's hang-up or transfer
@@ -145,15 +150,15 @@ class CallSession:
             self.call.obey = self.controls.obey  # operators' orders, from now on
             try:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(self.speculator.run)
+                    self.speculator.attach(nursery)
                     nursery.start_soon(self.read_carrier, stt)
                     nursery.start_soon(self.listen, stt)
                     nursery.start_soon(self.converse)
-                    nursery.start_soon(self.watch_duration)
                     nursery.start_soon(self.controls.run)
             finally:
                 self.call.obey = None
                 self.services.signals.detach(ccid, on_signal)
+                self.speculator.detach()
                 spent = self.speculator.take_unclaimed()
                 if self.records and any(spent):
                     self.records[-1].count_usage(*spent)  # billed all the same
@@ -415,9 +420,12 @@ class CallSession:
         await self.services.hang_up(self.call.call_control_id)
         self.call.end(reason)
 
-    async def watch_duration(self) -> None:
-        self._time_up_reason = await self.call.time_up_after(self.settings.max_call_seconds)
-        log.info("⏱️ Time to end the call (%s)", self._time_up_reason)
+    async def time_up(self, reason: EndReason) -> None:
+        """The call's maximum length has passed, or the server drains (``reason``, from the
+        call's watch, ``controls.run``): the bot's turn stops now, and ``converse`` says
+        goodbye and hangs up."""
+        self._time_up_reason = reason
+        log.info("⏱️ Time to end the call (%s)", reason)
         self._time_up.set()
         self._wait_scope.cancel()
         self.speculator.cancel()

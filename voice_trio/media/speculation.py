@@ -153,11 +153,12 @@ Think = Callable[[trio.MemorySendChannel[str], list[dict[str, Any]], Any], Await
 
 
 class Speculator:
-    """Runs a call's speculations in a nursery of its own, at most one at a time.
+    """Runs a call's speculations, at most one at a time, as tasks of the call's nursery.
 
-    ``run`` (started in the call's nursery) owns that nursery: hang-up cancels it and
-    every speculation with it. ``on_outcome`` is told ``started``, ``kept`` or
-    ``cancelled`` (once per speculation: every one not kept counts as cancelled).
+    ``attach`` gives it that nursery (hang-up cancels it, and every speculation with it);
+    ``detach``, once the nursery is done, drops the one left. ``on_outcome`` is told
+    ``started``, ``kept`` or ``cancelled`` (once per speculation: every one not kept counts
+    as cancelled).
     """
 
     def __init__(self, on_outcome: Callable[[str], None] = lambda outcome: None) -> None:
@@ -166,15 +167,14 @@ class Speculator:
         self.current: Speculation | None = None
         self.unclaimed = (0, 0)  # (input, output) tokens of speculations not kept
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self._nursery = None
-                self.cancel()
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Start speculations in ``nursery`` from now on (the call's: no task of its own)."""
+        self._nursery = nursery
+
+    def detach(self) -> None:
+        """Start no more; the current one is cancelled and counted (its usage kept)."""
+        self._nursery = None
+        self.cancel()
 
     def start(
         self, text: str, messages: list[dict[str, Any]], record: _Usage, think: Think

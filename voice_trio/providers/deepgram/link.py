@@ -2,7 +2,7 @@
 
 It has the surface the session uses on ``SttStream`` (``send_audio``, ``finalize``,
 ``close_stream``, ``events()``, ``request_id``, ``audio_seconds``) and underneath it holds one
-``open_stt`` connection at a time:
+``connect_stt`` connection at a time:
 
 - **Buffer.** Every chunk of caller audio goes into a ring of the audio since the last
   final transcript (``is_final``), at most ``replay_seconds`` long; past that the oldest
@@ -12,6 +12,9 @@ It has the surface the session uses on ``SttStream`` (``send_audio``, ``finalize
   faster than ``replay_rate`` times real time (Deepgram allows 1.25x, deepgram.md §A3).
   ``send_audio`` only appends (and wakes it when there is something to send), so live
   audio queues behind a replay in order and the carrier loop never blocks on Deepgram.
+  Being the only sender, it also keeps the socket alive: its wait for audio has a
+  deadline, and a KeepAlive goes out whenever nothing was sent for ``keepalive_interval``
+  (Deepgram closes a stream that got nothing for 10 s, deepgram.md §A4).
 - **Batches.** Live audio goes out in messages of up to ``batch_seconds`` (100 ms: a fifth
   of the messages of 20 ms carrier frames, and each costs a send, a wake-up and framing on
   both sides). The oldest byte of a batch waits at most ``batch_seconds``. A batch is not
@@ -28,14 +31,18 @@ It has the surface the session uses on ``SttStream`` (``send_audio``, ``finalize
 - **Start.** The first connection is opened by ``open_stt_link`` itself: ``SttRejected`` or
   ``SttUnavailable`` come out of it unchanged, before the block runs.
 
-Every task lives in the nursery of ``open_stt_link``; leaving the block ends them and
-closes the socket.
+**Tasks.** The link's own task holds the connection (and reconnects): it reads the
+socket's events itself, moves them onto the link timeline and queues them for
+``events()``; the connection's pump runs beside it, and trio-websocket's reader under the
+socket: three tasks for one Deepgram stream. Every one lives in the nursery of
+``open_stt_link``; leaving the block ends them and closes the socket.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -55,7 +62,7 @@ from voice_trio.providers.deepgram.stt import (
     SttUnavailable,
     Transcript,
     UtteranceEnd,
-    open_stt,
+    connect_stt,
 )
 
 __all__ = ["SttLink", "SttLost", "open_stt_link"]
@@ -75,6 +82,10 @@ _MAX_FRAME_S = 0.1
 
 # Default live batch (see the module doc); benchmarks set it to 0 to compare.
 BATCH_SECONDS = 0.1
+
+# Idle seconds before the pump sends a KeepAlive (Deepgram: every 3-5 s while not sending
+# audio, deepgram.md §A3).
+KEEPALIVE_SECONDS = 4.0
 
 # Unused sending allowance the pacer keeps, so a burst of late carrier frames goes out at
 # once; a fresh connection starts with none, so a replay is paced from its first byte.
@@ -202,17 +213,19 @@ class _Connection:
     healthy: bool = False  # a final arrived: Deepgram is transcribing what we send
     finished: bool = False  # closed normally after our CloseStream
     error: SttClosed | None = None
-    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    last_send: float = dataclasses.field(default_factory=trio.current_time)
+    # Its reader and its pump run in this scope: failing or finishing ends both.
+    scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
 
     def fail(self, error: SttClosed) -> None:
-        if not self.done.is_set():
+        if not self.scope.cancel_called:
             self.error = error
-            self.done.set()
+            self.scope.cancel()
 
     def finish(self) -> None:
-        if not self.done.is_set():
+        if not self.scope.cancel_called:
             self.finished = True
-            self.done.set()
+            self.scope.cancel()
 
 
 class _EventIterator:
@@ -251,6 +264,7 @@ class SttLink:
         open_stream: OpenStream,
         stream_kwargs: dict[str, Any],
         batch_seconds: float | None = None,
+        keepalive_interval: float | None = KEEPALIVE_SECONDS,
     ) -> None:
         width = _BYTES_PER_SAMPLE.get(opts.encoding)
         if width is None:
@@ -280,6 +294,7 @@ class SttLink:
         # Live audio waits for a whole batch of this many bytes, or for ``_batch_wait`` s.
         self._batch = min(self._max_frame, int(self._bps * batch_seconds) // frame * frame)
         self._batch_wait = batch_seconds
+        self._keepalive = keepalive_interval if keepalive_interval and keepalive_interval > 0 else 0
         self._unsent_since: float | None = None  # when the oldest unsent live byte arrived
         self._speaking = False  # the caller is mid-utterance: no batching
         self._ring = _AudioRing(max(frame, int(replay_seconds * self._bps)) // frame * frame, frame)
@@ -473,13 +488,13 @@ class SttLink:
         logger.error("%s (last error: %s)", lost, cause)
 
     async def _serve(self, conn: _Connection) -> None:
-        """Run the connection's reader and pump until it fails or finishes."""
+        """Read the connection (in this task) while its pump sends, until it fails or
+        finishes: whichever of the two sees that first ends the other (``conn.scope``)."""
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read, conn)
-                nursery.start_soon(self._pump, conn)
-                await conn.done.wait()
-                nursery.cancel_scope.cancel()
+            with conn.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump, conn)
+                    await self._read(conn)
         finally:
             self._sent_before += conn.sent
             self._conn = None
@@ -521,6 +536,10 @@ class SttLink:
         self.metadata = event
         return event
 
+    def _keepalive_due(self, conn: _Connection) -> float:
+        """When the pump sends a KeepAlive if nothing else has gone out by then."""
+        return conn.last_send + self._keepalive if self._keepalive else math.inf
+
     def _hold_batch(self, pending: int) -> bool:
         """Whether ``pending`` live bytes should wait for more before going out."""
         return (
@@ -533,7 +552,8 @@ class SttLink:
         )
 
     async def _pump(self, conn: _Connection) -> None:
-        """Send the buffer from the connection's cursor: replay first, then live audio."""
+        """Send the buffer from the connection's cursor: replay first, then live audio; a
+        KeepAlive when there was nothing to send for the keep-alive interval."""
         pacer = _Pacer(self._replay_rate, _PACING_SLACK_S)
         stream = conn.stream
         try:
@@ -550,11 +570,14 @@ class SttLink:
                 if self._finalize_at is not None and conn.cursor >= self._finalize_at:
                     self._finalize_at = None
                     await stream.finalize()
+                    conn.last_send = trio.current_time()
                 elif conn.cursor < ring.end and self._hold_batch(ring.end - conn.cursor):
                     # A partial live batch: wait for more audio, for its deadline, or for
-                    # something that needs it sent now (speech, Finalize, CloseStream).
+                    # something that needs it sent now (speech, Finalize, CloseStream). A
+                    # keep-alive falling due first sends it: audio keeps the socket alive.
                     assert self._unsent_since is not None
-                    with trio.move_on_at(self._unsent_since + self._batch_wait):
+                    batch_due = self._unsent_since + self._batch_wait
+                    with trio.move_on_at(min(batch_due, self._keepalive_due(conn))):
                         await self._wake.wait()
                     if self._wake.is_set():
                         self._wake = trio.Event()
@@ -566,6 +589,7 @@ class SttLink:
                     chunk = ring.read(conn.cursor, self._max_frame)
                     await pacer.ready(len(chunk) / self._bps)
                     await stream.send_audio(chunk)
+                    conn.last_send = trio.current_time()
                     conn.cursor += len(chunk)
                     conn.sent += len(chunk)
                     if conn.cursor >= self._ring.end:
@@ -574,8 +598,13 @@ class SttLink:
                     await stream.close_stream(timeout=0)
                     await trio.sleep_forever()
                 else:
-                    await self._wake.wait()
-                    self._wake = trio.Event()
+                    with trio.move_on_at(self._keepalive_due(conn)):
+                        await self._wake.wait()
+                    if self._wake.is_set():
+                        self._wake = trio.Event()
+                    else:
+                        await stream.keep_alive()
+                        conn.last_send = trio.current_time()
         except SttClosed as exc:
             conn.fail(exc)
 
@@ -590,8 +619,9 @@ async def open_stt_link(
     max_reconnects: int = 3,
     replay_rate: float = 1.2,
     backoff: tuple[float, float] = (0.1, 1.0),
-    open_stream: OpenStream = open_stt,
+    open_stream: OpenStream = connect_stt,
     batch_seconds: float | None = None,
+    keepalive_interval: float | None = KEEPALIVE_SECONDS,
     **stream_kwargs: Any,
 ) -> AsyncIterator[SttLink]:
     """Connect to Deepgram live STT and yield an ``SttLink`` that reconnects on drops.
@@ -599,8 +629,9 @@ async def open_stt_link(
     ``replay_seconds`` caps the audio kept for replay; ``replay_rate`` (at most 1.25) is how
     much faster than real time a replay is sent; ``batch_seconds`` (at most 0.1, 0 for no
     batching; default ``BATCH_SECONDS``) is how much live audio is gathered per message;
-    reconnect ``n`` waits ``min(backoff[0] * 2**(n-1), backoff[1])`` s. Other keyword
-    arguments go to ``open_stream`` (``open_stt``: ``keepalive_interval``, ...).
+    reconnect ``n`` waits ``min(backoff[0] * 2**(n-1), backoff[1])`` s; a KeepAlive goes out
+    whenever nothing was sent for ``keepalive_interval`` s (``None``: never). Other keyword
+    arguments go to ``open_stream`` (``connect_stt``: ``connect_timeout``, ...).
 
     Raises what the first connection raises (``SttRejected``, ``SttUnavailable``)
     unchanged. Leaving the block ends every task and closes the socket; call
@@ -618,6 +649,7 @@ async def open_stt_link(
         open_stream=open_stream,
         stream_kwargs=stream_kwargs,
         batch_seconds=batch_seconds,
+        keepalive_interval=keepalive_interval,
     )
     error: BaseException | None = None
     async with trio.open_nursery() as nursery:

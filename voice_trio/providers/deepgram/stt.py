@@ -1,8 +1,15 @@
 """Deepgram live speech-to-text (``/v1/listen``) over trio-websocket.
 
 The wire format lives in pure functions (``listen_url``, ``parse_stt_message``); the socket
-code around them is thin. ``open_stt`` owns one Deepgram connection and the two tasks that
-serve it (a reader and a keep-alive timer); both end when its ``async with`` block ends.
+code around them is thin. Two ways to hold one Deepgram connection:
+
+- ``open_stt`` serves it with one task of its own (besides trio-websocket's reader): it
+  reads and parses the socket into a queue for ``events()`` and, with a deadline on that
+  read, sends a KeepAlive whenever nothing was sent for ``keepalive_interval``. It ends
+  with the ``async with`` block.
+- ``connect_stt`` adds no task: ``events()`` reads the socket in the consumer's own task,
+  and keeping the socket alive is the caller's (``keep_alive()``). The reconnecting
+  ``SttLink`` uses it: its reader and its audio pump already wait on what those tasks did.
 
 Reference: shared/docs/protocols/deepgram.md, part A.
 """
@@ -280,31 +287,35 @@ class _EventIterator:
         return self
 
     async def __anext__(self) -> SttEvent:
-        try:
-            return await self._stream._event_recv.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            if self._stream._close_error is not None:
-                raise self._stream._close_error from None
-            raise StopAsyncIteration from None
+        stream = self._stream
+        queue = stream._event_recv
+        event: SttEvent | None = None
+        if queue is None:
+            event = await stream._receive()
+        else:
+            try:
+                event = await queue.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                pass
+        if event is not None:
+            return event
+        if stream._close_error is not None:
+            raise stream._close_error from None
+        raise StopAsyncIteration
 
 
 class SttStream:
     """One open Deepgram live-transcription socket; obtained from ``open_stt``.
 
-    Sending (``send_audio``, ``finalize``, ``close_stream``) may happen from any task; events
-    are read by a single consumer through ``events()``.
+    Sending (``send_audio``, ``finalize``, ``keep_alive``, ``close_stream``) may happen from
+    any task; events are read by a single consumer through ``events()``.
     """
 
-    def __init__(
-        self,
-        ws: trio_websocket.WebSocketConnection,
-        opts: SttOptions,
-        keepalive_interval: float | None,
-    ) -> None:
+    def __init__(self, ws: trio_websocket.WebSocketConnection, opts: SttOptions) -> None:
         self._ws = ws
         self._opts = opts
-        self._keepalive_interval = keepalive_interval
-        self._event_send, self._event_recv = trio.open_memory_channel[SttEvent](_EVENT_QUEUE_SIZE)
+        # Set by open_stt, whose task fills it; without it events() reads the socket.
+        self._event_recv: trio.MemoryReceiveChannel[SttEvent] | None = None
         self._last_send = trio.current_time()
         self._closing = False
         self._closed = trio.Event()
@@ -326,15 +337,22 @@ class SttStream:
 
     @property
     def closed(self) -> bool:
-        """True once the server closed the socket (normally or not)."""
+        """True once the server closed the socket (normally or not) and that was read."""
         return self._closed.is_set()
+
+    @property
+    def last_send(self) -> float:
+        """When something (audio or a control message) last went out (Trio clock)."""
+        return self._last_send
 
     def events(self) -> AsyncIterator[SttEvent]:
         """Parsed events in arrival order, for a single consumer.
 
         Iteration ends when the socket closes normally (1000 after ``close_stream``) or when
         the ``open_stt`` block exits. Any other close is raised as ``SttClosed(code, reason)``
-        after the events received before it have been delivered.
+        after the events received before it have been delivered. From ``connect_stt`` the
+        socket is read only here: the close is seen (and ``close_stream`` returns) only
+        while someone iterates.
         """
         return _EventIterator(self)
 
@@ -352,6 +370,11 @@ class SttStream:
     async def finalize(self) -> None:
         """Ask Deepgram to flush buffered audio now (results may carry ``from_finalize``)."""
         await self._send(FINALIZE)
+
+    async def keep_alive(self) -> None:
+        """Send a KeepAlive: Deepgram closes a stream that got nothing for 10 s (§A4)."""
+        await self._send(KEEPALIVE)
+        self.keepalives_sent += 1
 
     async def close_stream(self, timeout: float = 5.0) -> SttMetadata | None:
         """Send CloseStream and wait up to ``timeout`` s for the server to finish and close.
@@ -377,21 +400,22 @@ class SttStream:
         WIRE.stt_out += 1
         self._last_send = trio.current_time()
 
-    async def _read_loop(self) -> None:
-        async with self._event_send:
-            while True:
-                try:
-                    message = await self._ws.get_message()
-                except trio_websocket.ConnectionClosed as exc:
-                    self._on_closed(exc.reason)
-                    return
-                WIRE.stt_in += 1
-                event = self._parse(message)
-                if event is None:
-                    continue
-                if isinstance(event, SttMetadata):
-                    self.metadata = event
-                await self._event_send.send(event)
+    async def _receive(self) -> SttEvent | None:
+        """The next event read from the socket; None once it has closed."""
+        while not self._closed.is_set():
+            try:
+                message = await self._ws.get_message()
+            except trio_websocket.ConnectionClosed as exc:
+                self._on_closed(exc.reason)
+                return None
+            WIRE.stt_in += 1
+            event = self._parse(message)
+            if event is None:
+                continue
+            if isinstance(event, SttMetadata):
+                self.metadata = event
+            return event
+        return None
 
     def _parse(self, message: str | bytes) -> SttEvent | None:
         if isinstance(message, bytes):
@@ -413,21 +437,40 @@ class SttStream:
             logger.warning("%s", self._close_error)
         self._closed.set()
 
-    async def _keepalive_loop(self) -> None:
-        # Deepgram's 10 s NET-0001 timer is reset by any frame, so only idle gaps need one.
-        interval = self._keepalive_interval
-        if interval is None or interval <= 0:
-            return
-        while not (self._closing or self._closed.is_set()):
-            await trio.sleep_until(self._last_send + interval)
-            if self._closing or self._closed.is_set():
-                return
-            if trio.current_time() - self._last_send >= interval:
-                try:
-                    await self._send(KEEPALIVE)
-                except SttClosed:
-                    return
-                self.keepalives_sent += 1
+    async def _serve(
+        self, queue: trio.MemorySendChannel[SttEvent], keepalive_interval: float | None
+    ) -> None:
+        """``open_stt``'s one task: the socket's events into ``queue`` until it closes, and
+        a KeepAlive whenever nothing was sent for ``keepalive_interval`` s.
+
+        One deadline covers both waits (for a message, for room in the queue): both can be
+        cancelled without losing anything, and an event is held until the queue takes it.
+        Deepgram's 10 s NET-0001 timer is reset by any frame, so only idle gaps need one;
+        none goes out after CloseStream.
+        """
+        interval = keepalive_interval if keepalive_interval and keepalive_interval > 0 else None
+        held: SttEvent | None = None
+        async with queue:
+            while True:
+                due = math.inf if interval is None or self._closing else self._last_send + interval
+                with trio.move_on_at(due):
+                    if held is None:
+                        held = await self._receive()
+                        if held is None:
+                            return
+                    await queue.send(held)
+                    held = None
+                    continue
+                # The deadline, unless something went out meanwhile and moved it on.
+                if (
+                    interval
+                    and not self._closing
+                    and trio.current_time() >= self.last_send + interval
+                ):
+                    try:
+                        await self.keep_alive()
+                    except SttClosed:
+                        interval = None  # the socket is gone: reading will see its close
 
 
 def _closed_error(reason: trio_websocket.CloseReason | None) -> SttClosed:
@@ -451,25 +494,24 @@ def _rejection(exc: trio_websocket.ConnectionRejected) -> SttRejected:
 
 
 @asynccontextmanager
-async def open_stt(
+async def connect_stt(
     base_url: str,
     api_key: str,
     opts: SttOptions,
     *,
-    keepalive_interval: float | None = 4.0,
     connect_timeout: float = 5.0,
     disconnect_timeout: float = 2.0,
 ) -> AsyncIterator[SttStream]:
-    """Connect to ``<base_url>/v1/listen`` and yield an ``SttStream``.
+    """Connect to ``<base_url>/v1/listen`` and yield an ``SttStream`` with no task of its own.
 
-    Raises ``SttRejected(status, reason)`` if the upgrade is refused and ``SttUnavailable``
-    if the server cannot be reached within ``connect_timeout``. A KeepAlive text frame goes
-    out whenever nothing was sent for ``keepalive_interval`` s (``None`` turns that off).
+    ``events()`` reads the socket in the task that iterates it, and nothing is sent unless
+    the caller sends it: a caller that may leave the socket idle sends ``keep_alive()``
+    (``open_stt`` does both for its caller). Raises ``SttRejected(status, reason)`` if the
+    upgrade is refused and ``SttUnavailable`` if the server cannot be reached within
+    ``connect_timeout``.
 
-    Leaving the block stops the reader and keep-alive tasks and closes the socket (waiting
-    at most ``disconnect_timeout`` s for the close handshake). Pending results are not
-    waited for: call ``close_stream()`` first for that. An exception from the block comes
-    out unchanged, not wrapped in an exception group.
+    Leaving the block closes the socket (waiting at most ``disconnect_timeout`` s for the
+    close handshake). An exception from the block comes out unchanged.
     """
     url = listen_url(base_url, opts)
     headers = [(b"authorization", f"Token {api_key}".encode())]
@@ -485,21 +527,13 @@ async def open_stt(
             disconnect_timeout=disconnect_timeout,
         ) as ws:
             ws_opened = ws
-            stream = SttStream(ws, opts, keepalive_interval)
+            stream = SttStream(ws, opts)
             logger.debug("connected to Deepgram STT, request id %s", stream.request_id)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(stream._read_loop)
-                nursery.start_soon(stream._keepalive_loop)
-                try:
-                    yield stream
-                except BaseException as exc:
-                    # Re-raised outside the nursery so the caller gets its own exception
-                    # back rather than an ExceptionGroup around it.
-                    body_error = exc
-                finally:
-                    nursery.cancel_scope.cancel()
-            if body_error is not None:
-                raise body_error
+            try:
+                yield stream
+            except BaseException as exc:
+                body_error = exc
+                raise
     except trio_websocket.ConnectionRejected as exc:
         if ws_opened is not None:
             raise
@@ -520,3 +554,49 @@ async def open_stt(
             await close_transport(ws_opened)
     if close_timed_out and body_error is not None:
         raise body_error
+
+
+@asynccontextmanager
+async def open_stt(
+    base_url: str,
+    api_key: str,
+    opts: SttOptions,
+    *,
+    keepalive_interval: float | None = 4.0,
+    connect_timeout: float = 5.0,
+    disconnect_timeout: float = 2.0,
+) -> AsyncIterator[SttStream]:
+    """Connect to ``<base_url>/v1/listen`` and yield an ``SttStream`` served by one task.
+
+    Raises ``SttRejected(status, reason)`` if the upgrade is refused and ``SttUnavailable``
+    if the server cannot be reached within ``connect_timeout``. The task reads the socket
+    into a queue of ``_EVENT_QUEUE_SIZE`` events (full: it stops reading, and TCP
+    back-pressure reaches Deepgram), and sends a KeepAlive text frame whenever nothing was
+    sent for ``keepalive_interval`` s (``None`` turns that off).
+
+    Leaving the block stops the task and closes the socket (waiting at most
+    ``disconnect_timeout`` s for the close handshake). Pending results are not waited for:
+    call ``close_stream()`` first for that. An exception from the block comes out
+    unchanged, not wrapped in an exception group.
+    """
+    body_error: BaseException | None = None
+    async with connect_stt(
+        base_url,
+        api_key,
+        opts,
+        connect_timeout=connect_timeout,
+        disconnect_timeout=disconnect_timeout,
+    ) as stream:
+        queue, stream._event_recv = trio.open_memory_channel[SttEvent](_EVENT_QUEUE_SIZE)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream._serve, queue, keepalive_interval)
+            try:
+                yield stream
+            except BaseException as exc:
+                # Re-raised outside the nursery so the caller gets its own exception
+                # back rather than an ExceptionGroup around it.
+                body_error = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if body_error is not None:
+            raise body_error
