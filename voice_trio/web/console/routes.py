@@ -91,7 +91,9 @@ def register_console(app: QuartTrio, center: CallCenter) -> None:
             g.console_session = session
             if not session.signed_in and request.endpoint not in OPEN:
                 if request.method == "GET" and request.endpoint != "console.events":
-                    return redirect(url_for("console.sign_in_form", next=request.full_path))
+                    return redirect(
+                        url_for("console.sign_in_form", next=request.full_path.rstrip("?"))
+                    )
                 return await refuse(401, "sign in first")
         else:
             refusal = loopback_refusal(settings, request.headers, peer)

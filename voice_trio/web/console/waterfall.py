@@ -37,7 +37,7 @@ def waterfall_svg(turns: list[TurnEntry]) -> Markup:
     for _, _, name, color in STAGES:
         out.append(f'<rect x="{x}" y="6" width="10" height="10" fill="{color}"/>')
         out.append(f'<text x="{x + 14}" y="15" font-size="10">{escape(name)}</text>')
-        x += 14 + 6 * len(name) + 12
+        x += 14 + 5 * len(name) + 12
     for i, (turn, (start, end)) in enumerate(zip(rows, spans, strict=True)):
         y = TOP + i * ROW
         label = f"#{turn.index} {turn.kind}"
