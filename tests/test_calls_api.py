@@ -143,6 +143,8 @@ async def test_list_filters(nursery: trio.Nursery, store: SqliteStore, tmp_path:
         "01",
     ]
     assert await ids(since=str(T0 + 3600)) == []
+    assert await ids(end_reason="caller_hangup") == ["05", "03", "01"]
+    assert await ids(end_reason="operator_hangup") == []
     server.stop.set()
 
 
@@ -155,6 +157,7 @@ async def test_list_filters(nursery: trio.Nursery, store: SqliteStore, tmp_path:
         ({"cursor": "not-a-cursor"}, "cursor"),
         ({"status": "finished"}, "status"),
         ({"phone": "12"}, "phone"),
+        ({"end_reason": "bored"}, "end_reason"),
         ({"since": "yesterday"}, "since"),
         ({"until": "nan"}, "until"),
         ({"since": str(T0), "until": str(T0)}, "until"),

@@ -11,6 +11,7 @@ from hashlib import blake2b
 import trio
 
 from voice_trio.calls.ends import CallMode, EndReason
+from voice_trio.calls.feed import CallFeed
 from voice_trio.calls.orders import Order, Outcome
 
 
@@ -27,6 +28,22 @@ class ActiveCall:
     wind_down: trio.Event = field(default_factory=trio.Event)
     # How a media call here takes an operator's order, once it can (None until then).
     obey: Callable[[Order], Outcome] | None = None
+    # Who is on the line, for the operator console: nombre, number, direction.
+    party: dict[str, str] = field(default_factory=dict)
+    # greeting | listening | thinking | speaking, as the call's session says (set_state).
+    state: str = "connecting"
+    # Where the call's events go (calls.feed); the registry sets it when the call is added.
+    feed: CallFeed | None = None
+
+    def note(self, kind: str, **fields: object) -> None:
+        """Tell whoever watches (the console) what just happened on the call."""
+        if self.feed is not None:
+            self.feed.publish({"k": kind, "c": self.call_control_id, **fields})
+
+    def set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.note("state", state=state)
 
     def end(self, reason: EndReason) -> None:
         if self.end_reason is None:
@@ -42,18 +59,23 @@ class CallRegistry:
         self._calls: dict[str, ActiveCall] = {}
         self._removed = trio.Event()
         self.total_calls = 0
+        self.feed = CallFeed()  # what happens on these calls, for the operator console
 
     def add(self, call: ActiveCall) -> None:
         if call.call_control_id in self._calls:
             raise KeyError(f"call {call.call_control_id} is already running here")
         self._calls[call.call_control_id] = call
         self.total_calls += 1
+        call.feed = self.feed
+        call.note("start", mode=str(call.mode), started_at=call.started_at, **call.party)
+        call.note("state", state=call.state)
 
     def remove(self, call: ActiveCall) -> None:
         if self._calls.get(call.call_control_id) is call:
             del self._calls[call.call_control_id]
             self._removed.set()
             self._removed = trio.Event()
+            call.note("end", end_reason=str(call.end_reason or ""), mode=str(call.mode))
 
     async def wait_until_empty(self) -> None:
         while self._calls:

@@ -237,6 +237,7 @@ class FallbackCall:
         await self._check_turn(state)
         self.state = state
         log.info("💬 Bot: %s", text)
+        self.call.note("bot", text=text, turn=self.turn.kind if self.turn else "reply")
         try:
             await self.services.telnyx.speak(
                 self.call_control_id,

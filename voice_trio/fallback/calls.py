@@ -128,6 +128,7 @@ class FallbackCalls:
             if text is None:
                 return local is not None
             log.info("🎤 Caller: %s", text)
+            self.services.registry.feed.publish({"k": "caller", "c": ccid, "text": text})
             mutate = lambda d: fs.add_caller_words(d, text, now, event.occurred_at)  # noqa: E731
         await self._ensure_store()
         state, changed = await self.shared.update(ccid, mutate)
@@ -160,8 +161,9 @@ class FallbackCalls:
             return
         if state.data.ended or self.services.going_away.is_set():
             return
-        call = ActiveCall(ccid, mode=state.data.mode)
+        call = ActiveCall(ccid, mode=state.data.mode, state="listening")
         call.started_at = state.data.origin
+        call.party = _party(state.data.caller, state.data.line)
         try:
             self.services.registry.add(call)
         except KeyError:
@@ -254,29 +256,32 @@ class FallbackCalls:
         if call_control_id in self._hung_up:
             log.info("📴 Not starting fallback mode: the call has hung up")
             return None
-        call = ActiveCall(call_control_id, mode=mode)
+        call = ActiveCall(call_control_id, mode=mode, state="listening")
         if started_at is not None:
             call.started_at = started_at
+        now = time.time()
+        line = line or {}
+        caller = fs.Caller(
+            **{k: str(context.get(k) or "") for k in ("nombre", "contexto", "saludo")}
+        )
+        on_line = fs.Line(
+            direction="inbound" if context.get("dir") == "inbound" else "outbound",
+            call_session_id=line.get("call_session_id", ""),
+            from_number=line.get("from_number", ""),
+            to_number=line.get("to_number", ""),
+            created_at=call.started_at,
+            answered_at=call.started_at if started_at is not None else now,
+        )
+        call.party = _party(caller, on_line)
         try:
             self.services.registry.add(call)
         except KeyError:
             log.debug("Not starting fallback mode: the call is already running here")
             return None
-        now = time.time()
-        line = line or {}
         initial = fs.new_state(
             mode=mode,
-            caller=fs.Caller(
-                **{k: str(context.get(k) or "") for k in ("nombre", "contexto", "saludo")}
-            ),
-            line=fs.Line(
-                direction="inbound" if context.get("dir") == "inbound" else "outbound",
-                call_session_id=line.get("call_session_id", ""),
-                from_number=line.get("from_number", ""),
-                to_number=line.get("to_number", ""),
-                created_at=call.started_at,
-                answered_at=call.started_at if started_at is not None else now,
-            ),
+            caller=caller,
+            line=on_line,
             origin=call.started_at,
             deadline_at=call.started_at + self.services.settings.max_call_seconds,
             writer=self.me,
@@ -435,3 +440,9 @@ class FallbackCalls:
                 self.start(ccid, decode_client_state(event.client_state), CallMode.DEGRADED)
             return True
         return False
+
+
+def _party(caller: fs.Caller, line: fs.Line) -> dict[str, str]:
+    """Who is on the line, as the operator console shows it (``ActiveCall.party``)."""
+    number = line.from_number if line.direction == "inbound" else line.to_number
+    return {"nombre": caller.nombre, "number": number, "direction": line.direction}

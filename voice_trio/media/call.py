@@ -147,7 +147,8 @@ async def run_media_call(
             call_id_var.reset(token)
         await socket.close(1003, "codec not supported: G.711 (PCMU, PCMA) only")
         return
-    call = ActiveCall(start.call_control_id, mode=CallMode.MEDIA)
+    record = call_record(start, holder=services.instance_id)
+    call = ActiveCall(start.call_control_id, mode=CallMode.MEDIA, party=party_of(record))
     try:
         services.registry.add(call)
     except KeyError:
@@ -157,7 +158,6 @@ async def run_media_call(
     fallback.stream_started(start.call_control_id)
     token = call_id_var.set(start.call_control_id)
     session: CallSession | None = None
-    record = call_record(start, holder=services.instance_id)
     origin = trio.current_time()
     await keep_record(services, record, [], first=True)
     try:
@@ -238,6 +238,12 @@ def call_record(start: Start, holder: str) -> CallRecord:
         mode=CallMode.MEDIA,
         holder=holder,
     )
+
+
+def party_of(record: CallRecord) -> dict[str, str]:
+    """Who is on the line, as the operator console shows it (``ActiveCall.party``)."""
+    number = record.from_number if record.direction == "inbound" else record.to_number
+    return {"nombre": record.nombre, "number": number, "direction": record.direction}
 
 
 async def keep_record(

@@ -299,6 +299,7 @@ class CallSession:
             self.consider_speculation()
         else:
             log.info("🎤 Caller: %s", signal.text)
+            self.call.note("caller", text=signal.text)
             self._user_send.send_nowait((signal.text, now))
 
     async def on_silence(self, stt: SttLink, edge: str) -> None:
@@ -340,6 +341,7 @@ class CallSession:
         await self.playback.interrupt()
         self.services.metrics.barge_ins.inc()
         log.info("✋ Barge-in: bot interrupted")
+        self.call.note("barge_in")
 
     async def converse(self) -> None:
         phrases = self.services.phrases

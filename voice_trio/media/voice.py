@@ -196,6 +196,8 @@ class BotVoice:
         record what the caller heard."""
         first_sentence = len(self.playback.sentences)
         self._barged_at = None
+        if record.kind == "reply":
+            self.call.set_state("thinking")
         scope = trio.CancelScope()
         try:
             with scope:
@@ -219,6 +221,9 @@ class BotVoice:
             record.heard_text = heard
             record.interrupted = cut and (scope.cancel_called or self.call.end_reason is not None)
             self.conversation.add_assistant(heard, interrupted=record.interrupted)
+            if record.interrupted:
+                self.call.note("heard", text=heard)
+            self.call.set_state("listening")
             self.records.append(record)
             self.report(record)
 
@@ -231,6 +236,9 @@ class BotVoice:
                 if isinstance(item, SentenceStart):
                     sentence = self.playback.begin_sentence(item.text)
                     log.info("💬 Bot: %s", item.text)
+                    greeting = record.kind == "greeting"
+                    self.call.set_state("greeting" if greeting else "speaking")
+                    self.call.note("bot", text=item.text, turn=record.kind)
                 elif isinstance(item, SpeakInstead):
                     await self.speak_through_telnyx(item.text)
                 elif isinstance(item, AudioChunk) and sentence is not None:

@@ -68,6 +68,7 @@ LIST_FILTERS = {
     "until": "created_at < {until}",
     "status": "status = {status}",
     "phone": "(from_number = {phone} OR to_number = {phone})",
+    "end_reason": "end_reason = {end_reason}",
 }
 LIST_ORDER = " ORDER BY created_at DESC, call_control_id DESC LIMIT {limit}"
 
@@ -128,6 +129,7 @@ def list_calls(query: CallQuery, dialect: Dialect) -> tuple[str, dict[str, Any]]
     params: dict[str, Any] = {
         "status": query.status,
         "phone": query.phone,
+        "end_reason": query.end_reason,
         "limit": query.limit + 1,
     }
     if query.after is not None:

@@ -227,6 +227,7 @@ class CallQuery:
     until: float | None  # created_at < until
     status: str | None
     phone: str | None  # from_number or to_number, exactly
+    end_reason: str | None = None
 
 
 MAX_PAGE = 100
@@ -322,6 +323,7 @@ class CallStore(ABC):
         until: float | None = None,
         status: str | None = None,
         phone: str | None = None,
+        end_reason: str | None = None,
     ) -> CallPage:
         """Calls newest first (by ``created_at``), ``limit`` at most, after ``cursor``.
         ``ValueError`` names a bad argument."""
@@ -336,6 +338,7 @@ class CallStore(ABC):
             until=until,
             status=status,
             phone=phone,
+            end_reason=end_reason,
         )
         rows = await self._list(query)
         more = len(rows) > limit

@@ -106,6 +106,14 @@ def api_refusal(
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
             return 401, "unauthorized", "a valid 'Authorization: Bearer' token is required"
         return None
+    return loopback_refusal(settings, headers, peer)
+
+
+def loopback_refusal(
+    settings: Settings, headers: HeaderLookup, peer: str | None
+) -> tuple[int, str, str] | None:
+    """Without ``API_TOKEN``: why this client is refused (closed, or not on this machine);
+    None if ``API_LOOPBACK_WITHOUT_TOKEN`` lets it in. The console follows the same rule."""
     if not settings.api_loopback_without_token:
         return 403, "forbidden", CLOSED
     if not request_origin(peer, headers, settings.forwarded_allow_ips).on_this_machine:
@@ -130,31 +138,37 @@ def warn_about_access(settings: Settings) -> None:
     )
 
 
+def dialing_refusal(center: CallCenter) -> dict[str, Any] | None:
+    """Why no call can be placed now (draining, Telnyx not configured), as an error body;
+    None if calls can be placed."""
+    if center.going_away.is_set():
+        return {"error": "draining", "reason": "the server is shutting down"}
+    missing = [
+        name
+        for name, value in (
+            ("TELNYX_API_KEY", center.settings.telnyx_api_key),
+            ("TELNYX_CONNECTION_ID", center.settings.telnyx_connection_id),
+            ("TELNYX_PHONE_NUMBER", center.settings.telnyx_phone_number),
+        )
+        if not value
+    ]
+    if missing:
+        return {
+            "error": "not_configured",
+            "reason": "Telnyx is not configured: set " + ", ".join(missing),
+            "missing": missing,
+        }
+    return None
+
+
 def register_api(app: QuartTrio, center: CallCenter) -> None:
     @app.before_serving
     async def warn_if_open() -> None:
         warn_about_access(center.settings)
 
     def not_ready() -> Any:
-        if center.going_away.is_set():
-            return _json(503, error="draining", reason="the server is shutting down")
-        missing = [
-            name
-            for name, value in (
-                ("TELNYX_API_KEY", center.settings.telnyx_api_key),
-                ("TELNYX_CONNECTION_ID", center.settings.telnyx_connection_id),
-                ("TELNYX_PHONE_NUMBER", center.settings.telnyx_phone_number),
-            )
-            if not value
-        ]
-        if missing:
-            return _json(
-                503,
-                error="not_configured",
-                reason="Telnyx is not configured: set " + ", ".join(missing),
-                missing=missing,
-            )
-        return None
+        refusal = dialing_refusal(center)
+        return None if refusal is None else _json(503, **refusal)
 
     @app.post("/api/call/initiate")
     async def initiate() -> Any:

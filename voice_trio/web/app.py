@@ -19,6 +19,7 @@ from voice_trio.observability import publish_every, watch_loop_lag
 from voice_trio.store import StoreError
 from voice_trio.web.api import api_refusal, register_api
 from voice_trio.web.calls_api import register_calls_api
+from voice_trio.web.console import register_console
 from voice_trio.web.live_api import register_live_api
 from voice_trio.web.webhooks import register_webhooks
 
@@ -44,6 +45,7 @@ ENDPOINTS = [
     "POST /api/calls/<call_control_id>/say",
     "POST /webhook/telnyx",
     "WS /stream/media",
+    "GET /console",
 ]
 
 
@@ -156,6 +158,7 @@ def create_app(center: CallCenter) -> QuartTrio:
     register_calls_api(app, center)
     register_live_api(app, center)
     register_webhooks(app, center)
+    register_console(app, center)
     return app
 
 

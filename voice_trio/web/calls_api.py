@@ -8,7 +8,8 @@
   ``TIMEZONE``) or Unix seconds; ``since`` is inclusive, ``until`` exclusive;
 - ``status``: ``active`` or ``ended``;
 - ``phone``: E.164, matched against either party (a ``+`` sent unescaped arrives as a space,
-  and is restored).
+  and is restored);
+- ``end_reason``: one of the end reasons (``caller_hangup``, ``operator_hangup``, ...).
 
 ``GET /api/calls/<call_control_id>`` gives one call with its turns. Authentication is the
 ``/api/*`` guard's (``web.app``). The store is ``center.store``, set when the center starts.
@@ -26,6 +27,7 @@ from zoneinfo import ZoneInfo
 from quart import jsonify, request
 from quart_trio import QuartTrio
 
+from voice_trio.calls.ends import EndReason
 from voice_trio.config import E164
 from voice_trio.instance.center import CallCenter
 from voice_trio.store import MAX_PAGE, CallRecord, CallStore, StoreError, ToolCallEntry, TurnEntry
@@ -34,7 +36,8 @@ from voice_trio.store.records import MAX_EPOCH, STATUSES, decode_cursor
 log = logging.getLogger("voice_trio.web")
 
 DEFAULT_PAGE = 20
-LIST_PARAMS = ("limit", "cursor", "since", "until", "status", "phone")
+LIST_PARAMS = ("limit", "cursor", "since", "until", "status", "phone", "end_reason")
+END_REASONS = tuple(sorted(r.value for r in EndReason if r != EndReason.ENDED_ELSEWHERE))
 
 
 class InvalidQuery(ValueError):
@@ -80,6 +83,11 @@ def parse_list_query(args: Mapping[str, str], timezone: str) -> dict[str, Any]:
         if not E164.match(phone):
             raise InvalidQuery("phone", "must be an E.164 phone number such as +573001234567")
         query["phone"] = phone
+    end_reason = args.get("end_reason", "").strip().lower()
+    if end_reason:
+        if end_reason not in END_REASONS:
+            raise InvalidQuery("end_reason", "must be one of " + ", ".join(END_REASONS))
+        query["end_reason"] = end_reason
     return query
 
 

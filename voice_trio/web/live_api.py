@@ -23,35 +23,46 @@ from typing import Any
 from quart import jsonify, request
 from quart_trio import QuartTrio
 
-from voice_trio.calls.orders import ACTIONS, InvalidOrder, Order
+from voice_trio.calls.orders import ACTIONS, InvalidOrder, Order, Outcome
 from voice_trio.instance.center import CallCenter
 from voice_trio.web.api import InvalidRequest, parse_json
 
 
+async def carry_out(center: CallCenter, call_control_id: str, action: str, body: Any) -> Outcome:
+    """An operator's order from a request body (parsed JSON, or None), carried out wherever
+    the call runs: the API's answer, also the console's (``web.console``)."""
+    if not center.accepting_work or center.going_away.is_set():
+        return Outcome(503, {"error": "draining", "reason": "the server is shutting down"})
+    try:
+        order = Order.from_request(action, body, center.settings.transfer_number)
+    except InvalidOrder as exc:
+        return Outcome(
+            422, {"error": "validation_failed", "field": exc.field, "reason": exc.reason}
+        )
+    return await center.live.order(call_control_id, order)
+
+
 def register_live_api(app: QuartTrio, center: CallCenter) -> None:
-    async def carry_out(call_control_id: str, action: str) -> Any:
-        if not center.accepting_work or center.going_away.is_set():
-            return _json(503, error="draining", reason="the server is shutting down")
+    async def answer(call_control_id: str, action: str) -> Any:
         try:
             body = await _optional_json_body()
-            order = Order.from_request(action, body, center.settings.transfer_number)
-        except (InvalidRequest, InvalidOrder) as exc:
+        except InvalidRequest as exc:
             return _json(422, error="validation_failed", field=exc.field, reason=exc.reason)
-        outcome = await center.live.order(call_control_id, order)
+        outcome = await carry_out(center, call_control_id, action, body)
         return _json(outcome.status, **{**outcome.body, "call_control_id": call_control_id})
 
     for action in ACTIONS:
         app.add_url_rule(
             f"/api/calls/<call_control_id>/{action}",
             f"live_call_{action}",
-            _route(carry_out, action),
+            _route(answer, action),
             methods=["POST"],
         )
 
 
-def _route(carry_out: Any, action: str) -> Any:
+def _route(answer: Any, action: str) -> Any:
     async def route(call_control_id: str) -> Any:
-        return await carry_out(call_control_id, action)
+        return await answer(call_control_id, action)
 
     return route
 
