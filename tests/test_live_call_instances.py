@@ -221,3 +221,42 @@ async def test_a_fallback_call_is_hung_up_from_the_other_instance_through_its_st
     assert party.results.hangup_by == "bot" and len(commands(lab, "hangup", ccid)) == 1
     a.stop.set()
     b.stop.set()
+
+
+async def test_the_console_feed_of_each_instance_shows_the_calls_of_the_other(
+    nursery,
+    lab,
+    pg_dsn,  # noqa: F811
+) -> None:
+    """A call whose socket is on A: B's console feed holds it live, with its transcript as
+    A's publishes it, and lets it go when it ends."""
+    a, b = await start_pair(nursery, lab, pg_dsn)
+    lab.telnyx.default_webhook_url = b.app.center.settings.webhook_url
+    party = caller(
+        [
+            WaitForBot(min_ms_silence=300),
+            Say("Hola, quisiera una cita.", 200),
+            WaitForBot(min_ms_silence=300),
+            HangUp(),
+        ]
+    )
+    sim_call = lab.telnyx.place_inbound_call(PATIENT, OUR_NUMBER, party)
+    ccid = sim_call.call_control_id
+    seen: list[dict] = []
+    with b.app.center.registry.feed.watch() as (events, _):
+        async with trio.open_nursery() as calls:
+            calls.start_soon(party.run)
+            with trio.fail_after(20):
+                async for event in events:
+                    if event.get("c") == ccid:
+                        seen.append(event)
+                        if event["k"] == "end":
+                            break
+    kinds = [e["k"] for e in seen]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert "Hola, quisiera una cita." in [e.get("text") for e in seen if e["k"] == "caller"]
+    assert any("Clínica Santa Lucía" in str(e.get("text")) for e in seen if e["k"] == "bot")
+    assert b.app.center.registry.get(ccid) is None  # the call itself was never on B
+    assert ccid not in b.app.center.registry.feed.calls  # gone from B's live view with its end
+    a.stop.set()
+    b.stop.set()

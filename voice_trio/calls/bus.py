@@ -152,4 +152,6 @@ class EventBus:
             log.exception("📡 Call event %s could not be handled", kind)
 
 
-KINDS = frozenset({"fact", "do", "done"})
+# fact: a webhook's fact for the call's holder; do / done: an operator's order and its
+# outcome; feed: what happens on a live call, for the consoles of every process.
+KINDS = frozenset({"fact", "do", "done", "feed"})

@@ -230,6 +230,9 @@ class CallCenter:
         stop() should wait for: calls have ended by then)."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.bus.run, self.live.on_event)
+            # The consoles of every process see every live call (calls.feed).
+            self.registry.feed.on_publish = self.live.share_feed
+            nursery.start_soon(self.live.relay_feed)
             task_status.started()
             await self._stopping.wait()
             nursery.cancel_scope.cancel()

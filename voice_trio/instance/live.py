@@ -58,6 +58,9 @@ class _Answer:
     outcome: Outcome | None = None
 
 
+FEED_QUEUE = 1000  # feed events waiting for the bus; beyond, they are dropped and counted
+
+
 class LiveCalls:
     """The way to reach a live call held anywhere: a media call here takes orders through
     its ``ActiveCall.obey``."""
@@ -67,6 +70,7 @@ class LiveCalls:
         self.fallback = fallback
         self.bus = bus
         self._asking: dict[str, _Answer] = {}
+        self._feed_send, self._feed_recv = trio.open_memory_channel[dict[str, Any]](FEED_QUEUE)
 
     async def pass_on(self, call_control_id: str, kind: str, payload: dict[str, Any]) -> None:
         """A webhook fact for a media call that is not here: to whoever holds it."""
@@ -188,11 +192,32 @@ class LiveCalls:
         finally:
             del self._asking[request]
 
+    def share_feed(self, event: dict[str, Any]) -> None:
+        """A call here published ``event`` (``CallFeed.on_publish``): queued for the other
+        processes' consoles, in order; dropped and counted if the bus falls behind, never
+        waited for."""
+        try:
+            self._feed_send.send_nowait(event)
+        except trio.WouldBlock:
+            self.services.metrics.call_events.labels("feed", "dropped").inc()
+
+    async def relay_feed(self) -> None:
+        """Send the queued feed events over the bus, one at a time (their order is the
+        transcript's), until cancelled."""
+        async for event in self._feed_recv:
+            await self.bus.publish({"k": "feed", "c": event["c"], "e": event})
+
     def on_event(self, event: dict[str, Any]) -> None:
         """An event from another process (``EventBus.run``'s handler): never blocks."""
         kind = event["k"]
         if kind == "done":
             self._answered(event)
+            return
+        if kind == "feed":
+            if isinstance(event.get("e"), dict):
+                self.services.registry.feed.relay(event["e"])
+            else:
+                self._malformed(kind, "no feed event")
             return
         ccid = event.get("c")
         if not isinstance(ccid, str) or not ccid or len(ccid) > MAX_CALL_ID_CHARS:
