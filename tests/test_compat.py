@@ -391,3 +391,83 @@ async def test_close_transport_closes_it(autojump_clock: trio.testing.MockClock)
     await compat_ws.close_transport(ws)
     assert stream.socket.fileno() == -1
     await compat_ws.close_transport(ws)  # twice: harmless
+
+
+# --- hypercorn.websocket_handover ---------------------------------------------------------
+
+
+async def scope_and_handover(nursery: trio.Nursery) -> tuple[dict[str, Any], object]:
+    """The scope Hypercorn gives a WebSocket app, and what ``websocket_handover`` makes of
+    it, for one upgrade answered the ASGI way."""
+    seen: list[tuple[dict[str, Any], object]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await answer_lifespan(receive, send)
+            return
+        seen.append((scope, compat_hypercorn.websocket_handover(scope)))
+        await accepting_app(scope, receive, send)
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.websocket_ping_interval = None
+    stop = trio.Event()
+    binds = await nursery.start(partial(serve, app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    async with trio_websocket.open_websocket_url(binds[0].replace("http", "ws") + "/") as ws:
+        with pytest.raises(trio_websocket.ConnectionClosed):
+            await ws.get_message()
+    stop.set()
+    return seen[0]
+
+
+async def test_canary_hypercorn_offers_no_way_to_take_a_websocket_connection(
+    nursery: trio.Nursery,
+) -> None:
+    """A missing feature, not a bug: the handover is worth having (docs/benchmarks.md, "A
+    lean media socket") for as long as an ASGI app can only have WebSocket messages one by
+    one, through Hypercorn's layers. An extension in the scope that gave the app the
+    connection (or a server setting for it) would make the fix unnecessary."""
+    scope, _ = await scope_and_handover(nursery)
+    extensions = set(scope["extensions"])
+    settings = [
+        name
+        for name in dir(Config)
+        if re.search(r"raw_(socket|stream|connection)|handover|takeover", name)
+    ]
+    assert extensions == {"websocket.http.response"} and not settings, fixed_upstream(
+        compat_hypercorn.WEBSOCKET_HANDOVER,
+        f"a way to take the connection ({extensions}, {settings})",
+    )
+
+
+async def test_a_websocket_upgrade_is_offered_to_the_app(nursery: trio.Nursery) -> None:
+    _, handover = await scope_and_handover(nursery)
+    assert isinstance(handover, compat_hypercorn.WebSocketHandover)
+    # Elsewhere (tests/test_lean_socket.py has the wire): no handover for other scopes.
+    assert compat_hypercorn.websocket_handover({"type": "http"}) is None
+    assert compat_hypercorn.websocket_handover({"type": "websocket"}) is None  # no connection
+
+
+async def test_without_the_read_loop_nothing_is_offered(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hypercorn's own loop, as on a release outside the fixes' range: the app carries the
+    socket the ASGI way (tests/test_media_paths.py, on the real handler)."""
+    monkeypatch.setattr(TCPServer, "_read_data", shipped(TCPServer, "_read_data"))
+    _, handover = await scope_and_handover(nursery)
+    assert handover is None
+
+
+def test_the_handover_reaches_only_what_it_was_checked_against() -> None:
+    """What of Hypercorn 0.18 the handover relies on (the version guard keeps it to the
+    checked release; this says which names a new one must still have)."""
+    from hypercorn.protocol.h11 import H11Protocol, H11WSConnection
+    from hypercorn.protocol.ws_stream import ASGIWebsocketState, Handshake, WSStream
+
+    assert {"_accept", "app_send", "handle"} <= set(vars(WSStream))
+    assert "extensions" in inspect.getsource(Handshake.__init__)
+    assert "self.closed" in inspect.getsource(WSStream.app_send)
+    assert ASGIWebsocketState.HANDSHAKE and "self.stream" in inspect.getsource(H11Protocol.__init__)
+    assert "self.buffer" in inspect.getsource(H11WSConnection.__init__)
+    assert {"_close", "_read_data", "protocol_send"} <= set(vars(TCPServer))

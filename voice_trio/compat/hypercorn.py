@@ -41,16 +41,34 @@ once the installed Hypercorn no longer has it.
    carries many clients, which is why its default is high. (How long a request may take is
    bounded elsewhere: its head by Hypercorn's ``keep_alive_timeout``, which runs until the
    head is complete, and its body by Quart's ``BODY_TIMEOUT``, ``REQUEST_TIMEOUT`` here.)
+6. **websocket_handover: the bytes of an upgraded connection, for the app** (a feature,
+   not a bug; it rides on fix 4's read loop). Hypercorn carries every WebSocket message
+   through four layers (its protocol and stream classes, wsproto's events, the ASGI queue
+   to the app task, a dict per message). ``websocket_handover(scope)`` lets an ASGI app
+   take one HTTP/1.1 WebSocket connection out of them instead: ``accept()`` stops the
+   connection's reader (it was waiting for bytes the client may not send before the 101),
+   sends Hypercorn's own 101 — the same headers, access log line and reason phrase, minus
+   any ``permessage-deflate``, which is not negotiated — and returns a ``RawWebSocket``:
+   the Trio stream, the connection's send lock and Hypercorn's limits. The connection's
+   reader task stays as its watchdog: it closes a connection that waits for bytes longer
+   than ``read_timeout`` (one deadline per connection, as fix 4), and closes it the
+   Hypercorn way (``_close``) once the app calls ``release()``. Everything before the
+   handler runs is untouched: connection limits (fix 5), Hypercorn's own 400/404 answers
+   to a bad upgrade, the app's refusal before accepting. docs/architecture.md ("The lean
+   media socket") has what the app side does with it.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import math
 import types
+import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -59,11 +77,14 @@ import h11
 import hypercorn.protocol.h11 as hypercorn_h11
 import trio
 from hypercorn.events import Closed, RawData
+from hypercorn.protocol.h11 import H11Protocol, H11WSConnection
+from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from hypercorn.trio import task_group as hypercorn_task_group
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.typing import WebsocketAcceptEvent
 
-from voice_trio.compat._guard import Fix, replace
+from voice_trio.compat._guard import Fix, active, replace
 
 READ_CHUNK = 16 * 1024
 
@@ -222,7 +243,13 @@ async def _spawn_app(
 
 async def _read_data(self: TCPServer) -> None:
     timeout = self.config.read_timeout or math.inf
+    connection = _Connection(self)
+    # The app tasks this loop spawns (through protocol.handle) inherit a copy of this
+    # task's context: that is how ``websocket_handover`` finds its connection. A weak
+    # reference, as tasks those tasks start (background work) may outlive the connection.
+    _CONNECTION.set(weakref.ref(connection))
     with trio.CancelScope() as reading:
+        connection.reading = reading
         while True:
             reading.deadline = trio.current_time() + timeout
             try:
@@ -233,7 +260,153 @@ async def _read_data(self: TCPServer) -> None:
             await self.protocol.handle(RawData(bytes(data)))
             if not data:
                 break
+    if await connection.reader_stopped():
+        await connection.watch(timeout)
+        return
     await self.protocol.handle(Closed())
+
+
+class _Reading(enum.Enum):
+    READING = enum.auto()  # the reader feeds Hypercorn's protocol
+    TAKING = enum.auto()  # an app asked for the connection; the reader is being stopped
+    STOPPED = enum.auto()  # the reader has stopped and waits for the app's 101 (or not)
+    HANDED_OVER = enum.auto()  # the bytes are the app's; the reader is its watchdog
+    HYPERCORN = enum.auto()  # the reader has ended; Hypercorn closes as it always did
+
+
+@dataclass(eq=False)
+class RawWebSocket:
+    """An upgraded connection after the 101, handed to the app (fix 6): from here on its
+    bytes are the app's, in both directions, until ``release()``.
+
+    The app sends whole frames under ``send_lock`` (Hypercorn's ``_close`` takes it too,
+    fix 1), and sets ``waiting_since`` to ``trio.current_time()`` while it waits for bytes
+    (``math.inf`` otherwise): the watchdog closes the connection once that wait has lasted
+    Hypercorn's ``read_timeout``, which the app then sees as a closed stream.
+    """
+
+    stream: trio.abc.Stream
+    send_lock: trio.Lock
+    buffered: bytes  # what the client sent after the request head and before the 101
+    max_message_size: int  # Hypercorn's websocket_max_message_size
+    waiting_since: float = math.inf
+    released: trio.Event = field(default_factory=trio.Event)
+
+    def release(self) -> None:
+        """The app is done with the connection: it is closed (at once, by its own task)."""
+        self.released.set()
+
+
+class _Connection:
+    """One TCP connection's reader, as the handover sees it."""
+
+    def __init__(self, server: TCPServer) -> None:
+        self.server = server
+        self.reading: trio.CancelScope | None = None  # the read loop's, while it runs
+        self.state = _Reading.READING
+        self.stopped = trio.Event()
+        self.decided = trio.Event()
+        self.raw: RawWebSocket | None = None
+
+    async def reader_stopped(self) -> bool:
+        """The reader's loop has ended: True if the connection is now the app's."""
+        if self.state is not _Reading.TAKING:
+            self.state = _Reading.HYPERCORN
+            return False
+        self.state = _Reading.STOPPED
+        self.stopped.set()
+        await self.decided.wait()
+        return self.raw is not None
+
+    def decide(self, raw: RawWebSocket | None) -> None:
+        self.raw = raw
+        self.state = _Reading.HANDED_OVER if raw is not None else _Reading.HYPERCORN
+        self.decided.set()
+
+    async def watch(self, timeout: float) -> None:
+        """Until the app releases the connection, or waits for bytes longer than
+        ``timeout``; then close it. One wake-up per ``timeout`` at most while it is busy."""
+        raw = self.raw
+        assert raw is not None
+        deadline = trio.current_time() + timeout
+        while True:
+            with trio.move_on_at(deadline):
+                await raw.released.wait()
+                break
+            now = trio.current_time()
+            if now >= raw.waiting_since + timeout:
+                break  # as Hypercorn's read timeout: no close frame, the peer is silent
+            deadline = min(raw.waiting_since, now) + timeout
+        await self.server._close()
+
+
+_CONNECTION: ContextVar[weakref.ref[_Connection] | None] = ContextVar(
+    "hypercorn_connection", default=None
+)
+
+
+class WebSocketHandover:
+    """The offer of one WebSocket upgrade's connection to the app (fix 6)."""
+
+    def __init__(self, connection: _Connection, stream: WSStream) -> None:
+        self._connection = connection
+        self._stream = stream
+
+    async def accept(self) -> RawWebSocket | None:
+        """Send the 101 and hand the connection over; None if it ended first (the client
+        left, or Hypercorn answered the request itself): then nothing was sent."""
+        connection, ws = self._connection, self._stream
+        if connection.state is not _Reading.READING or connection.reading is None:
+            return None
+        connection.state = _Reading.TAKING
+        connection.reading.cancel()  # the reader waits for bytes: a no-op to interrupt
+        await connection.stopped.wait()
+        try:
+            if ws.closed or ws.state is not ASGIWebsocketState.HANDSHAKE:
+                return None
+            ws.handshake.extensions = None  # nobody here speaks permessage-deflate
+            # Hypercorn's own 101 (and access log line), as for an ASGI accept.
+            await ws.app_send(
+                WebsocketAcceptEvent(type="websocket.accept", subprotocol=None, headers=[])
+            )
+            if ws.closed:  # the 101 found the client gone (Hypercorn saw the stream close)
+                return None
+            # Hypercorn's stream is done: the app's end (None) and the connection's close
+            # are no business of its any more (no 500, no close frame of its own).
+            ws.closed = True
+            protocol = self._connection.server.protocol.protocol
+            early = protocol.connection if isinstance(protocol, H11Protocol) else None
+            raw = RawWebSocket(
+                stream=self._connection.server.stream,
+                send_lock=self._connection.server.send_lock,
+                buffered=bytes(early.buffer) if isinstance(early, H11WSConnection) else b"",
+                max_message_size=self._connection.server.config.websocket_max_message_size,
+            )
+            connection.decide(raw)
+            return raw
+        finally:
+            if not connection.decided.is_set():
+                connection.decide(None)
+
+
+def websocket_handover(scope: Mapping[str, Any]) -> WebSocketHandover | None:
+    """The handover for this WebSocket request (fix 6), or None where Hypercorn must carry
+    it: HTTP/2, a request that is not the connection's current upgrade, a Hypercorn
+    release the fix was not checked against, or its read loop not installed (fix 4)."""
+    if scope.get("type") != "websocket" or not (active(WEBSOCKET_HANDOVER) and active(READ_LOOP)):
+        return None
+    reference = _CONNECTION.get()
+    connection = reference() if reference is not None else None
+    if connection is None or connection.state is not _Reading.READING:
+        return None
+    protocol = getattr(connection.server, "protocol", None)
+    h11_protocol = getattr(protocol, "protocol", None)
+    if not isinstance(h11_protocol, H11Protocol):
+        return None
+    ws = h11_protocol.stream
+    if not isinstance(ws, WSStream) or getattr(ws, "scope", None) is not scope:
+        return None
+    return WebSocketHandover(connection, ws)
 
 
 def _install_spawn_app() -> None:
@@ -292,4 +465,21 @@ CONNECTION_LIMITS = Fix(
     last=_LAST,
 )
 
-FIXES = (CLOSE_RACE, REASON_PHRASES, FINISHED_APP_QUEUE, READ_LOOP, CONNECTION_LIMITS)
+WEBSOCKET_HANDOVER = Fix(
+    name="hypercorn.websocket_handover",
+    summary="no way for an ASGI app to take an upgraded WebSocket connection's bytes; every"
+    " message crosses Hypercorn's protocol layers, wsproto and the app queue",
+    install=None,  # ``websocket_handover`` checks it; the read loop (fix 4) does the rest
+    distribution="hypercorn",
+    first=_FIRST,
+    last=_LAST,
+)
+
+FIXES = (
+    CLOSE_RACE,
+    REASON_PHRASES,
+    FINISHED_APP_QUEUE,
+    READ_LOOP,
+    CONNECTION_LIMITS,
+    WEBSOCKET_HANDOVER,
+)
