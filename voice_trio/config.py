@@ -315,6 +315,14 @@ class Settings:
         _bool,
         doc="true: media streams; false: Telnyx speak+transcription",
     )
+    media_socket: str = _setting(
+        "MEDIA_SOCKET",
+        "lean",
+        _choice("lean", "asgi"),
+        doc="lean: /stream/media frames are read and written by the server itself after the"
+        " 101 (asgi where Hypercorn cannot hand the connection over); asgi: through"
+        " Hypercorn's WebSocket layers",
+    )
     api_token: str = _setting(
         "API_TOKEN",
         "",
