@@ -16,6 +16,12 @@ survival guard). The test here forces the interleaving instead: the server's clo
 wait at that point until the app task has reached ``_close`` (and until ``send_eof`` holds the
 stream, if it gets that far without the lock). Without ``compat/hypercorn.py`` (close_race) the process
 dies with ``BusyResourceError``; with it, every other call goes on.
+
+Both tests run the media sockets through Hypercorn (``MEDIA_SOCKET=asgi``), where its reader
+answers Close frames. On the lean path (the default) our socket answers them itself, under
+the same ``send_lock``, and Hypercorn's ``_close`` runs only once the socket has released
+the connection: that interleaving cannot happen there, and ``test_hardening.py``'s natural
+storm is its survival guard.
 """
 
 from __future__ import annotations
@@ -168,7 +174,9 @@ def _drain_cut_short(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_close_race_is_survived_by_every_other_call(nursery, lab, monkeypatch) -> None:
     signer = Signer()
     async with trio.open_nursery() as connections:
-        server = await start_lab_server(nursery, lab, TELNYX_PUBLIC_KEY=signer.public_b64)
+        server = await start_lab_server(
+            nursery, lab, TELNYX_PUBLIC_KEY=signer.public_b64, MEDIA_SOCKET="asgi"
+        )
         race = CloseRace(int(server.base.rsplit(":", 1)[1]))
         race.install(monkeypatch)
         _drain_cut_short(monkeypatch)
@@ -197,7 +205,9 @@ async def test_without_the_fix_the_close_race_takes_the_whole_server_down(
     signer = Signer()
     with pytest.RaisesGroup(trio.BusyResourceError, flatten_subgroups=True):
         async with trio.open_nursery() as serving:
-            server = await start_lab_server(serving, lab, TELNYX_PUBLIC_KEY=signer.public_b64)
+            server = await start_lab_server(
+                serving, lab, TELNYX_PUBLIC_KEY=signer.public_b64, MEDIA_SOCKET="asgi"
+            )
             race = CloseRace(int(server.base.rsplit(":", 1)[1]))
             race.install(monkeypatch)
             _drain_cut_short(monkeypatch)
