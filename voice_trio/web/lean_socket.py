@@ -188,12 +188,20 @@ class LeanWebSocket:
             pass  # the peer is gone: what it was to be told no longer matters
 
     async def _send(self, data: bytes, timeout: float = SEND_TIMEOUT_SECONDS) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled sender sends nothing
+        lock = self._send_lock
         try:
-            async with self._send_lock:
+            lock.acquire_nowait()  # the usual case: a yield less than ``async with``
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            try:
                 with trio.CancelScope(shield=True, relative_deadline=timeout) as sending:
                     await self._stream.send_all(data)
-                if sending.cancelled_caught:  # the frame may be cut: the stream is unusable
-                    raise trio.BrokenResourceError("send timed out")
+            finally:
+                lock.release()
+            if sending.cancelled_caught:  # the frame may be cut: the stream is unusable
+                raise trio.BrokenResourceError("send timed out")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.closed = True
             self._finish()
