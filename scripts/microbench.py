@@ -2,9 +2,22 @@
 
     .venv/bin/python scripts/microbench.py
 
-Numbers for docs/benchmarks.md ("what stands in the way"): what one inbound Telnyx media
-frame costs in each layer, and what a leaner layer would cost instead. Single process, no
-sockets; run it on a quiet core (it reports the best of 5 repeats).
+Numbers for docs/benchmarks.md ("what stands in the way", "A lean media socket"): what one
+inbound Telnyx media frame costs in each layer, and the two media socket paths side by
+side. Single process, no sockets; run it on a quiet core (it reports the best of 5
+repeats).
+
+The two paths, each from bytes to the call and back, on a stream that hands out one frame
+per ``receive_some`` and takes one per ``send_all``, each with one checkpoint, as a
+socket's would (the system calls themselves are the same on both paths, and left out):
+
+- **Hypercorn + ASGI** (``MEDIA_SOCKET=asgi``): the connection's reader (the compat read
+  loop) feeds Hypercorn's H11 protocol, its WebSocket stream and wsproto, which put a dict
+  per message on the app's queue (10, as Hypercorn's), which ``AsgiWebSocket.receive``
+  reads in the app task; sending goes ``AsgiWebSocket.send_text`` → ``WSStream.app_send`` →
+  wsproto → ``TCPServer.protocol_send``.
+- **lean** (``MEDIA_SOCKET=lean``): ``LeanWebSocket.receive`` reads and parses in the app
+  task; ``send_text`` frames and writes under the connection's lock.
 """
 
 from __future__ import annotations
@@ -15,13 +28,24 @@ import struct
 import time
 import timeit
 from base64 import b64encode
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import trio
 import wsproto
+from hypercorn.config import Config
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import TrioSingleTask, WorkerContext
+from hypercorn.typing import ConnectionState
 from wsproto.events import Request
 
+from voice_trio import compat
+from voice_trio.compat.hypercorn import RawWebSocket
 from voice_trio.providers.telnyx.media import build_media, parse_frame
+from voice_trio.web.lean_socket import LeanWebSocket
+from voice_trio.web.media_socket import AsgiWebSocket
+from voice_trio.web.rfc6455 import FrameReader
 
 AUDIO = os.urandom(160)
 FRAME = json.dumps(
@@ -101,6 +125,123 @@ def channel_hop(messages: int) -> float:
     return trio.run(main)
 
 
+def lean_reader_one(raw: bytes) -> Callable[[], object]:
+    reader = FrameReader(256 * 1024)
+
+    def one() -> object:
+        reader.feed(raw)
+        return reader.next_event()
+
+    return one
+
+
+UPGRADE = (
+    b"GET /stream/media HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+class FrameStream:
+    """One frame per ``receive_some`` (then nothing more, the peer is still there), any
+    bytes per ``send_all``; one checkpoint each, as a socket's own when the kernel has
+    the bytes or the room."""
+
+    def __init__(self, frames: Iterator[bytes]) -> None:
+        self._frames = frames
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        frame = next(self._frames, None)
+        if frame is None:
+            await trio.sleep_forever()
+        return frame
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+class AppQueue:
+    """Hypercorn's task group as far as one WebSocket upgrade needs it: the app's queue."""
+
+    def __init__(self) -> None:
+        self.put, self.get = trio.open_memory_channel[Any](10)
+        self.app_send: Any = None
+
+    async def spawn_app(self, app: Any, config: Any, scope: Any, send: Any) -> Any:
+        self.app_send = send
+        return self.put.send
+
+
+async def asgi_path(frames: list[bytes]) -> tuple[float, float]:
+    """µs per received and per sent frame through Hypercorn and ``AsgiWebSocket``."""
+    compat.apply()
+    config = Config()
+    config.read_timeout = 30
+    queue = AppQueue()
+    server: Any = TCPServer.__new__(TCPServer)
+    server.config, server.send_lock = config, trio.Lock()
+    server.idle_task = TrioSingleTask()
+    server.stream = FrameStream(iter([UPGRADE, *frames]))
+    server.protocol = H11Protocol(
+        None,  # type: ignore[arg-type]
+        config,
+        WorkerContext(None),
+        queue,  # type: ignore[arg-type]
+        ConnectionState({}),
+        False,
+        ("127.0.0.1", 1),
+        ("127.0.0.1", 2),
+        server.protocol_send,
+    )
+    socket = AsgiWebSocket({}, queue.get.receive, lambda m: queue.app_send(m))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server._read_data)  # the compat read loop
+        assert await socket.accept()
+        t0 = time.process_time()
+        for _ in frames:
+            await socket.receive()
+        received = (time.process_time() - t0) / len(frames) * 1e6
+        t0 = time.process_time()
+        for _ in frames:
+            await socket.send_text(FRAME)
+        sent = (time.process_time() - t0) / len(frames) * 1e6
+        nursery.cancel_scope.cancel()
+    return received, sent
+
+
+async def lean_path(frames: list[bytes]) -> tuple[float, float]:
+    """µs per received and per sent frame through ``LeanWebSocket``."""
+    raw = RawWebSocket(FrameStream(iter(frames)), trio.Lock(), b"", 256 * 1024)  # type: ignore[arg-type]
+    socket = LeanWebSocket(raw, {})
+    t0 = time.process_time()
+    for _ in frames:
+        await socket.receive()
+    received = (time.process_time() - t0) / len(frames) * 1e6
+    t0 = time.process_time()
+    for _ in frames:
+        await socket.send_text(FRAME)
+    sent = (time.process_time() - t0) / len(frames) * 1e6
+    return received, sent
+
+
+def paths(messages: int = 20_000, repeat: int = 5) -> dict[str, tuple[float, float]]:
+    """Best of ``repeat`` runs of each path, alternating."""
+    frames = [masked_frame(FRAME.encode()) for _ in range(messages)]
+    best_of: dict[str, list[tuple[float, float]]] = {"asgi": [], "lean": []}
+    for _ in range(repeat):
+        best_of["asgi"].append(trio.run(asgi_path, frames))
+        best_of["lean"].append(trio.run(lean_path, frames))
+    return {
+        name: (min(r for r, _ in runs), min(s for _, s in runs)) for name, runs in best_of.items()
+    }
+
+
 def main() -> None:
     raw = masked_frame(FRAME.encode())
     server = wsproto_server()
@@ -114,6 +255,7 @@ def main() -> None:
         ("frame size (bytes on the wire)", len(raw)),
         ("wsproto: receive_data + events, one masked frame", best(wsproto_one)),
         ("lean parse: header + unmask + decode", best(lambda: lean_parse(raw))),
+        ("rfc6455.FrameReader: feed + next_event, one masked frame", best(lean_reader_one(raw))),
         ("parse_frame (json.loads + base64) of a media frame", best(lambda: parse_frame(FRAME))),
         ("build_media (base64 + concat), 100 ms of audio", best(lambda: build_media(AUDIO * 5))),
         (
@@ -122,6 +264,11 @@ def main() -> None:
         ),
         ("trio memory channel hop to another task", channel_hop(50_000)),
     ]
+    measured = paths()
+    for name, label in (("asgi", "Hypercorn + ASGI"), ("lean", "lean socket")):
+        received, sent = measured[name]
+        rows.append((f"{label}: one frame received, bytes to the call", received))
+        rows.append((f"{label}: one frame sent, the call to bytes", sent))
     for name, value in rows:
         print(f"{value:8.2f}  {name}" if isinstance(value, float) else f"{value:8d}  {name}")
 
