@@ -15,6 +15,7 @@ the README. (``make demo`` and ``make test`` are ``voice-trio demo`` and this su
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import sqlite3
@@ -38,6 +39,7 @@ UPGRADE = (
     b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
 )
+DEFLATE = b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
 
 
 def _run(tmp_path: Path, name: str, *args: str, **env: str) -> Program:
@@ -260,6 +262,8 @@ async def test_hypercorn_serves_the_app_from_the_environment(tmp_path: Path, wor
         assert len(pids) == workers
         r = await _health(port)
         assert r.status_code == 200 and r.json()["status"] == "ok"
+        for _ in range(workers):
+            await _media_socket_is_the_lean_one(port)
         # Each worker is its own instance in the store: one name each, or each start
         # would drop its siblings' rows and end their calls.
         db = sqlite3.connect(tmp_path / "voice_trio.sqlite3")
@@ -273,6 +277,30 @@ async def test_hypercorn_serves_the_app_from_the_environment(tmp_path: Path, wor
         assert "Traceback" not in server.output()
     finally:
         server.kill()
+
+
+async def _media_socket_is_the_lean_one(port: int) -> None:
+    """``/stream/media`` under the Hypercorn CLI: the lean socket took it at the 101 (no
+    permessage-deflate, which Hypercorn would have negotiated), and a socket that cannot
+    prove its call is refused with 1008, as under ``voice-trio serve``."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(UPGRADE.replace(b"\r\n\r\n", b"\r\n" + DEFLATE + b"\r\n\r\n"))
+    reply = b""
+    with trio.fail_after(10):
+        while b"\r\n\r\n" not in reply:
+            reply += await stream.receive_some(4096)
+    assert reply.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert b"sec-websocket-extensions" not in reply.lower()
+    start = json.dumps({"event": "start", "start": {"call_control_id": "v3:stranger"}})
+    payload, mask = start.encode(), b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    await stream.send_all(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+    with trio.fail_after(10):
+        while len(reply.split(b"\r\n\r\n", 1)[1]) < 4:
+            reply += await stream.receive_some(4096)
+    frame = reply.split(b"\r\n\r\n", 1)[1]
+    assert frame[0] == 0x88 and frame[2:4] == (1008).to_bytes(2, "big"), frame
+    await stream.aclose()
 
 
 async def test_hypercorn_with_a_bad_setting_stops_and_names_it(tmp_path: Path) -> None:
