@@ -157,7 +157,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         "--variant",
         default="",
         help="switch one optimisation off in the server, to compare "
-        "(scripts/bench/variant_serve.py: no-stt-batching, hypercorn-reads)",
+        "(scripts/bench/variant_serve.py: no-stt-batching, hypercorn-reads,"
+        " asgi-media-socket)",
     )
     parser.add_argument(
         "--workers",

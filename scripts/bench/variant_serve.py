@@ -24,11 +24,22 @@ def hypercorn_reads() -> None:
     from voice_trio.compat import hypercorn as compat_hypercorn
 
     # compat.apply() installs whatever this names: the shipped loop, a fresh fail_after and
-    # 64 KiB per read.
+    # 64 KiB per read. It cannot hand a connection over, so the media socket goes through
+    # Hypercorn too: compare it with asgi-media-socket, not with the default.
     compat_hypercorn._read_data = TCPServer._read_data
 
 
-VARIANTS = {"no-stt-batching": no_stt_batching, "hypercorn-reads": hypercorn_reads}
+def asgi_media_socket() -> None:
+    # The media socket through Hypercorn's WebSocket layers instead of the lean socket (a
+    # setting; a real variable wins over the env file).
+    os.environ["MEDIA_SOCKET"] = "asgi"
+
+
+VARIANTS = {
+    "no-stt-batching": no_stt_batching,
+    "hypercorn-reads": hypercorn_reads,
+    "asgi-media-socket": asgi_media_socket,
+}
 
 
 def main() -> None:
