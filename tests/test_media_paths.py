@@ -15,7 +15,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from test_stream_auth import refused_with, start_frame
 
 from voice_trio.compat._guard import shipped
-from voice_trio.web import media
+from voice_trio.web import lean_socket, media
 
 STOP = json.dumps({"event": "stop", "stop": {}})
 
@@ -25,7 +25,7 @@ def paths(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Which socket carried each media connection."""
     taken: list[str] = []
 
-    class CountedLean(media.LeanWebSocket):
+    class CountedLean(lean_socket.LeanWebSocket):
         def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
             taken.append("lean")
             super().__init__(*args, **kwargs)
@@ -35,7 +35,7 @@ def paths(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             taken.append("asgi")
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(media, "LeanWebSocket", CountedLean)
+    monkeypatch.setattr(lean_socket, "LeanWebSocket", CountedLean)
     monkeypatch.setattr(media, "AsgiWebSocket", CountedAsgi)
     return taken
 
@@ -103,3 +103,36 @@ async def test_at_shutdown_the_carrier_hears_going_away(nursery, lab, mode: str)
                 while True:
                     await ws.get_message()
     assert closed.value.reason.code == 1001
+
+
+@pytest.mark.parametrize("mode", ["lean", "asgi"])
+async def test_a_carriers_close_is_answered_while_the_call_winds_down(
+    nursery, lab, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """Telnyx sends ``stop`` and closes at once; the call then takes its time (here, a
+    slow store): the close handshake must not wait for it."""
+    from voice_trio.media import call as media_call
+
+    keep_record = media_call.keep_record
+
+    async def slow_keep_record(services, record, turns, *, first: bool = False) -> None:  # type: ignore[no-untyped-def]
+        if not first:
+            await trio.sleep(3)
+        await keep_record(services, record, turns, first=first)
+
+    monkeypatch.setattr(media_call, "keep_record", slow_keep_record)
+    server = await start_lab_server(nursery, lab, MEDIA_SOCKET=mode)
+    ccid = f"v3:wind-down-{mode}"
+    base = server.ws_base + "/stream/media"
+    async with trio_websocket.open_websocket_url(
+        base, extra_headers=server.media_headers(ccid)
+    ) as ws:
+        await ws.send_message(start_frame(ccid))
+        assert json.loads(await ws.get_message())["event"] == "media"
+        await ws.send_message(STOP)
+        with trio.fail_after(1):
+            await ws.aclose(1000)
+    assert ws.closed is not None and ws.closed.code == 1000
+    with trio.fail_after(5):
+        await server.app.center.registry.wait_until_empty()
+    server.stop.set()

@@ -68,6 +68,10 @@ class MediaSocket(Protocol):
     closed: bool  # the peer closed, or a send found it gone
 
     async def receive(self) -> str | bytes | None: ...
+    def done_reading(self) -> None:
+        """The call reads no more: what the peer still sends (its close) is answered
+        without it, while the call winds down."""
+
     async def send_text(self, text: str) -> None: ...
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
     @property

@@ -168,6 +168,14 @@ class CallSession:
     async def read_carrier(self, stt: SttLink) -> None:
         """Telnyx frames in, until ``stop`` (the call is over) or the socket closing without
         one (the stream is lost; whether the call is over is decided by the caller)."""
+        try:
+            await self._read_carrier(stt)
+        finally:
+            # Whatever ended the reading (``stop``, the close, a hang-up cancelling the
+            # call), the carrier's close is answered now, not after the call's teardown.
+            self.socket.done_reading()
+
+    async def _read_carrier(self, stt: SttLink) -> None:
         reorder = FrameReorderer()
         alaw = self.start.encoding == "PCMA"
         metrics = self.services.metrics

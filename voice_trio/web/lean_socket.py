@@ -19,6 +19,8 @@ the connection is closed, where Hypercorn closed without one.
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -56,8 +58,10 @@ class LeanWebSocket:
     sends to control frames.
     """
 
-    def __init__(self, raw: RawWebSocket, scope: Scope) -> None:
+    def __init__(self, raw: RawWebSocket, scope: Scope, keeper: trio.Nursery | None = None) -> None:
         self.scope = scope
+        self._keeper = keeper  # where ``done_reading`` starts the reading without the call
+        self._kept: trio.Event | None = None  # set once that reading has ended
         self._raw = raw
         self._stream = raw.stream
         self._send_lock = raw.send_lock
@@ -91,7 +95,7 @@ class LeanWebSocket:
     async def receive(self) -> str | bytes | None:
         """The next message, or None once the peer has closed (or broke the protocol, or
         vanished), or once we have closed."""
-        if self.closed:
+        if self.closed or self._kept is not None:
             return None
         message = await self._next_message()
         if message is not None:
@@ -113,13 +117,30 @@ class LeanWebSocket:
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_SECONDS):
             await self._send_close(code, reason)
 
+    def done_reading(self) -> None:
+        """The call reads no more: from now on the socket reads (and drops) what the peer
+        still sends, answering its ping or close at once, in the keeper's task."""
+        if self._keeper is None or self._kept is not None or self._over:
+            return
+        self._kept = trio.Event()
+        self._keeper.start_soon(self._keep_reading, self._kept)
+
     async def drain(self, timeout: float = 35.0) -> None:
         """After our close: read (and drop) what the peer still sends until its close
         frame or its end, bounded; then the connection is closed."""
         with trio.move_on_after(timeout):
+            if self._kept is not None:
+                await self._kept.wait()  # the keeper reads: wait for it to end
             while not self._over:
                 await self._next_message()
         self._finish()
+
+    async def _keep_reading(self, kept: trio.Event) -> None:
+        try:
+            while not self._over:
+                await self._next_message()
+        finally:
+            kept.set()
 
     async def _next_message(self) -> str | bytes | None:
         reader = self._reader
@@ -211,3 +232,15 @@ class LeanWebSocket:
         """Nothing more is read or sent: the connection's own task closes it."""
         self._over = True
         self._raw.release()
+
+
+@asynccontextmanager
+async def open_lean_socket(raw: RawWebSocket, scope: Scope) -> AsyncIterator[LeanWebSocket]:
+    """The socket on ``raw`` for the block; on leaving it, the connection is released
+    (Hypercorn closes it) and the socket's own reading, if the call left it one, ends."""
+    async with trio.open_nursery() as keeper:
+        try:
+            yield LeanWebSocket(raw, scope, keeper)
+        finally:
+            raw.release()
+            keeper.cancel_scope.cancel()

@@ -15,7 +15,7 @@ from typing import Protocol
 from voice_trio.compat.hypercorn import websocket_handover
 from voice_trio.instance.center import CallCenter
 from voice_trio.media.call import MediaSocket, run_media_call
-from voice_trio.web.lean_socket import LeanWebSocket
+from voice_trio.web.lean_socket import open_lean_socket
 from voice_trio.web.media_socket import AsgiWebSocket, Receive, Scope, Send
 
 
@@ -32,17 +32,15 @@ async def serve_media_stream(
 ) -> None:
     handover = websocket_handover(scope) if center.settings.media_socket == "lean" else None
     if handover is None:
-        socket = AsgiWebSocket(scope, receive, send)
-        if await socket.accept():
-            await carry_call(center, socket)
+        through_hypercorn = AsgiWebSocket(scope, receive, send)
+        if await through_hypercorn.accept():
+            await carry_call(center, through_hypercorn)
         return
     raw = await handover.accept()
     if raw is None:
         return  # the client left before the 101
-    try:
-        await carry_call(center, LeanWebSocket(raw, scope))
-    finally:
-        raw.release()
+    async with open_lean_socket(raw, scope) as socket:
+        await carry_call(center, socket)
 
 
 async def carry_call(center: CallCenter, socket: ServedSocket) -> None:

@@ -76,6 +76,9 @@ class AsgiWebSocket:
         self.close_code = message.get("code", 1005)
         return None
 
+    def done_reading(self) -> None:
+        """Nothing to do: Hypercorn's reader answers the peer's close on its own."""
+
     async def send_text(self, text: str) -> None:
         if self.closed:
             raise SocketClosed
