@@ -191,9 +191,7 @@ class LeanWebSocket:
     async def _fail(self, code: int, reason: str) -> None:
         """The peer broke the protocol: tell it why, and close (RFC 6455 §7.1.7)."""
         self.closed = True
-        if not self._close_sent:
-            self._close_sent = True
-            await self._reply(close_frame(code, reason), CLOSE_SECONDS)
+        await self._send_close(code, reason)
         self._finish()
 
     async def _send_close(self, code: int, reason: str) -> None:
