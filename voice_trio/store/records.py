@@ -37,6 +37,7 @@ TURN_KINDS = (
     "handoff",
     "voicemail",
     "note",  # an operator's text (POST /api/calls/{id}/say)
+    "notice",  # the recording notice, before the greeting (RECORD_CALLS)
 )
 STAMPS = ("t0", "t1", "t2", "t2s", "t3", "t4", "t5")
 
