@@ -308,6 +308,11 @@ class CallStore(ABC):
         """The call and its turns in order, or None."""
 
     @abstractmethod
+    async def delete_call(self, call_control_id: str) -> bool:
+        """Delete the call's row, turns and tool calls in one transaction; False if there
+        was no such call."""
+
+    @abstractmethod
     async def save_tool_call(self, entry: ToolCallEntry) -> None:
         """Keep one tool request as it ended (kept even if the call's row is not there)."""
 
