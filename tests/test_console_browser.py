@@ -82,13 +82,26 @@ def drive_console(base: str, token: str, seen: dict[str, Any]) -> None:
             seen["title"] = page.locator("h1").text_content()
             seen["transcript"] = page.locator("ol.transcript").text_content()
             seen["scripts"] = page.evaluate("document.scripts.length")
+            # The recording plays from the console's own route, behind the session cookie.
+            page.wait_for_function(
+                "() => { const a = document.querySelector('audio#recording');"
+                " return a !== null && a.readyState >= 1 && a.duration > 0; }",
+                timeout=15_000,
+            )
+            seen["audio_seconds"] = page.evaluate(
+                "document.querySelector('audio#recording').duration"
+            )
             page.screenshot(path=str(DOCS / "console-call.png"), full_page=True)
         finally:
             browser.close()
 
 
-async def test_a_call_seen_live_and_afterwards_in_the_console(nursery: trio.Nursery, lab) -> None:
-    server = await start_lab_server(nursery, lab)
+async def test_a_call_seen_live_and_afterwards_in_the_console(
+    nursery: trio.Nursery, lab, tmp_path
+) -> None:
+    server = await start_lab_server(
+        nursery, lab, RECORD_CALLS="true", RECORDINGS_DIR=str(tmp_path / "recordings")
+    )
     token = server.app.center.settings.api_token
     patient = ScriptedCaller(
         [
@@ -121,6 +134,7 @@ async def test_a_call_seen_live_and_afterwards_in_the_console(nursery: trio.Nurs
     assert EVIL_NAME in seen["title"] and EVIL_WORDS in seen["transcript"]
     assert seen["stages"] >= 5  # the waterfall of at least one whole turn
     assert seen["scripts"] == 0  # the call page runs no script at all
+    assert seen["audio_seconds"] > 3  # the whole call, caller and bot
     assert not [e for e in seen["console_errors"] if "Content Security Policy" in e]
     assert results and not results[0].errors
     server.stop.set()

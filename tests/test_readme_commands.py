@@ -5,6 +5,7 @@ the README. (``make demo`` and ``make test`` are ``voice-trio demo`` and this su
 | README command                                          | test                              |
 |---------------------------------------------------------|-----------------------------------|
 | ``voice-trio demo`` (``make demo``), ``--wav call.wav`` | test_demo_…                       |
+| ``voice-trio demo --console``; Ctrl-C                   | test_demo_console_…               |
 | ``voice-trio sim all --write-env .env``, ``serve``,     | test_the_simulator_walk_…         |
 | ``curl -X POST …/api/call/initiate`` with the token     |                                   |
 | ``cp .env.example .env``; ``voice-trio check-config``   | test_check_config_…               |
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -64,6 +66,30 @@ async def test_demo_places_a_whole_call_and_writes_both_sides(tmp_path: Path) ->
     with wave.open(str(tmp_path / "call.wav")) as wav:
         assert (wav.getnchannels(), wav.getframerate(), wav.getsampwidth()) == (2, 8000, 2)
         assert wav.getnframes() > 8000 * 10  # more than ten seconds of call
+
+
+async def test_demo_console_keeps_the_server_up_for_the_console_until_ctrl_c(
+    tmp_path: Path,
+) -> None:
+    demo = _run(tmp_path, "demo", str(BIN / "voice-trio"), "demo", "--console")
+    try:
+        found = await demo.wait_for(r"Operator console: (\S+) .*token: (\S+)\)", timeout=120)
+        console, token = found.groups()
+        assert "demo OK" in demo.output()
+        async with httpx.AsyncClient(trust_env=False, timeout=5) as client:
+            login = await client.get(console + "login")
+            assert login.status_code == 200 and 'name="token"' in login.text
+            api = {"Authorization": f"Bearer {token}"}
+            calls = await client.get(console.replace("/console/", "/api/calls"), headers=api)
+            [call] = calls.json()["calls"]
+            ccid = call["call_control_id"]
+            recording = console.replace("/console/", f"/api/calls/{ccid}/recording")
+            wav = await client.get(recording, headers=api)
+            assert wav.status_code == 200 and wav.headers["content-type"] == "audio/wav"
+        assert await demo.stop(signal.SIGINT, timeout=30) == 0, demo.output()[-4000:]
+    finally:
+        demo.kill()
+    assert "Stopping the demo server." in demo.output()
 
 
 async def test_check_config_on_the_example_settings_names_what_is_missing(

@@ -46,6 +46,11 @@ def build_parser(with_simulators: bool = True) -> argparse.ArgumentParser:
     commands.add_parser("check-config", help="print the effective settings, secrets masked")
     demo = commands.add_parser("demo", help="a whole call against the simulators, offline")
     demo.add_argument("--wav", help="write the call audio (caller, bot) to this WAV file")
+    demo.add_argument(
+        "--console",
+        action="store_true",
+        help="after the call, keep the server up for the operator console until Ctrl-C",
+    )
     sim = commands.add_parser("sim", help="run a simulator on 127.0.0.1")
     sims = sim.add_subparsers(dest="simulator", required=True)
     for name, (module, help_text) in SIMULATORS.items():
@@ -82,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from voice_trio.demo import run_demo
 
-        return trio.run(run_demo, settings, args.wav)
+        return trio.run(run_demo, settings, args.wav, args.console)
     return 2
 
 

@@ -447,6 +447,30 @@ class Settings:
         _str,
         doc="SQLite file of call records when DATABASE_URL is empty",
     )
+    record_calls: bool = _setting(
+        "RECORD_CALLS",
+        False,
+        _bool,
+        doc="save both sides of each media call as a stereo WAV (inform callers: README)",
+    )
+    recordings_dir: str = _setting(
+        "RECORDINGS_DIR",
+        "",
+        _str,
+        doc="local directory of recordings; empty: recordings/ beside SQLITE_PATH",
+    )
+    recording_retention_days: int = _setting(
+        "RECORDING_RETENTION_DAYS",
+        30,
+        _int_range(1, 3650),
+        doc="recordings older than this many days are deleted",
+    )
+    recording_notice: str = _setting(
+        "RECORDING_NOTICE",
+        "",
+        _str,
+        doc="said before the greeting when RECORD_CALLS=true; empty: a default in AGENT_LANGUAGE",
+    )
 
     tts_provider: str = _setting(
         "TTS_PROVIDER",
@@ -565,7 +589,37 @@ class Settings:
                 continue
             values[f.name] = meta["parse"](meta["env"], raw)
         settings = cls(**values).with_checked_language().with_workers(values.get("workers", 1))
-        return settings.with_tools(source)
+        return settings.with_tools(source).with_recordings()
+
+    def with_recordings(self) -> Settings:
+        """These settings with ``RECORDINGS_DIR`` filled in and checked when calls are
+        recorded: beside the SQLite file by default; PostgreSQL has no local file to be
+        beside, so there it must be set. The directory may not exist yet (it is created
+        with the first recording), but then the nearest existing parent must be writable."""
+        if not self.record_calls:
+            return self
+        directory = self.recordings_dir
+        if not directory:
+            if self.database_url or self.sqlite_path == ":memory:":
+                store = "DATABASE_URL" if self.database_url else "an in-memory SQLite store"
+                raise ConfigError(
+                    "RECORDINGS_DIR",
+                    "",
+                    reason=f"RECORD_CALLS=true with {store}: set RECORDINGS_DIR to a local"
+                    " directory for the recordings",
+                )
+            directory = str(Path(self.sqlite_path).parent / "recordings")
+        path = Path(directory)
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if (path.exists() and not path.is_dir()) or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(
+                "RECORDINGS_DIR",
+                "",
+                reason=f"RECORD_CALLS=true but {directory!r} is not a writable directory",
+            )
+        return self if directory == self.recordings_dir else replace(self, recordings_dir=directory)
 
     def with_tools(self, environ: Mapping[str, str]) -> Settings:
         """These settings with ``TOOLS_FILE`` read and checked (``${VAR}`` in endpoints

@@ -6,13 +6,19 @@ asks for an appointment (which the agent books in the clinic simulator through i
 tools, docs/tools.md), asks two more things, talks over the bot once, and says goodbye.
 The server's log shows the conversation live; a summary with each turn's voice-to-voice
 latency and the appointment the clinic now holds follows.
+
+With ``--console`` the server keeps running after the call, until Ctrl-C, and the operator
+console shows the demo's call in its history: transcript, latency waterfall and (the demo
+records its call then, to a temporary folder) the recording.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import statistics
 import sys
+import tempfile
 import wave
 from functools import partial
 
@@ -77,8 +83,18 @@ class RecordingCaller(ScriptedCaller):
             out.writeframes(bytes(frames))
 
 
-async def run_demo(user_settings: Settings, wav: str | None = None) -> int:
+async def run_demo(user_settings: Settings, wav: str | None = None, console: bool = False) -> int:
     print("voice-trio demo: the server and every simulator in this process, offline.\n")
+    if not console:
+        return await _run_demo(user_settings, wav, None)
+    with tempfile.TemporaryDirectory(prefix="voice-trio-demo-") as folder:
+        return await _run_demo(user_settings, wav, folder)
+
+
+async def _run_demo(user_settings: Settings, wav: str | None, console_dir: str | None) -> int:
+    """The demo; with ``console_dir`` (a folder for the call store and the recording) the
+    server stays up for the console after the call, until SIGINT."""
+    code: int | None = None
     async with trio.open_nursery() as nursery:
         lab = await open_lab(nursery, tools=True)
         listener = reserve_listener("127.0.0.1")
@@ -93,6 +109,12 @@ async def run_demo(user_settings: Settings, wav: str | None = None) -> int:
             "SPECULATIVE_REPLIES": str(user_settings.speculative_replies).lower(),
             "STT_FINALIZE_SILENCE_MS": str(user_settings.stt_finalize_silence_ms),
         }
+        if console_dir is not None:
+            env |= {
+                "SQLITE_PATH": f"{console_dir}/calls.sqlite3",
+                "RECORD_CALLS": "true",
+                "RECORDINGS_DIR": f"{console_dir}/recordings",
+            }
         settings = Settings.from_env(env, env_file=None)
         setup_logging("INFO", settings.log_format, settings.secrets())
         stop = trio.Event()
@@ -117,14 +139,39 @@ async def run_demo(user_settings: Settings, wav: str | None = None) -> int:
         results = await patient.run()
         with trio.move_on_after(5):
             await app.center.registry.wait_until_empty()
+        if console_dir is not None:
+            assert lab.clinic is not None
+            code = _finish(patient, results, lab.clinic.booked(), wav)
+            await _serve_console(base, lab.api_token)
         stop.set()
         await trio.sleep(0.2)
         nursery.cancel_scope.cancel()
+    if code is not None:
+        return code
+    assert lab.clinic is not None
+    return _finish(patient, results, lab.clinic.booked(), wav)
+
+
+def _finish(
+    patient: RecordingCaller, results: CallerResults, booked: list[Appointment], wav: str | None
+) -> int:
     if wav:
         patient.write_wav(wav)
         print(f"\nWrote {wav} (left: caller, right: bot; 8 kHz, 16-bit).")
-    assert lab.clinic is not None
-    return summarize(results, lab.clinic.booked())
+    return summarize(results, booked)
+
+
+async def _serve_console(base: str, token: str) -> None:
+    """Keep the server up for the operator console until Ctrl-C (SIGINT)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+        print(
+            f"\nOperator console: {base}/console/  (sign in with the demo's API token: {token})"
+            "\nThe call is under Calls, with its waterfall and recording. Ctrl-C to stop.",
+            flush=True,
+        )
+        async for _ in received:
+            break
+    print("\nStopping the demo server.", flush=True)
 
 
 def summarize(results: CallerResults, booked: list[Appointment] | None = None) -> int:

@@ -36,6 +36,7 @@ class Phrases:
     voicemail_reason: str  # with {contexto}
     voicemail_close: str
     waiting: str  # while a tool's answer is slow and the tool has no phrase of its own
+    recording_notice: str  # before the greeting when calls are recorded (RECORD_CALLS)
 
     def time_greeting(self, now: datetime) -> str:
         if now.hour < 12:
@@ -91,6 +92,7 @@ SPANISH = Phrases(
     voicemail_reason="Le llamábamos por lo siguiente: {contexto}.",
     voicemail_close="Por favor, devuélvanos la llamada cuando pueda. Gracias, hasta luego.",
     waiting="Un momento, por favor.",
+    recording_notice="Esta llamada puede ser grabada para fines de calidad.",
 )
 
 ENGLISH = Phrases(
@@ -109,6 +111,7 @@ ENGLISH = Phrases(
     voicemail_reason="We were calling about the following: {contexto}.",
     voicemail_close="Please call us back when you can. Thank you, goodbye.",
     waiting="One moment, please.",
+    recording_notice="This call may be recorded for quality purposes.",
 )
 
 

@@ -58,6 +58,7 @@ from voice_trio.providers.telnyx.control import (
 )
 from voice_trio.providers.telnyx.webhooks import WebhookEvent
 from voice_trio.providers.tool_http import ToolClient
+from voice_trio.recordings import SWEEP_EVERY_SECONDS, sweep
 from voice_trio.store import CallStore, StoreError, store_for
 from voice_trio.store.records import SERVER_LOST
 
@@ -221,6 +222,8 @@ class CallCenter:
                 log.warning("Could not check for calls left by a stopped server: %s", exc)
             self.spawn(self._keep_alive, store)
             self.bus = EventBus(store, self.instance_id, self.metrics)
+        if self.settings.recordings_dir:
+            self.spawn(self._sweep_recordings)
         self.live = LiveCalls(self.services, self.fallback, self.bus)
         if self.bus.shared and self._nursery is not None:
             await self._nursery.start(self._run_bus)
@@ -248,6 +251,22 @@ class CallCenter:
                 await self._end_orphaned_calls()
             except StoreError as exc:
                 log.warning("Store heartbeat failed: %s", exc)
+
+    async def _sweep_recordings(self) -> None:
+        """Delete recordings older than ``RECORDING_RETENTION_DAYS``: now, then hourly."""
+        directory = self.settings.recordings_dir
+        max_age = self.settings.recording_retention_days * 86400.0
+        while True:
+            try:
+                removed = await trio.to_thread.run_sync(sweep, directory, max_age)
+            except OSError as exc:
+                log.warning("🎙️ Recording sweep failed: %s", exc)
+            else:
+                if removed:
+                    log.info("🎙️ %d recording(s) past retention deleted", removed)
+            with trio.move_on_after(SWEEP_EVERY_SECONDS):
+                await self._stopping.wait()
+                return  # not background work that stop() should wait for
 
     async def _end_orphaned_calls(self) -> None:
         assert self.store is not None

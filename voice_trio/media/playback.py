@@ -13,6 +13,7 @@ the pacing clock is the estimate.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -63,6 +64,8 @@ class Playback:
     frames_sent: int = 0
     late_frames: int = 0
     sentences: list[SpokenSentence] = field(default_factory=list)
+    # The call's recording (``media.recording.CallRecording``), told what plays when.
+    recording: Any = None
     _pending: bytearray = field(default_factory=bytearray)
     _mark_seq: int = 0
     _mark_event: trio.Event = field(default_factory=trio.Event)
@@ -117,6 +120,8 @@ class Playback:
         if not sentence.audio_bytes:
             sentence.starts_at = self.play_until
         await self.socket.send_text(build_media(piece))  # type: ignore[attr-defined]
+        if self.recording is not None:
+            self.recording.bot_audio(piece, self.play_until)
         sentence.audio_bytes += len(piece)
         self.play_until += len(piece) / (BYTES_PER_MS * 1000)
         self.frames_sent += len(piece) // FRAME_BYTES
@@ -150,7 +155,10 @@ class Playback:
         if self.play_until > trio.current_time():
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await self.socket.send_text(build_clear())  # type: ignore[attr-defined]
-        self.play_until = min(self.play_until, trio.current_time())
+        now = trio.current_time()
+        if self.recording is not None:
+            self.recording.unheard_after(now)
+        self.play_until = min(self.play_until, now)
 
     def heard_since(self, index: int, at: float) -> tuple[str, bool]:
         """What the caller heard of sentences ``index:`` by time ``at``, and whether any

@@ -49,6 +49,7 @@ from voice_trio.conversation.tool_use import ToolCaller
 from voice_trio.conversation.turn_record import TurnRecord
 from voice_trio.media.controls import CallControls
 from voice_trio.media.playback import Playback
+from voice_trio.media.recording import CallRecording
 from voice_trio.media.replies import Replies
 from voice_trio.media.speculation import ENDPOINT, QUIET, Speculator, SpeechEndWatch
 from voice_trio.media.turns import CallerSpeaking, TurnDetector, UserTurn
@@ -94,6 +95,15 @@ class CallSession:
         self.conversation = Conversation()
         self.turns = TurnDetector(min_confidence=self.settings.transcription_min_confidence)
         self.playback = Playback(socket, services.metrics)
+        self.recording: CallRecording | None = None
+        if self.settings.record_calls:
+            self.recording = CallRecording(
+                self.settings.recordings_dir,
+                call.call_control_id,
+                start.encoding or "PCMU",
+                origin=trio.current_time(),
+            )
+            self.playback.recording = self.recording
         self.voice = BotVoice(services, call, self.playback, self.conversation)
         self.records: list[TurnRecord] = self.voice.records  # the same list, for the record
         self._user_send, self._user_recv = trio.open_memory_channel[tuple[str, float]](16)
@@ -151,6 +161,8 @@ class CallSession:
             try:
                 async with trio.open_nursery() as nursery:
                     self.speculator.attach(nursery)
+                    if self.recording is not None and not await nursery.start(self.recording.run):
+                        self.recording = self.playback.recording = None
                     nursery.start_soon(self.read_carrier, stt)
                     nursery.start_soon(self.listen, stt)
                     nursery.start_soon(self.converse)
@@ -197,6 +209,8 @@ class CallSession:
                 if frame.track != "inbound":
                     continue
                 for ready in reorder.push(frame):
+                    if self.recording is not None:
+                        self.recording.caller_frame(ready.payload, trio.current_time())
                     audio = ready.payload.translate(ALAW_TO_MULAW) if alaw else ready.payload
                     await stt.send_audio(audio)
                     edge = self.speech_end.feed(audio)
@@ -361,6 +375,10 @@ class CallSession:
             await self.controls.amd.wait_for_verdict(self.settings.amd_wait_ms / 1000)
         if await self.controls.act():
             return
+        if self.recording is not None:
+            await self.say(
+                self.settings.recording_notice or phrases.recording_notice, kind="notice"
+            )
         await self.say(greeting, kind="greeting")
         reprompted = False
         while True:

@@ -39,6 +39,8 @@ UPSERT_CALL = (
     + ", ".join(f"{c} = excluded.{c}" for c in CALL_COLUMNS[1:])
 )
 DELETE_TURNS = "DELETE FROM call_turns WHERE call_control_id = {call_control_id}"
+DELETE_TOOL_CALLS = "DELETE FROM call_tool_calls WHERE call_control_id = {call_control_id}"
+DELETE_CALL = "DELETE FROM calls WHERE call_control_id = {call_control_id}"
 INSERT_TURN = f"INSERT INTO call_turns ({_TURNS}) VALUES ({_slots(TURN_COLUMNS)})"
 _TOOL_CALLS = ", ".join(TOOL_CALL_COLUMNS)
 # A request kept twice (a retried save) keeps its first row.

@@ -37,6 +37,7 @@ TURN_KINDS = (
     "handoff",
     "voicemail",
     "note",  # an operator's text (POST /api/calls/{id}/say)
+    "notice",  # the recording notice, before the greeting (RECORD_CALLS)
 )
 STAMPS = ("t0", "t1", "t2", "t2s", "t3", "t4", "t5")
 
@@ -305,6 +306,11 @@ class CallStore(ABC):
     @abstractmethod
     async def get_call(self, call_control_id: str) -> tuple[CallRecord, list[TurnEntry]] | None:
         """The call and its turns in order, or None."""
+
+    @abstractmethod
+    async def delete_call(self, call_control_id: str) -> bool:
+        """Delete the call's row, turns and tool calls in one transaction; False if there
+        was no such call."""
 
     @abstractmethod
     async def save_tool_call(self, entry: ToolCallEntry) -> None:

@@ -139,6 +139,14 @@ class SqlStore(CallStore):
 
         return await self._read(read)
 
+    async def delete_call(self, call_control_id: str) -> bool:
+        def write(tx: Transaction) -> bool:
+            tx.run(q.DELETE_TURNS, call_control_id=call_control_id)
+            tx.run(q.DELETE_TOOL_CALLS, call_control_id=call_control_id)
+            return tx.run(q.DELETE_CALL, call_control_id=call_control_id).rowcount == 1
+
+        return await self._write(write)
+
     async def save_tool_call(self, entry: ToolCallEntry) -> None:
         await self._write_one(q.INSERT_TOOL_CALL, **q.tool_call_params(entry, self.dialect))
 

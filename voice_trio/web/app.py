@@ -40,6 +40,8 @@ ENDPOINTS = [
     "POST /api/call/batch",
     "GET /api/calls",
     "GET /api/calls/<call_control_id>",
+    "DELETE /api/calls/<call_control_id>",
+    "GET /api/calls/<call_control_id>/recording",
     "POST /api/calls/<call_control_id>/hangup",
     "POST /api/calls/<call_control_id>/transfer",
     "POST /api/calls/<call_control_id>/say",

@@ -24,12 +24,13 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from quart import jsonify, request
+from quart import Response, jsonify, request, send_file
 from quart_trio import QuartTrio
 
 from voice_trio.calls.ends import EndReason
 from voice_trio.config import E164
 from voice_trio.instance.center import CallCenter
+from voice_trio.recordings import delete_recording, find_recording
 from voice_trio.store import MAX_PAGE, CallRecord, CallStore, StoreError, ToolCallEntry, TurnEntry
 from voice_trio.store.records import MAX_EPOCH, STATUSES, decode_cursor
 
@@ -238,6 +239,49 @@ def register_calls_api(app: QuartTrio, center: CallCenter) -> None:
             tool_calls=[tool_call_json(t) for t in tools],
             latency=latency_summary(turns),
         )
+
+    @app.get("/api/calls/<call_control_id>/recording")
+    async def get_recording(call_control_id: str) -> Any:
+        path = find_recording(center.settings.recordings_dir, call_control_id)
+        if path is None:
+            return _json(404, error="not_found", reason="no recording of this call")
+        return await recording_response(str(path))
+
+    @app.delete("/api/calls/<call_control_id>")
+    async def delete_call(call_control_id: str) -> Any:
+        calls = store()
+        if calls is None:
+            return _no_store()
+        try:
+            outcome = await erase_call(center, calls, call_control_id)
+        except StoreError as exc:
+            return _store_failed(exc)
+        if outcome == "not_found":
+            return _json(404, error="not_found", reason="no call with this call_control_id")
+        if outcome == "active":
+            return _json(409, error="call_active", reason="the call is still going on")
+        return _json(200, status="deleted", call_control_id=call_control_id)
+
+
+async def erase_call(center: CallCenter, calls: CallStore, call_control_id: str) -> str:
+    """Delete a call's record, turns, tool calls and recording: ``deleted``, or why not
+    (``not_found``, ``active``: a call still going on would write its record again).
+    ``StoreError`` is the caller's to answer."""
+    found = await calls.get_call(call_control_id)
+    if found is None:
+        return "not_found"
+    if found[0].status == "active" or call_control_id in center.registry.feed.calls:
+        return "active"
+    await calls.delete_call(call_control_id)
+    delete_recording(center.settings.recordings_dir, call_control_id)
+    return "deleted"
+
+
+async def recording_response(path: str) -> Response:
+    """A recording as ``audio/wav``, with Range requests (browsers seek with them)."""
+    response = await send_file(path, mimetype="audio/wav", conditional=True)
+    response.headers["Cache-Control"] = "private, no-store"
+    return response
 
 
 def _no_store() -> Any:

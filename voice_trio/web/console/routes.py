@@ -19,9 +19,17 @@ from voice_trio.calls.orders import ACTIONS
 from voice_trio.forwarded import request_origin
 from voice_trio.instance.center import CallCenter
 from voice_trio.providers.telnyx.control import TelnyxError
+from voice_trio.recordings import find_recording
 from voice_trio.store import StoreError
 from voice_trio.web.api import InvalidRequest, dialing_refusal, loopback_refusal, parse_call_request
-from voice_trio.web.calls_api import END_REASONS, InvalidQuery, latency_summary, parse_list_query
+from voice_trio.web.calls_api import (
+    END_REASONS,
+    InvalidQuery,
+    erase_call,
+    latency_summary,
+    parse_list_query,
+    recording_response,
+)
 from voice_trio.web.console.access import COOKIE, SESSION_SECONDS, ConsoleKeys, origin_refusal
 from voice_trio.web.console.events import event_stream
 from voice_trio.web.console.waterfall import STAGES, waterfall_svg
@@ -282,7 +290,36 @@ def register_console(app: QuartTrio, center: CallCenter) -> None:
             stages=STAGES,
             summary=latency_summary(turns),
             live=record.call_control_id in center.registry.feed.calls,
+            recording=find_recording(settings.recordings_dir, call_control_id) is not None,
+            recording_on=settings.record_calls,
+            notice=request.args.get("notice", "")[:300],
         )
+
+    @console.get("/calls/<call_control_id>/recording.wav")
+    async def recording(call_control_id: str) -> Any:
+        path = find_recording(settings.recordings_dir, call_control_id)
+        if path is None:
+            return await refuse(404, "no recording of this call")
+        return await recording_response(str(path))
+
+    @console.post("/calls/<call_control_id>/delete")
+    async def delete_call(call_control_id: str) -> Any:
+        store = center.store
+        if store is None:
+            return await refuse(503, "the call store is not open")
+        try:
+            outcome = await erase_call(center, store, call_control_id)
+        except StoreError as exc:
+            log.warning("Call store unavailable: %s", exc)
+            return await refuse(503, "the call store is not reachable")
+        if outcome == "not_found":
+            return await refuse(404, "no call with this call_control_id")
+        if outcome == "active":
+            target = url_for("console.call_page", call_control_id=call_control_id)
+            notice = "delete refused: the call is still going on"
+            return redirect(target + "?" + urlencode({"notice": notice}))
+        log.info("🗑️ Call %s deleted from the console", call_control_id)
+        return redirect(url_for("console.history"))
 
     app.register_blueprint(console)
 
