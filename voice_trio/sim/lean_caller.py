@@ -5,15 +5,19 @@
 and times the bot the same way (DESIGN.md §5: voice-to-voice = the first voiced bot audio
 played - the tick of the caller's last speech frame). The differences are in how, not what:
 
-- No script task. The carrier's clock (:class:`~voice_trio.sim.lean_carrier.CarrierClock`)
-  calls :meth:`next_payload` and :meth:`bot_audio` every 20 ms and the script advances
-  inside those calls, at the tick where the reference caller's task would have woken.
+- No script task, no Trio: the lean carrier's clock (:class:`~voice_trio.sim.lean_carrier.MediaEngine`,
+  on its own thread) calls :meth:`next_payload` and :meth:`bot_audio` every 20 ms and the
+  script advances inside those calls, at the tick where the reference caller's task would
+  have woken. When the script is over (or the call ended, or time ran out) the caller calls
+  ``on_done(hang_up)`` once; whoever placed the call hangs up if ``hang_up`` is true.
 - Its speech is precomputed: each utterance is cut into 20 ms frames and base64-encoded once
   per (text, speech rate) for the whole process (:func:`speech_payloads`).
 - It does not decode the bot's words: only whether what played was voiced (a C-level
   ``rstrip`` of the quiet bytes), which is all the timing needs.
 
-``say_ends_at`` (synchronized load): the planned instant (trio clock) at which each
+Times are whatever clock the ticks come in (the lean carrier's: ``time.monotonic()``).
+
+``say_ends_at`` (synchronized load): the planned instant (same clock) at which each
 utterance must end. The caller then starts speaking at that instant minus the utterance's
 length instead of ``pause_before_ms`` after the bot's reply; if the bot is still talking by
 then, the utterance starts as soon as the reply is over and counts in ``missed_plan``.
@@ -23,10 +27,8 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-
-import trio
 
 from voice_trio.audio import BYTES_PER_MS, FRAME_BYTES, FRAME_MS
 from voice_trio.sim.caller import (
@@ -40,7 +42,6 @@ from voice_trio.sim.caller import (
     Utterance,
     WaitForBot,
 )
-from voice_trio.sim.carrier import AudioPort, Line
 from voice_trio.sim.speech import DEFAULT_MS_PER_CHAR, QUIET_BYTES, encode_speech
 
 SECONDS_PER_BYTE = 1 / (BYTES_PER_MS * 1000)
@@ -58,7 +59,7 @@ def speech_payloads(text: str, ms_per_char: int) -> tuple[bytes, ...]:
     return tuple(frames)
 
 
-class LeanCaller(AudioPort):
+class LeanCaller:
     """A scripted caller driven by the carrier's clock; see the module docstring."""
 
     def __init__(
@@ -70,6 +71,7 @@ class LeanCaller(AudioPort):
         timeout_s: float = 60.0,
         say_ends_at: Sequence[float] = (),
         name: str = "caller",
+        on_done: Callable[[bool], None] | None = None,
     ) -> None:
         unknown = [s for s in script if not isinstance(s, Say | WaitForBot | HangUp)]
         if unknown:
@@ -81,9 +83,9 @@ class LeanCaller(AudioPort):
         self.say_ends_at = list(say_ends_at)
         self.name = name
         self.results = CallerResults()
-        self.line: Line | None = None
         self.missed_plan = 0  # utterances that could not end at their planned instant
-        self.done = trio.Event()  # the script is over, the call ended, or time ran out
+        self.finished = False  # the script is over, the call ended, or time ran out
+        self.on_done = on_done
         self._started_at: float | None = None
         self._step = -1
         self._says = 0
@@ -98,11 +100,10 @@ class LeanCaller(AudioPort):
         self._last_voiced_at = -math.inf
         self._turn: BotTurn | None = None
 
-    def attach(self, line: Line) -> None:
-        self.line = line
-
     def next_payload(self, now: float) -> bytes | None:
         """The base64 payload of the caller's next 20 ms from ``now`` (None: silence)."""
+        if self.finished:
+            return None
         if self._step < 0:
             self._started_at = now
             self._advance(now)
@@ -139,7 +140,7 @@ class LeanCaller(AudioPort):
         if (
             self._started_at is not None
             and now - self._started_at >= self.timeout_s
-            and not self.done.is_set()
+            and not self.finished
         ):
             self.results.timed_out = True
             self.results.errors.append(f"{self.name}: timed out after {self.timeout_s} s")
@@ -254,12 +255,12 @@ class LeanCaller(AudioPort):
             self._turn = None
 
     def _finish(self, *, hang_up: bool) -> None:
-        if self.done.is_set():
+        if self.finished:
             return
+        self.finished = True
         self._wait = None
         self._speak_after = None
+        self._speech = ()
         self._close_turn()
-        line = self.line
-        if hang_up and line is not None and not line.ended.is_set() and line.answered.is_set():
-            line.hang_up()
-        self.done.set()
+        if self.on_done is not None:
+            self.on_done(hang_up)

@@ -1,5 +1,6 @@
-"""The client half of RFC 6455, as little of it as a load generator needs: the opening
-handshake, masked frames out, unmasked frames in. Pure functions over bytes, no sockets.
+"""RFC 6455, as little of it as the lean simulators need: the opening handshake of a client
+and of a server, frames both ways (a client's masked, a server's not). Pure functions over
+bytes, no sockets.
 
 Masking. RFC 6455 §5.3 makes masking a client's duty (a MUST, not a SHOULD): "When preparing
 a masked frame, the client MUST pick a fresh masking key from the set of allowed 32-bit
@@ -10,7 +11,8 @@ tell a reused key from a random one), but it is not what the RFC asks of a clien
 would let a load test pass against a server that mishandles real keys. The cost of doing it
 right is small: :class:`MaskKeys` hands out 4-byte keys from a buffer of ``os.urandom``
 (one system call per 1 024 frames), and :func:`masked_frame` XORs the payload as one big
-integer (about 1.5 µs for a 400-byte media frame here).
+integer (about 1.5 µs for a 400-byte media frame here). Servers must not mask (§5.1):
+:func:`server_frame`.
 """
 
 from __future__ import annotations
@@ -133,14 +135,39 @@ def close_code(payload: bytes) -> int | None:
     return int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
 
 
+def server_frame(opcode: int, payload: bytes) -> bytes:
+    """One whole (FIN) server frame: header and payload, unmasked (§5.1)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | opcode, n)) + payload
+    if n < 65536:
+        return bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big") + payload
+
+
+def upgrade_response(key: str, headers: list[tuple[str, str]]) -> bytes:
+    """A server's ``101 Switching Protocols`` for the client's ``Sec-WebSocket-Key``."""
+    lines = [
+        "HTTP/1.1 101 Switching Protocols",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Accept: {accept_value(key)}",
+        *(f"{name}: {value}" for name, value in headers),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 @dataclass
 class FrameReader:
-    """Server frames out of a byte stream: ``feed`` returns the whole messages (text and
-    binary, fragments joined) and control frames, as ``(opcode, payload)``, in order.
+    """Frames out of a byte stream: ``feed`` returns the whole messages (text and binary,
+    fragments joined) and control frames, as ``(opcode, payload)``, in order.
 
-    Server frames must not be masked (§5.1); a masked one raises :class:`WebSocketError`.
+    ``from_client``: the frames are a client's, which must be masked and are unmasked here;
+    otherwise they are a server's, which must not be (§5.1). Either mistake raises
+    :class:`WebSocketError`.
     """
 
+    from_client: bool = False
     _buffer: bytearray = field(default_factory=bytearray)
     _fragments: list[bytes] = field(default_factory=list)
     _fragment_opcode: int = 0
@@ -153,8 +180,10 @@ class FrameReader:
         size = len(buffer)
         while size - at >= 2:
             first, second = buffer[at], buffer[at + 1]
-            if second & 0x80:
-                raise WebSocketError("the server sent a masked frame")
+            masked = bool(second & 0x80)
+            if masked != self.from_client:
+                who = "client" if self.from_client else "server"
+                raise WebSocketError(f"a {who} frame that is {'' if masked else 'not '}masked")
             length = second & 0x7F
             start = at + 2
             if length == 126:
@@ -168,11 +197,19 @@ class FrameReader:
                 length = int.from_bytes(buffer[start : start + 8], "big")
                 start += 8
             if length > MAX_MESSAGE:
-                raise WebSocketError(f"a server frame of {length} bytes")
+                raise WebSocketError(f"a frame of {length} bytes")
+            key = b""
+            if masked:
+                if size - start < 4:
+                    break
+                key = bytes(buffer[start : start + 4])
+                start += 4
             end = start + length
             if end > size:
                 break
             payload = bytes(buffer[start:end])
+            if masked:
+                payload = mask(payload, key)
             at = end
             self._take(first, payload, out)
         if at:
