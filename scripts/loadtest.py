@@ -50,15 +50,9 @@ from typing import Any
 import httpx
 import trio
 
-from bench.lab import (
-    CallOutcome,
-    LagProbe,
-    call_script,
-    lab_ports,
-    open_bench_lab,
-    prune_lab,
-    run_inbound_call,
-)
+from bench.burst import BurstPlan, burst_table, summarize_burst
+from bench.generator import Generator, GeneratorOptions, cpu_percent, start_generator
+from bench.lab import CallOutcome, call_script
 from bench.machine import machine_cpu, machine_info
 from bench.report import Progress, bar, load_matplotlib, mb, write_json
 from bench.scrape import Scrape, scrape
@@ -75,7 +69,6 @@ from bench.stats import (
     hist_summary,
     max_bound,
     per_bucket,
-    percentile,
     raw_summary,
     share_at_most,
 )
@@ -103,6 +96,9 @@ class Options:
     variant: str = ""
     workers: int = 1
     database_url: str = ""
+    generator: str = "lean"
+    synchronized: bool = False
+    sync_margin: float = 1.5
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -171,7 +167,30 @@ def parse_args(argv: list[str] | None = None) -> Options:
         default="",
         help="PostgreSQL for the server's store (default: a SQLite file in --out)",
     )
+    parser.add_argument(
+        "--generator",
+        choices=("lean", "reference"),
+        default="lean",
+        help="lean (default): the lean carrier and callers in one process, the provider\n"
+        "simulators in another; reference: the reference simulators and callers in this one",
+    )
+    parser.add_argument(
+        "--synchronized",
+        action="store_true",
+        help="turn-end bursts instead of staggered calls: for each level N, N calls start\n"
+        "together and every caller ends each of its --turns utterances at the same\n"
+        "planned instant (needs the lean generator)",
+    )
+    parser.add_argument(
+        "--sync-margin",
+        type=float,
+        default=1.5,
+        help="synchronized: seconds added to each turn of the plan, measured on one call\n"
+        "alone, for replies that come later under load (default 1.5)",
+    )
     args = parser.parse_args(argv)
+    if args.synchronized and args.generator != "lean":
+        parser.error("--synchronized needs the lean generator")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if args.workers > 1 and not args.database_url:
@@ -196,6 +215,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
         variant=args.variant,
         workers=args.workers,
         database_url=args.database_url,
+        generator=args.generator,
+        synchronized=args.synchronized,
+        sync_margin=args.sync_margin,
     )
 
 
@@ -206,9 +228,9 @@ def call_timeout(opts: Options) -> float:
 
 
 class Runner:
-    def __init__(self, opts: Options, lab: Any, server: ServerProcess) -> None:
+    def __init__(self, opts: Options, generator: Generator, server: ServerProcess) -> None:
         self.opts = opts
-        self.lab = lab
+        self.generator = generator
         self.server = server
         # Several workers: no kept-alive scrape connection counted on one worker or another.
         headers = {"Connection": "close"} if opts.workers > 1 else {}
@@ -216,7 +238,6 @@ class Runner:
             base_url=server.base_url, timeout=10, trust_env=False, headers=headers
         )
         self.progress = Progress()
-        self.lag = LagProbe()
         self.number = 0
         self.idle: Scrape | None = None
 
@@ -224,14 +245,14 @@ class Runner:
         self.number += 1
         return f"+57300{self.number:07d}"
 
-    async def call(self, turns: int) -> CallOutcome:
-        return await run_inbound_call(
-            self.lab,
+    async def call(self, turns: int, say_ends_at: list[float] | None = None) -> CallOutcome:
+        return await self.generator.call(
             number=self.next_number(),
             script=call_script(turns),
             turns=turns,
             ms_per_char=self.opts.ms_per_char,
             timeout_s=call_timeout(self.opts),
+            say_ends_at=say_ends_at,
         )
 
     async def wait_idle(self, timeout: float = 60.0, settle: float = 12.0) -> Scrape:
@@ -262,9 +283,10 @@ class Runner:
                 break
         return current
 
-    async def warm_up(self) -> None:
+    async def warm_up(self) -> CallOutcome:
         self.progress.update("warm-up call ...", force=True)
-        outcome = await self.call(1)
+        # Synchronized bursts plan their turns on a whole call, measured alone.
+        outcome = await self.call(self.opts.turns if self.opts.synchronized else 1)
         if not outcome.ok:
             raise RuntimeError(f"the warm-up call failed: {outcome.reason}")
         self.idle = await self.wait_idle()
@@ -272,6 +294,7 @@ class Runner:
             f"warm-up call ok; idle: RSS {mb(self.idle.rss)} MB, "
             f"{int(self.idle.tasks or 0)} tasks, {int(self.idle.fds or 0)} fds"
         )
+        return outcome
 
     async def level(self, n: int) -> dict[str, Any]:
         opts = self.opts
@@ -302,7 +325,8 @@ class Runner:
         async def measure() -> None:
             await trio.sleep_until(window_start)
             before = await scrape(self.client)
-            cpu0, wall0, lag_mark = time.process_time(), trio.current_time(), self.lag.mark()
+            cpu0, wall0 = self.generator.cpu_seconds(), trio.current_time()
+            lag_mark = await self.generator.lag_mark()
             machine0 = machine_cpu()
             samples: list[Scrape] = [before]
             while trio.current_time() < stop_dialling - opts.sample_every / 2:
@@ -320,8 +344,8 @@ class Runner:
                 wall=wall,
                 t0=before.at,
                 t1=after.at,
-                sim_cpu=(time.process_time() - cpu0) / wall * 100 if wall > 0 else None,
-                sim_lag=self.lag.since(lag_mark),
+                sim_cpu=cpu_percent(cpu0, self.generator.cpu_seconds(), wall),
+                sim_stats=await self.generator.stats(lag_mark),
             )
 
         async def show() -> None:
@@ -338,7 +362,6 @@ class Runner:
                     f"N={n:<4} {phase}  in call {state['active']:>4}"
                     f"  done {len(outcomes) - failed}  failed {failed}"
                 )
-                prune_lab(self.lab)
                 await trio.sleep(0.5)
 
         with trio.fail_after(stop_dialling - start + call_timeout(opts) + 60):
@@ -362,9 +385,101 @@ class Runner:
             "open_fds": int(after.fds or 0),
             "tasks_above_idle": int((after.tasks or 0) - ((idle.tasks or 0) if idle else 0)),
             "fds_above_idle": int((after.fds or 0) - ((idle.fds or 0) if idle else 0)),
-            "sockets": self.server.socket_peers(lab_ports(self.lab)),
+            "sockets": self.server.socket_peers(self.generator.ports()),
         }
         result["workers"] = per_worker(window, level_start, after, idle, n)
+        return result
+
+    async def burst(self, n: int, plan: BurstPlan) -> dict[str, Any]:
+        """N calls placed together, every caller ending turn k at the same planned instant;
+        then the calls' records from the server's API (see ``bench.burst``)."""
+        start = trio.current_time()
+        planned = plan.ends_at(start)
+        outcomes: list[CallOutcome] = []
+        before = await scrape(self.client)
+        cpu0, machine0 = self.generator.cpu_seconds(), machine_cpu()
+        lag_mark = await self.generator.lag_mark()
+
+        async def one() -> None:
+            outcomes.append(await self.call(plan.turns, planned))
+
+        async def show() -> None:
+            while True:
+                elapsed = trio.current_time() - start
+                self.progress.update(
+                    f"N={n:<4} burst {bar(elapsed, planned[-1] - start + 2)}  done {len(outcomes)}"
+                )
+                await trio.sleep(0.5)
+
+        with trio.fail_after(planned[-1] - start + call_timeout(self.opts) + 60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(show)
+                async with trio.open_nursery() as calls:
+                    for _ in range(n):
+                        calls.start_soon(one)
+                nursery.cancel_scope.cancel()
+        after = await scrape(self.client)
+        wall = after.at - before.at
+        machine1 = machine_cpu()
+        sim_cpu = cpu_percent(cpu0, self.generator.cpu_seconds(), wall)
+        sim_stats = await self.generator.stats(lag_mark)
+        self.progress.done(
+            f"N={n:<4} burst done: {sum(o.ok for o in outcomes)} ok, "
+            f"{sum(not o.ok for o in outcomes)} failed"
+        )
+        await self.wait_idle()
+        records: dict[str, dict[str, Any]] = {}
+        auth = {"Authorization": f"Bearer {self.generator.api_token}"}
+        for o in outcomes:
+            if o.call_control_id:
+                answer = await self.client.get(f"/api/calls/{o.call_control_id}", headers=auth)
+                if answer.status_code == 200:
+                    records[o.call_control_id] = answer.json()
+        result = summarize_burst(n, outcomes, planned, records)
+        cpu = None
+        if after.cpu is not None and before.cpu is not None and wall > 0:
+            cpu = (after.cpu - before.cpu) / wall * 100
+        held = sum(min(o.ended_at, after.at) - max(o.started_at, before.at) for o in outcomes)
+        total = sim_cpu.get("total")
+        lag = bucket_delta(
+            before.histogram("voice_event_loop_lag_seconds"),
+            after.histogram("voice_event_loop_lag_seconds"),
+        )
+        late = (after.value("voice_outbound_frames_late_total") or 0.0) - (
+            before.value("voice_outbound_frames_late_total") or 0.0
+        )
+        result.update(
+            window_s=round(wall, 1),
+            call_seconds=round(held, 1),
+            plan=[round(t - start, 3) for t in planned],
+            server_overhead_metrics=hist_summary(
+                bucket_delta(
+                    before.histogram("voice_server_overhead_seconds"),
+                    after.histogram("voice_server_overhead_seconds"),
+                ),
+                (0.5, 0.99),
+            ),
+            event_loop_lag=hist_summary(lag, (0.5, 0.99)),
+            outbound_frames_late=int(late),
+            server_cpu_percent=None if cpu is None else round(cpu, 1),
+            sim={
+                "generator": self.opts.generator,
+                "cpu_percent": None if total is None else round(total, 1),
+                "cpu_percent_by_process": {k: round(v, 1) for k, v in sim_cpu.items()},
+                "carrier": sim_stats,
+            },
+            machine_busy_percent=round((machine1[0] - machine0[0]) / wall * 100, 1)
+            if wall > 0
+            else None,
+        )
+        if held > 0:
+            # CPU per call-second over the call-seconds actually held in the window.
+            if cpu is not None:
+                result["server_cpu_ms_per_call_second"] = round(cpu * 10 * wall / held, 2)
+            if total is not None:
+                result["sim_cpu_ms_per_call_second"] = round(total * 10 * wall / held, 2)
+        if cpu and total is not None:
+            result["sim_to_server_cpu"] = round(total / cpu, 3)
         return result
 
 
@@ -402,8 +517,9 @@ def summarize_level(
     idle_rss = idle.rss if idle is not None else None
     share_ok = share_at_most(LAG_TARGET_S, lag)
     lag_ok = share_ok is not None and share_ok >= 0.99
-    sim_lag = window["sim_lag"]
-    sim_cpu = window["sim_cpu"]
+    sim_stats = window["sim_stats"]
+    sim_by_process: dict[str, float] = window["sim_cpu"]
+    sim_cpu = sim_by_process.get("total")
     reasons = Counter(o.reason for o in outcomes if not o.ok)
     result = {
         "concurrency": n,
@@ -431,11 +547,13 @@ def summarize_level(
         "max_trio_tasks": int(max((s.tasks or 0.0) for s in samples)),
         "max_open_fds": int(max((s.fds or 0.0) for s in samples)),
         "sim": {
+            "generator": opts.generator,
             "cpu_percent": None if sim_cpu is None else round(sim_cpu, 1),
-            "loop_lag_p99_ms": None
-            if not sim_lag
-            else round((percentile(sim_lag, 0.99) or 0.0) * 1000, 1),
+            "cpu_percent_by_process": {k: round(v, 1) for k, v in sim_by_process.items()},
+            # The callers' process: late there means late caller audio.
+            "loop_lag_p99_ms": sim_stats.get("lag_p99_ms"),
             "line_late_resyncs": sum(o.late_resyncs for o in outcomes),
+            "carrier": sim_stats,
         },
         "meets": {
             "loop_lag_p99_le_20ms": lag_ok,
@@ -451,7 +569,10 @@ def summarize_level(
             "cores": os.cpu_count(),
             "others_percent": round(busy - (cpu or 0.0) - (sim_cpu or 0.0), 1),
         }
-    result["sim_saturated"] = sim_cpu is not None and sim_cpu > SIM_CPU_WARN
+    # One generator process is one core's worth: any of them near it makes late audio.
+    result["sim_saturated"] = any(
+        v > SIM_CPU_WARN for k, v in sim_by_process.items() if k != "total"
+    )
     others = result.get("machine", {}).get("others_percent")
     result["contended"] = others is not None and others > OTHERS_CPU_WARN
     if cpu is not None:
@@ -459,6 +580,11 @@ def summarize_level(
     if sim_cpu is not None:
         # The load generator's own cost (simulators + callers), to tell which side limits.
         result["sim_cpu_ms_per_call_second"] = round(sim_cpu * 10 / n, 2)
+        result["sim_cpu_ms_per_call_second_by_process"] = {
+            k: round(v * 10 / n, 2) for k, v in sim_by_process.items() if k != "total"
+        }
+        if cpu:
+            result["sim_to_server_cpu"] = round(sim_cpu / cpu, 3)
     if t1 > t0:
         messages: dict[str, float] = {}
         for peer in ("carrier", "stt"):
@@ -590,10 +716,10 @@ def table(levels: list[dict[str, Any]]) -> str:
     head = (
         "| N | calls ok / failed | v2v p50 / p95 / p99 ms | overhead p50 / p99 ms "
         "| loop lag p99 ms (≤ bucket) | late frames | server CPU % | CPU ms/call-s "
-        "| msgs/call-s | RSS peak MB | RSS/call KB | sim CPU % | sim lag p99 ms "
-        "| others CPU % | left tasks / fds |"
+        "| msgs/call-s | RSS peak MB | RSS/call KB | sim CPU % | sim CPU ms/call-s "
+        "| sim / server CPU | sim lag p99 ms | others CPU % | left tasks / fds |"
     )
-    rows = [head, "|" + "---|" * 15]
+    rows = [head, "|" + "---|" * 17]
     for lv in levels:
         v2v, ovh, lag = lv["voice_to_voice_ms"], lv["server_overhead"], lv["event_loop_lag"]
         lag_text = f"{_fmt(lag['p99_ms'], 1)} (≤ {_fmt(lag['p99_le_ms'])})"
@@ -611,7 +737,10 @@ def table(levels: list[dict[str, Any]]) -> str:
             f"| {_fmt(lv.get('server_cpu_ms_per_call_second'), 2)} "
             f"| {_fmt(lv.get('messages_per_call_second', {}).get('total'), 1)} "
             f"| {_fmt(lv['server_rss_mb_peak'], 1)} | {_fmt(lv['rss_per_call_kb'])} "
-            f"| {_fmt(sim['cpu_percent'])}{flag} | {_fmt(sim['loop_lag_p99_ms'], 1)} "
+            f"| {_fmt(sim['cpu_percent'])}{flag} "
+            f"| {_fmt(lv.get('sim_cpu_ms_per_call_second'), 2)} "
+            f"| {_fmt(lv.get('sim_to_server_cpu'), 2)} "
+            f"| {_fmt(sim['loop_lag_p99_ms'], 1)} "
             f"| {_fmt(lv.get('machine', {}).get('others_percent'))}{busy} "
             f"| {_fmt(left.get('tasks_above_idle'))} / {_fmt(left.get('fds_above_idle'))} |"
         )
@@ -668,25 +797,35 @@ async def run(opts: Options) -> int:
             "max_calls_per_level": opts.max_calls,
             "workers": opts.workers,
             "store": "postgres" if opts.database_url else "sqlite",
+            "generator": opts.generator,
+            "synchronized": opts.synchronized,
+            "sync_margin_s": opts.sync_margin if opts.synchronized else None,
         },
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "variant": opts.variant or None,
     }
     levels: list[dict[str, Any]] = []
+    bursts: list[dict[str, Any]] = []
     server: ServerProcess | None = None
+    generator: Generator | None = None
     try:
         with trio.fail_after(opts.time_limit):
             async with trio.open_nursery() as nursery:
                 port = free_port()
-                lab = await open_bench_lab(
+                generator = await start_generator(
+                    opts.generator,
                     nursery,
-                    ms_per_char=opts.ms_per_char,
-                    llm_ttft=opts.llm_ttft,
-                    tts_ttfb_ms=opts.tts_ttfb,
-                    webhook_url=f"http://127.0.0.1:{port}/webhook/telnyx",
+                    GeneratorOptions(
+                        ms_per_char=opts.ms_per_char,
+                        llm_ttft=opts.llm_ttft,
+                        tts_ttfb_ms=opts.tts_ttfb,
+                        webhook_url=f"http://127.0.0.1:{port}/webhook/telnyx",
+                        log_dir=opts.out,
+                    ),
                 )
+                meta["generator_pids"] = generator.pids()
                 env = server_env(
-                    lab.server_env(),
+                    generator.server_env(),
                     port,
                     opts.out,
                     workers=opts.workers,
@@ -700,10 +839,15 @@ async def run(opts: Options) -> int:
                     env, port, opts.out / "server.log", launcher, workers=opts.workers
                 )
                 await server.start()
-                runner = Runner(opts, lab, server)
-                nursery.start_soon(runner.lag.run)
-                await runner.warm_up()
-                for n in opts.levels:
+                runner = Runner(opts, generator, server)
+                alone = await runner.warm_up()
+                if opts.synchronized:
+                    plan = BurstPlan.from_call(alone, opts.sync_margin)
+                    meta["burst_plan"] = plan.as_json()
+                    for n in opts.levels:
+                        bursts.append(await runner.burst(n, plan))
+                        write_json(opts.out / "results.json", {**meta, "bursts": bursts})
+                for n in [] if opts.synchronized else opts.levels:
                     result = await runner.level(n)
                     levels.append(result)
                     write_json(opts.out / "results.json", {**meta, "levels": levels})
@@ -725,9 +869,10 @@ async def run(opts: Options) -> int:
                         )
                     if result["sim_saturated"]:
                         print(
-                            f"warning: N={n}: this process (simulators + callers) used "
-                            f"{result['sim']['cpu_percent']} % of a core; the level's numbers "
-                            "are limited by the simulators, not only by the server",
+                            f"warning: N={n}: a load generator process used more than "
+                            f"{SIM_CPU_WARN:.0f} % of a core "
+                            f"({result['sim']['cpu_percent_by_process']}); the level's "
+                            "numbers are limited by the generator, not only by the server",
                             file=sys.stderr,
                         )
                 await runner.client.aclose()
@@ -737,8 +882,16 @@ async def run(opts: Options) -> int:
     finally:
         if server is not None:
             server.kill_now()
+        if generator is not None:
+            await generator.aclose()
     meta["server_log_problems"] = server.log_problems() if server else {}
     meta["wall_seconds"] = round(time.time() - started, 1)
+    if opts.synchronized:
+        write_json(opts.out / "results.json", {**meta, "bursts": bursts})
+        print()
+        print(burst_table(bursts))
+        print(f"results: {opts.out / 'results.json'}; server log: {opts.out / 'server.log'}")
+        return 0
     knee = find_knee(levels)
     write_json(opts.out / "results.json", {**meta, "levels": levels, "knee": knee})
     print()
