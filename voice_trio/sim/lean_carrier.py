@@ -208,7 +208,8 @@ class MediaEngine:
         self._slots: list[list[StreamSession]] = [[] for _ in range(phases)]
         self._where: dict[StreamSession, int] = {}
         self._epoch = 0.0
-        self._index = 0  # the next clock position (a multiple of step_s after the epoch)
+        self._index = 0  # the clock position armed (a multiple of step_s after the epoch)
+        self._fired = -1  # the last position ticked
         self._timer: Timer | None = None
 
     @property
@@ -219,8 +220,8 @@ class MediaEngine:
         """Tick ``session`` from the next clock position on (reactor thread)."""
         now = self.reactor.now()
         if not self._where:
-            self._epoch, self._index = now, 0
-        index = max(self._index, math.ceil((now - self._epoch) / self.step_s))
+            self._epoch, self._index, self._fired = now, 0, -1
+        index = max(self._fired + 1, math.ceil((now - self._epoch) / self.step_s))
         slot = index % self.phases
         self._slots[slot].append(session)
         self._where[session] = slot
@@ -246,6 +247,7 @@ class MediaEngine:
 
     def _fire(self) -> None:
         self._timer = None
+        self._fired = self._index
         deadline = self._epoch + self._index * self.step_s
         late = self.reactor.now() - deadline
         lateness = self.lateness
