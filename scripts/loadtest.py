@@ -468,10 +468,15 @@ class Runner:
                 "cpu_percent_by_process": {k: round(v, 1) for k, v in sim_cpu.items()},
                 "carrier": sim_stats,
             },
-            machine_busy_percent=round((machine1[0] - machine0[0]) / wall * 100, 1)
-            if wall > 0
-            else None,
         )
+        if wall > 0:
+            busy = (machine1[0] - machine0[0]) / wall * 100
+            others = busy - (cpu or 0.0) - (total or 0.0)
+            result["machine"] = {
+                "busy_percent_of_one_core": round(busy, 1),
+                "others_percent": round(others, 1),
+            }
+            result["contended"] = others > OTHERS_CPU_WARN
         if held > 0:
             # CPU per call-second over the call-seconds actually held in the window.
             if cpu is not None:
@@ -518,6 +523,12 @@ def summarize_level(
     share_ok = share_at_most(LAG_TARGET_S, lag)
     lag_ok = share_ok is not None and share_ok >= 0.99
     sim_stats = window["sim_stats"]
+    wall = window["wall"]
+    threads = sim_stats.get("threads_cpu_s")
+    if threads and wall > 0:
+        sim_stats["threads_ms_per_call_second"] = {
+            name: round(seconds * 1000 / (n * wall), 2) for name, seconds in threads.items()
+        }
     sim_by_process: dict[str, float] = window["sim_cpu"]
     sim_cpu = sim_by_process.get("total")
     reasons = Counter(o.reason for o in outcomes if not o.ok)
@@ -665,6 +676,32 @@ def per_worker(
             row["registry_after"] = int(after.of("voice_active_calls", w) or 0)
         out[w] = row
     return out
+
+
+def generator_table(levels: list[dict[str, Any]]) -> str:
+    """The load generator's CPU per call-second, by process (and the carrier's threads),
+    against the server's."""
+    head = (
+        "| N | generator | load test | carrier: media thread / Trio thread | providers "
+        "| generator total | server | generator / server |"
+    )
+    rows = [head, "|" + "---|" * 8]
+    for lv in levels:
+        by = lv.get("sim_cpu_ms_per_call_second_by_process", {})
+        threads = lv["sim"].get("carrier", {}).get("threads_ms_per_call_second", {})
+        split = (
+            f" ({_fmt(threads.get('media'), 2)} / {_fmt(threads.get('trio'), 2)})"
+            if threads
+            else ""
+        )
+        rows.append(
+            f"| {lv['concurrency']} | {lv['sim'].get('generator', '-')} "
+            f"| {_fmt(by.get('load test'), 2)} | {_fmt(by.get('carrier'), 2)}{split} "
+            f"| {_fmt(by.get('providers'), 2)} | {_fmt(lv.get('sim_cpu_ms_per_call_second'), 2)} "
+            f"| {_fmt(lv.get('server_cpu_ms_per_call_second'), 2)} "
+            f"| {_fmt(lv.get('sim_to_server_cpu'), 2)} |"
+        )
+    return "\n".join(rows)
 
 
 def worker_table(levels: list[dict[str, Any]]) -> str:
@@ -896,6 +933,8 @@ async def run(opts: Options) -> int:
     write_json(opts.out / "results.json", {**meta, "levels": levels, "knee": knee})
     print()
     print(table(levels))
+    print()
+    print(generator_table(levels))
     print()
     print(worker_table(levels))
     print()

@@ -116,10 +116,10 @@ class ReferenceGenerator:
     def cpu_seconds(self) -> dict[str, float | None]:
         return {THIS_PROCESS: own_cpu_seconds()}
 
-    async def lag_mark(self) -> int:
+    async def lag_mark(self) -> Any:
         return self.lag.mark()
 
-    async def stats(self, mark: int) -> dict[str, Any]:
+    async def stats(self, mark: Any) -> dict[str, Any]:
         samples = self.lag.since(mark)
         p99 = percentile(samples, 0.99)
         return {"lag_p99_ms": None if p99 is None else round(p99 * 1000, 2)}
@@ -151,10 +151,8 @@ class ChildProcess:
         )
         env["PYTHONUNBUFFERED"] = "1"
         log = _open_log(log_path)  # closed in aclose()
-        profile = os.environ.get("BENCH_CPROFILE_DIR")
-        runner = ["-m", "cProfile", "-o", f"{profile}/{name}.prof"] if profile else []
         process = await trio.lowlevel.open_process(
-            [sys.executable, *runner, "-m", module, json.dumps(config)],
+            [sys.executable, "-m", module, json.dumps(config)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -298,11 +296,10 @@ class LeanGenerator:
             out[child.name] = cpu_seconds(child.process.pid)
         return out
 
-    async def lag_mark(self) -> int:
-        mark: int = (await self._ask({"op": "mark"}))["mark"]
-        return mark
+    async def lag_mark(self) -> Any:
+        return (await self._ask({"op": "mark"}))["mark"]
 
-    async def stats(self, mark: int) -> dict[str, Any]:
+    async def stats(self, mark: Any) -> dict[str, Any]:
         stats: dict[str, Any] = (await self._ask({"op": "stats", "mark": mark}))["stats"]
         return stats
 

@@ -83,5 +83,16 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def thread_cpu_seconds(native_id: int) -> float | None:
+    """CPU time of one thread of this process (``threading.Thread.native_id``), from
+    ``/proc/self/task/<id>/stat``; None if it is gone."""
+    try:
+        with open(f"/proc/self/task/{native_id}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def own_cpu_seconds() -> float:
     return time.process_time()
