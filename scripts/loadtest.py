@@ -44,6 +44,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,13 @@ import httpx
 import trio
 
 from bench.burst import BurstPlan, burst_table, summarize_burst
-from bench.generator import Generator, GeneratorOptions, cpu_percent, start_generator
+from bench.generator import (
+    Generator,
+    GeneratorOptions,
+    cpu_percent,
+    start_generator,
+    threads_ms_per_call_second,
+)
 from bench.lab import CallOutcome, call_script
 from bench.machine import machine_cpu, machine_info
 from bench.report import Progress, bar, load_matplotlib, mb, write_json
@@ -326,6 +333,7 @@ class Runner:
             await trio.sleep_until(window_start)
             before = await scrape(self.client)
             cpu0, wall0 = self.generator.cpu_seconds(), trio.current_time()
+            threads0 = self.generator.threads_cpu_seconds()
             lag_mark = await self.generator.lag_mark()
             machine0 = machine_cpu()
             samples: list[Scrape] = [before]
@@ -345,6 +353,9 @@ class Runner:
                 t0=before.at,
                 t1=after.at,
                 sim_cpu=cpu_percent(cpu0, self.generator.cpu_seconds(), wall),
+                sim_threads=threads_ms_per_call_second(
+                    threads0, self.generator.threads_cpu_seconds(), n * wall
+                ),
                 sim_stats=await self.generator.stats(lag_mark),
             )
 
@@ -398,6 +409,7 @@ class Runner:
         outcomes: list[CallOutcome] = []
         before = await scrape(self.client)
         cpu0, machine0 = self.generator.cpu_seconds(), machine_cpu()
+        threads0 = self.generator.threads_cpu_seconds()
         lag_mark = await self.generator.lag_mark()
 
         async def one() -> None:
@@ -422,6 +434,7 @@ class Runner:
         wall = after.at - before.at
         machine1 = machine_cpu()
         sim_cpu = cpu_percent(cpu0, self.generator.cpu_seconds(), wall)
+        threads1 = self.generator.threads_cpu_seconds()
         sim_stats = await self.generator.stats(lag_mark)
         self.progress.done(
             f"N={n:<4} burst done: {sum(o.ok for o in outcomes)} ok, "
@@ -467,6 +480,7 @@ class Runner:
                 "cpu_percent": None if total is None else round(total, 1),
                 "cpu_percent_by_process": {k: round(v, 1) for k, v in sim_cpu.items()},
                 "carrier": sim_stats,
+                "threads_ms_per_call_second": threads_ms_per_call_second(threads0, threads1, held),
             },
         )
         if wall > 0:
@@ -523,12 +537,6 @@ def summarize_level(
     share_ok = share_at_most(LAG_TARGET_S, lag)
     lag_ok = share_ok is not None and share_ok >= 0.99
     sim_stats = window["sim_stats"]
-    wall = window["wall"]
-    threads = sim_stats.get("threads_cpu_s")
-    if threads and wall > 0:
-        sim_stats["threads_ms_per_call_second"] = {
-            name: round(seconds * 1000 / (n * wall), 2) for name, seconds in threads.items()
-        }
     sim_by_process: dict[str, float] = window["sim_cpu"]
     sim_cpu = sim_by_process.get("total")
     reasons = Counter(o.reason for o in outcomes if not o.ok)
@@ -565,6 +573,7 @@ def summarize_level(
             "loop_lag_p99_ms": sim_stats.get("lag_p99_ms"),
             "line_late_resyncs": sum(o.late_resyncs for o in outcomes),
             "carrier": sim_stats,
+            "threads_ms_per_call_second": window["sim_threads"],
         },
         "meets": {
             "loop_lag_p99_le_20ms": lag_ok,
@@ -679,29 +688,33 @@ def per_worker(
 
 
 def generator_table(levels: list[dict[str, Any]]) -> str:
-    """The load generator's CPU per call-second, by process (and the carrier's threads),
+    """The load generator's CPU per call-second, by process (and thread: reactor / Trio),
     against the server's."""
     head = (
-        "| N | generator | load test | carrier: media thread / Trio thread | providers "
+        "| N | generator | load test | carrier (reactor / Trio) | providers (reactor / Trio) "
         "| generator total | server | generator / server |"
     )
     rows = [head, "|" + "---|" * 8]
     for lv in levels:
         by = lv.get("sim_cpu_ms_per_call_second_by_process", {})
-        threads = lv["sim"].get("carrier", {}).get("threads_ms_per_call_second", {})
-        split = (
-            f" ({_fmt(threads.get('media'), 2)} / {_fmt(threads.get('trio'), 2)})"
-            if threads
-            else ""
-        )
+        threads = lv["sim"].get("threads_ms_per_call_second", {})
+        cell = partial(_process_cell, by, threads)
         rows.append(
             f"| {lv['concurrency']} | {lv['sim'].get('generator', '-')} "
-            f"| {_fmt(by.get('load test'), 2)} | {_fmt(by.get('carrier'), 2)}{split} "
-            f"| {_fmt(by.get('providers'), 2)} | {_fmt(lv.get('sim_cpu_ms_per_call_second'), 2)} "
+            f"| {_fmt(by.get('load test'), 2)} | {cell('carrier')} | {cell('providers')} "
+            f"| {_fmt(lv.get('sim_cpu_ms_per_call_second'), 2)} "
             f"| {_fmt(lv.get('server_cpu_ms_per_call_second'), 2)} "
             f"| {_fmt(lv.get('sim_to_server_cpu'), 2)} |"
         )
     return "\n".join(rows)
+
+
+def _process_cell(by: dict[str, float], threads: dict[str, dict[str, float]], process: str) -> str:
+    split = threads.get(process)
+    text = _fmt(by.get(process), 2)
+    if split:
+        text += f" ({_fmt(split.get('reactor'), 2)} / {_fmt(split.get('main'), 2)})"
+    return text
 
 
 def worker_table(levels: list[dict[str, Any]]) -> str:

@@ -12,10 +12,9 @@ per line (``bench.ipc``), requests in and answers out, matched by ``id``:
   "say_ends_at"}`` places one inbound call (``script`` as ``bench.lab.script_json`` makes it;
   ``say_ends_at``: monotonic instants, or empty) and answers ``{"id", "outcome"}`` once the
   caller is done (a ``bench.lab.CallOutcome``, times in monotonic seconds);
-- ``{"op": "mark", "id"}`` answers ``{"id", "mark"}``, a point in time for the media engine's
-  record of how late its clock woke up and for its threads' CPU; ``{"op": "stats", "id",
-  "mark"}`` answers ``{"id", "stats"}``: that lateness since the mark (p99, max: late here is
-  late caller audio), the CPU each thread used since (media engine, Trio), the clock's late
+- ``{"op": "mark", "id"}`` answers ``{"id", "mark"}``, a point in the media engine's record of
+  how late its clock woke up; ``{"op": "stats", "id", "mark"}`` answers ``{"id", "stats"}``:
+  that lateness since the mark (p99, max: late here is late caller audio), the clock's late
   resyncs, the streams open and the largest unsent backlog any stream had.
 
 The process ends when its stdin closes (the load test ended or died).
@@ -27,14 +26,13 @@ import dataclasses
 import json
 import logging
 import sys
-import threading
 import time
 from functools import partial
 from typing import Any
 
 import trio
 
-from bench.ipc import JsonLines, thread_cpu_seconds
+from bench.ipc import JsonLines
 from bench.lab import call_outcome, script_from_json
 from bench.stats import percentile
 
@@ -92,39 +90,20 @@ async def main(config: dict[str, Any]) -> None:
             if request["op"] == "call":
                 nursery.start_soon(place_call, sim, request, channel)
             elif request["op"] == "mark":
-                mark = {"lateness": len(engine.lateness), "threads": threads_cpu(sim)}
+                mark = {"lateness": len(engine.lateness)}
                 await channel.send({"id": request["id"], "mark": mark})
             elif request["op"] == "stats":
                 mark = request["mark"]
                 samples = engine.lateness[int(mark["lateness"]) :]
-                now = threads_cpu(sim)
                 stats = {
                     "lag_p99_ms": _ms(percentile(samples, 0.99)),
                     "lag_max_ms": _ms(max(samples) if samples else None),
                     "late_resyncs": engine.late_resyncs,
                     "streams_open": engine.streams,
                     "outbox_peak_bytes": engine.outbox_peak,
-                    # Where this process's CPU went: the media thread, or Trio (REST, webhooks).
-                    "threads_cpu_s": {
-                        name: round(now[name] - mark["threads"][name], 3)
-                        for name in now
-                        if name in mark["threads"]
-                    },
                 }
                 await channel.send({"id": request["id"], "stats": stats})
         nursery.cancel_scope.cancel()
-
-
-def threads_cpu(sim: Any) -> dict[str, float]:
-    """CPU seconds so far of the media engine's thread and of the Trio thread."""
-    out = {}
-    reactor_thread = sim.engine.reactor.thread
-    for name, thread in (("media", reactor_thread), ("trio", threading.main_thread())):
-        ident = thread.native_id if thread is not None else None
-        seconds = thread_cpu_seconds(ident) if ident is not None else None
-        if seconds is not None:
-            out[name] = seconds
-    return out
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -27,7 +27,13 @@ from typing import IO, Any
 
 import trio
 
-from bench.ipc import JsonLines, cpu_seconds, own_cpu_seconds, trio_offset
+from bench.ipc import (
+    JsonLines,
+    cpu_seconds,
+    own_cpu_seconds,
+    threads_cpu_seconds,
+    trio_offset,
+)
 from bench.lab import (
     CallOutcome,
     LagProbe,
@@ -115,6 +121,9 @@ class ReferenceGenerator:
 
     def cpu_seconds(self) -> dict[str, float | None]:
         return {THIS_PROCESS: own_cpu_seconds()}
+
+    def threads_cpu_seconds(self) -> dict[str, dict[str, float]]:
+        return {}
 
     async def lag_mark(self) -> Any:
         return self.lag.mark()
@@ -296,6 +305,11 @@ class LeanGenerator:
             out[child.name] = cpu_seconds(child.process.pid)
         return out
 
+    def threads_cpu_seconds(self) -> dict[str, dict[str, float]]:
+        """Each child's CPU by thread: ``main`` (Trio: REST, webhooks, Anthropic) and
+        ``reactor`` (the per-frame work)."""
+        return {c.name: threads_cpu_seconds(c.process.pid) for c in (self.carrier, self.providers)}
+
     async def lag_mark(self) -> Any:
         return (await self._ask({"op": "mark"}))["mark"]
 
@@ -340,6 +354,25 @@ class LeanGenerator:
 
 
 Generator = LeanGenerator | ReferenceGenerator
+
+
+def threads_ms_per_call_second(
+    before: dict[str, dict[str, float]],
+    after: dict[str, dict[str, float]],
+    call_seconds: float,
+) -> dict[str, dict[str, float]]:
+    """CPU ms per call-second of each child's threads between two readings."""
+    out: dict[str, dict[str, float]] = {}
+    if call_seconds <= 0:
+        return out
+    for process, threads in after.items():
+        start = before.get(process, {})
+        out[process] = {
+            name: round((seconds - start[name]) * 1000 / call_seconds, 2)
+            for name, seconds in threads.items()
+            if name in start
+        }
+    return out
 
 
 def cpu_percent(

@@ -83,15 +83,24 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def thread_cpu_seconds(native_id: int) -> float | None:
-    """CPU time of one thread of this process (``threading.Thread.native_id``), from
-    ``/proc/self/task/<id>/stat``; None if it is gone."""
+def threads_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time so far of process ``pid``'s main thread (``main``: Trio, in the generator's
+    processes) and of all its other threads together (``reactor``: the lean simulators'
+    reactor, and Trio's short-lived worker threads), from ``/proc/<pid>/task``."""
+    out = {"main": 0.0, "reactor": 0.0}
     try:
-        with open(f"/proc/self/task/{native_id}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out["main" if int(tid) == pid else "reactor"] += seconds
+    return out
 
 
 def own_cpu_seconds() -> float:
