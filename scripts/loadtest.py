@@ -1,16 +1,20 @@
 """Load test: one server process, many concurrent scripted calls, the numbers per level.
 
     .venv/bin/python scripts/loadtest.py --levels 10,25,50,100 --turns 3 --duration 30
+    .venv/bin/python scripts/loadtest.py --synchronized --levels 20,40 --turns 3
 
 The server (``python -m voice_trio.cli serve``, Hypercorn's trio worker) runs as a child
 process on 127.0.0.1 (with ``--workers N``: N worker processes under their supervisor, on
-PostgreSQL, ``--database-url``); the simulators (Telnyx with its carrier, Deepgram, Anthropic) and the
-scripted callers run in this process. For each concurrency level N, N call slots start
-``--stagger-ms`` apart; each slot places an inbound call (greeting, then ``--turns``
-exchanges in real-time audio both ways, then the caller hangs up) and dials again when it
-ends, until ``--duration`` seconds of steady state have passed. The steady-state window
-starts once every slot is in a call and ends when slots stop dialling; all the per-level
-numbers but the call counts come from that window:
+PostgreSQL, ``--database-url``). The load generator (``bench.generator``) is, by default,
+two more processes: the *carrier* (Telnyx REST and webhooks, the lean carrier and its
+scripted callers) and the *providers* (the lean Deepgram, the reference Anthropic and
+ElevenLabs); ``--generator reference`` runs the reference simulators and callers in this
+process instead, as every run before the lean generator did. For each concurrency level N,
+N call slots start ``--stagger-ms`` apart; each slot places an inbound call (greeting, then
+``--turns`` exchanges in real-time audio both ways, then the caller hangs up) and dials
+again when it ends, until ``--duration`` seconds of steady state have passed. The
+steady-state window starts once every slot is in a call and ends when slots stop dialling;
+all the per-level numbers but the call counts come from that window:
 
 - voice-to-voice p50/p95/p99 (ms): measured by the callers (their last speech frame sent ->
   first bot audio frame played), bot turns that started in the window;
@@ -21,18 +25,30 @@ numbers but the call counts come from that window:
   quantile is certainly under (null: above the last finite bound);
 - outbound late frames (counter delta), server CPU (% of one core: CPU-seconds delta / wall
   time), peak RSS, and RSS per active call = (peak RSS - idle RSS after warm-up) / N;
-- this process's own CPU and event-loop lag. Above ~85 % of a core here, callers' audio is
-  late and the server's numbers are not trustworthy: the level is flagged ``sim_saturated``.
+- the load generator's CPU: each of its processes (this one included) and their total, in %
+  of a core and in ms per call-second, next to the server's (``sim_to_server_cpu``), with
+  each child's threads (reactor: the per-frame work; main: Trio) in a table of their own;
+  and how late the callers' clock woke up (p99). Any generator process above ~85 % of a
+  core makes callers' audio late and the server's numbers untrustworthy: the level is
+  flagged ``sim_saturated``.
 
 Every number above is the whole server's (with several workers: the host's, summed from
-the ``/metrics`` of any worker); ``workers`` in ``results.json`` and the second table break
+the ``/metrics`` of any worker); ``workers`` in ``results.json`` and the last table break
 them down per worker: the calls it carried over the level (its share), its CPU, its CPU per
 call-second (over the calls it held on average in the window), its loop lag and late
 frames, and its tasks and descriptors after the level against its own idle baseline.
 
-Writes ``results.json``, ``loadtest.png`` (if matplotlib is importable) and ``server.log``
-to ``--out``. The knee is the highest level where the server's loop lag p99 is at most 20 ms
-(at bucket resolution: 99 % of the probes in buckets <= 20 ms) and no outbound frame was late.
+``--synchronized`` (``bench.burst``): instead of staggered levels, for each level N one
+burst of N calls placed together whose callers end every one of their ``--turns``
+utterances at the same planned instant (the plan: one call measured alone during the
+warm-up, plus ``--sync-margin`` per turn). Per turn: the spread of the callers' turn ends,
+the server overhead the server recorded for each call's turn (``GET /api/calls/{id}``), and
+voice-to-voice, as p50/p99; and the CPU of server and generator over the burst.
+
+Writes ``results.json``, ``loadtest.png`` (if matplotlib is importable), ``server.log`` and
+the generator's ``generator-*.log`` to ``--out``. The knee is the highest level where the
+server's loop lag p99 is at most 20 ms (at bucket resolution: 99 % of the probes in buckets
+<= 20 ms) and no outbound frame was late.
 """
 
 from __future__ import annotations
