@@ -1,16 +1,20 @@
 """Load test: one server process, many concurrent scripted calls, the numbers per level.
 
     .venv/bin/python scripts/loadtest.py --levels 10,25,50,100 --turns 3 --duration 30
+    .venv/bin/python scripts/loadtest.py --synchronized --levels 20,40 --turns 3
 
 The server (``python -m voice_trio.cli serve``, Hypercorn's trio worker) runs as a child
 process on 127.0.0.1 (with ``--workers N``: N worker processes under their supervisor, on
-PostgreSQL, ``--database-url``); the simulators (Telnyx with its carrier, Deepgram, Anthropic) and the
-scripted callers run in this process. For each concurrency level N, N call slots start
-``--stagger-ms`` apart; each slot places an inbound call (greeting, then ``--turns``
-exchanges in real-time audio both ways, then the caller hangs up) and dials again when it
-ends, until ``--duration`` seconds of steady state have passed. The steady-state window
-starts once every slot is in a call and ends when slots stop dialling; all the per-level
-numbers but the call counts come from that window:
+PostgreSQL, ``--database-url``). The load generator (``bench.generator``) is, by default,
+two more processes: the *carrier* (Telnyx REST and webhooks, the lean carrier and its
+scripted callers) and the *providers* (the lean Deepgram, the reference Anthropic and
+ElevenLabs); ``--generator reference`` runs the reference simulators and callers in this
+process instead, as every run before the lean generator did. For each concurrency level N,
+N call slots start ``--stagger-ms`` apart; each slot places an inbound call (greeting, then
+``--turns`` exchanges in real-time audio both ways, then the caller hangs up) and dials
+again when it ends, until ``--duration`` seconds of steady state have passed. The
+steady-state window starts once every slot is in a call and ends when slots stop dialling;
+all the per-level numbers but the call counts come from that window:
 
 - voice-to-voice p50/p95/p99 (ms): measured by the callers (their last speech frame sent ->
   first bot audio frame played), bot turns that started in the window;
@@ -21,18 +25,30 @@ numbers but the call counts come from that window:
   quantile is certainly under (null: above the last finite bound);
 - outbound late frames (counter delta), server CPU (% of one core: CPU-seconds delta / wall
   time), peak RSS, and RSS per active call = (peak RSS - idle RSS after warm-up) / N;
-- this process's own CPU and event-loop lag. Above ~85 % of a core here, callers' audio is
-  late and the server's numbers are not trustworthy: the level is flagged ``sim_saturated``.
+- the load generator's CPU: each of its processes (this one included) and their total, in %
+  of a core and in ms per call-second, next to the server's (``sim_to_server_cpu``), with
+  each child's threads (reactor: the per-frame work; main: Trio) in a table of their own;
+  and how late the callers' clock woke up (p99). Any generator process above ~85 % of a
+  core makes callers' audio late and the server's numbers untrustworthy: the level is
+  flagged ``sim_saturated``.
 
 Every number above is the whole server's (with several workers: the host's, summed from
-the ``/metrics`` of any worker); ``workers`` in ``results.json`` and the second table break
+the ``/metrics`` of any worker); ``workers`` in ``results.json`` and the last table break
 them down per worker: the calls it carried over the level (its share), its CPU, its CPU per
 call-second (over the calls it held on average in the window), its loop lag and late
 frames, and its tasks and descriptors after the level against its own idle baseline.
 
-Writes ``results.json``, ``loadtest.png`` (if matplotlib is importable) and ``server.log``
-to ``--out``. The knee is the highest level where the server's loop lag p99 is at most 20 ms
-(at bucket resolution: 99 % of the probes in buckets <= 20 ms) and no outbound frame was late.
+``--synchronized`` (``bench.burst``): instead of staggered levels, for each level N one
+burst of N calls placed together whose callers end every one of their ``--turns``
+utterances at the same planned instant (the plan: one call measured alone during the
+warm-up, plus ``--sync-margin`` per turn). Per turn: the spread of the callers' turn ends,
+the server overhead the server recorded for each call's turn (``GET /api/calls/{id}``), and
+voice-to-voice, as p50/p99; and the CPU of server and generator over the burst.
+
+Writes ``results.json``, ``loadtest.png`` (if matplotlib is importable), ``server.log`` and
+the generator's ``generator-*.log`` to ``--out``. The knee is the highest level where the
+server's loop lag p99 is at most 20 ms (at bucket resolution: 99 % of the probes in buckets
+<= 20 ms) and no outbound frame was late.
 """
 
 from __future__ import annotations
@@ -44,21 +60,22 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
 
-from bench.lab import (
-    CallOutcome,
-    LagProbe,
-    call_script,
-    lab_ports,
-    open_bench_lab,
-    prune_lab,
-    run_inbound_call,
+from bench.burst import BurstPlan, burst_table, summarize_burst
+from bench.generator import (
+    Generator,
+    GeneratorOptions,
+    cpu_percent,
+    start_generator,
+    threads_ms_per_call_second,
 )
+from bench.lab import CallOutcome, call_script
 from bench.machine import machine_cpu, machine_info
 from bench.report import Progress, bar, load_matplotlib, mb, write_json
 from bench.scrape import Scrape, scrape
@@ -75,7 +92,6 @@ from bench.stats import (
     hist_summary,
     max_bound,
     per_bucket,
-    percentile,
     raw_summary,
     share_at_most,
 )
@@ -103,6 +119,9 @@ class Options:
     variant: str = ""
     workers: int = 1
     database_url: str = ""
+    generator: str = "lean"
+    synchronized: bool = False
+    sync_margin: float = 1.5
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -172,7 +191,30 @@ def parse_args(argv: list[str] | None = None) -> Options:
         default="",
         help="PostgreSQL for the server's store (default: a SQLite file in --out)",
     )
+    parser.add_argument(
+        "--generator",
+        choices=("lean", "reference"),
+        default="lean",
+        help="lean (default): the lean carrier and callers in one process, the provider\n"
+        "simulators in another; reference: the reference simulators and callers in this one",
+    )
+    parser.add_argument(
+        "--synchronized",
+        action="store_true",
+        help="turn-end bursts instead of staggered calls: for each level N, N calls start\n"
+        "together and every caller ends each of its --turns utterances at the same\n"
+        "planned instant (needs the lean generator)",
+    )
+    parser.add_argument(
+        "--sync-margin",
+        type=float,
+        default=1.5,
+        help="synchronized: seconds added to each turn of the plan, measured on one call\n"
+        "alone, for replies that come later under load (default 1.5)",
+    )
     args = parser.parse_args(argv)
+    if args.synchronized and args.generator != "lean":
+        parser.error("--synchronized needs the lean generator")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if args.workers > 1 and not args.database_url:
@@ -197,6 +239,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
         variant=args.variant,
         workers=args.workers,
         database_url=args.database_url,
+        generator=args.generator,
+        synchronized=args.synchronized,
+        sync_margin=args.sync_margin,
     )
 
 
@@ -207,9 +252,9 @@ def call_timeout(opts: Options) -> float:
 
 
 class Runner:
-    def __init__(self, opts: Options, lab: Any, server: ServerProcess) -> None:
+    def __init__(self, opts: Options, generator: Generator, server: ServerProcess) -> None:
         self.opts = opts
-        self.lab = lab
+        self.generator = generator
         self.server = server
         # Several workers: no kept-alive scrape connection counted on one worker or another.
         headers = {"Connection": "close"} if opts.workers > 1 else {}
@@ -217,7 +262,6 @@ class Runner:
             base_url=server.base_url, timeout=10, trust_env=False, headers=headers
         )
         self.progress = Progress()
-        self.lag = LagProbe()
         self.number = 0
         self.idle: Scrape | None = None
 
@@ -225,14 +269,14 @@ class Runner:
         self.number += 1
         return f"+57300{self.number:07d}"
 
-    async def call(self, turns: int) -> CallOutcome:
-        return await run_inbound_call(
-            self.lab,
+    async def call(self, turns: int, say_ends_at: list[float] | None = None) -> CallOutcome:
+        return await self.generator.call(
             number=self.next_number(),
             script=call_script(turns),
             turns=turns,
             ms_per_char=self.opts.ms_per_char,
             timeout_s=call_timeout(self.opts),
+            say_ends_at=say_ends_at,
         )
 
     async def wait_idle(self, timeout: float = 60.0, settle: float = 12.0) -> Scrape:
@@ -263,9 +307,10 @@ class Runner:
                 break
         return current
 
-    async def warm_up(self) -> None:
+    async def warm_up(self) -> CallOutcome:
         self.progress.update("warm-up call ...", force=True)
-        outcome = await self.call(1)
+        # Synchronized bursts plan their turns on a whole call, measured alone.
+        outcome = await self.call(self.opts.turns if self.opts.synchronized else 1)
         if not outcome.ok:
             raise RuntimeError(f"the warm-up call failed: {outcome.reason}")
         self.idle = await self.wait_idle()
@@ -273,6 +318,7 @@ class Runner:
             f"warm-up call ok; idle: RSS {mb(self.idle.rss)} MB, "
             f"{int(self.idle.tasks or 0)} tasks, {int(self.idle.fds or 0)} fds"
         )
+        return outcome
 
     async def level(self, n: int) -> dict[str, Any]:
         opts = self.opts
@@ -303,7 +349,9 @@ class Runner:
         async def measure() -> None:
             await trio.sleep_until(window_start)
             before = await scrape(self.client)
-            cpu0, wall0, lag_mark = time.process_time(), trio.current_time(), self.lag.mark()
+            cpu0, wall0 = self.generator.cpu_seconds(), trio.current_time()
+            threads0 = self.generator.threads_cpu_seconds()
+            lag_mark = await self.generator.lag_mark()
             machine0 = machine_cpu()
             samples: list[Scrape] = [before]
             while trio.current_time() < stop_dialling - opts.sample_every / 2:
@@ -321,8 +369,11 @@ class Runner:
                 wall=wall,
                 t0=before.at,
                 t1=after.at,
-                sim_cpu=(time.process_time() - cpu0) / wall * 100 if wall > 0 else None,
-                sim_lag=self.lag.since(lag_mark),
+                sim_cpu=cpu_percent(cpu0, self.generator.cpu_seconds(), wall),
+                sim_threads=threads_ms_per_call_second(
+                    threads0, self.generator.threads_cpu_seconds(), n * wall
+                ),
+                sim_stats=await self.generator.stats(lag_mark),
             )
 
         async def show() -> None:
@@ -339,7 +390,6 @@ class Runner:
                     f"N={n:<4} {phase}  in call {state['active']:>4}"
                     f"  done {len(outcomes) - failed}  failed {failed}"
                 )
-                prune_lab(self.lab)
                 await trio.sleep(0.5)
 
         with trio.fail_after(stop_dialling - start + call_timeout(opts) + 60):
@@ -363,9 +413,109 @@ class Runner:
             "open_fds": int(after.fds or 0),
             "tasks_above_idle": int((after.tasks or 0) - ((idle.tasks or 0) if idle else 0)),
             "fds_above_idle": int((after.fds or 0) - ((idle.fds or 0) if idle else 0)),
-            "sockets": self.server.socket_peers(lab_ports(self.lab)),
+            "sockets": self.server.socket_peers(self.generator.ports()),
         }
         result["workers"] = per_worker(window, level_start, after, idle, n)
+        return result
+
+    async def burst(self, n: int, plan: BurstPlan) -> dict[str, Any]:
+        """N calls placed together, every caller ending turn k at the same planned instant;
+        then the calls' records from the server's API (see ``bench.burst``)."""
+        start = trio.current_time()
+        planned = plan.ends_at(start)
+        outcomes: list[CallOutcome] = []
+        before = await scrape(self.client)
+        cpu0, machine0 = self.generator.cpu_seconds(), machine_cpu()
+        threads0 = self.generator.threads_cpu_seconds()
+        lag_mark = await self.generator.lag_mark()
+
+        async def one() -> None:
+            outcomes.append(await self.call(plan.turns, planned))
+
+        async def show() -> None:
+            while True:
+                elapsed = trio.current_time() - start
+                self.progress.update(
+                    f"N={n:<4} burst {bar(elapsed, planned[-1] - start + 2)}  done {len(outcomes)}"
+                )
+                await trio.sleep(0.5)
+
+        with trio.fail_after(planned[-1] - start + call_timeout(self.opts) + 60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(show)
+                async with trio.open_nursery() as calls:
+                    for _ in range(n):
+                        calls.start_soon(one)
+                nursery.cancel_scope.cancel()
+        after = await scrape(self.client)
+        wall = after.at - before.at
+        machine1 = machine_cpu()
+        sim_cpu = cpu_percent(cpu0, self.generator.cpu_seconds(), wall)
+        threads1 = self.generator.threads_cpu_seconds()
+        sim_stats = await self.generator.stats(lag_mark)
+        self.progress.done(
+            f"N={n:<4} burst done: {sum(o.ok for o in outcomes)} ok, "
+            f"{sum(not o.ok for o in outcomes)} failed"
+        )
+        await self.wait_idle()
+        records: dict[str, dict[str, Any]] = {}
+        auth = {"Authorization": f"Bearer {self.generator.api_token}"}
+        for o in outcomes:
+            if o.call_control_id:
+                answer = await self.client.get(f"/api/calls/{o.call_control_id}", headers=auth)
+                if answer.status_code == 200:
+                    records[o.call_control_id] = answer.json()
+        result = summarize_burst(n, outcomes, planned, records)
+        cpu = None
+        if after.cpu is not None and before.cpu is not None and wall > 0:
+            cpu = (after.cpu - before.cpu) / wall * 100
+        held = sum(min(o.ended_at, after.at) - max(o.started_at, before.at) for o in outcomes)
+        total = sim_cpu.get("total")
+        lag = bucket_delta(
+            before.histogram("voice_event_loop_lag_seconds"),
+            after.histogram("voice_event_loop_lag_seconds"),
+        )
+        late = (after.value("voice_outbound_frames_late_total") or 0.0) - (
+            before.value("voice_outbound_frames_late_total") or 0.0
+        )
+        result.update(
+            window_s=round(wall, 1),
+            call_seconds=round(held, 1),
+            plan=[round(t - start, 3) for t in planned],
+            server_overhead_metrics=hist_summary(
+                bucket_delta(
+                    before.histogram("voice_server_overhead_seconds"),
+                    after.histogram("voice_server_overhead_seconds"),
+                ),
+                (0.5, 0.99),
+            ),
+            event_loop_lag=hist_summary(lag, (0.5, 0.99)),
+            outbound_frames_late=int(late),
+            server_cpu_percent=None if cpu is None else round(cpu, 1),
+            sim={
+                "generator": self.opts.generator,
+                "cpu_percent": None if total is None else round(total, 1),
+                "cpu_percent_by_process": {k: round(v, 1) for k, v in sim_cpu.items()},
+                "carrier": sim_stats,
+                "threads_ms_per_call_second": threads_ms_per_call_second(threads0, threads1, held),
+            },
+        )
+        if wall > 0:
+            busy = (machine1[0] - machine0[0]) / wall * 100
+            others = busy - (cpu or 0.0) - (total or 0.0)
+            result["machine"] = {
+                "busy_percent_of_one_core": round(busy, 1),
+                "others_percent": round(others, 1),
+            }
+            result["contended"] = others > OTHERS_CPU_WARN
+        if held > 0:
+            # CPU per call-second over the call-seconds actually held in the window.
+            if cpu is not None:
+                result["server_cpu_ms_per_call_second"] = round(cpu * 10 * wall / held, 2)
+            if total is not None:
+                result["sim_cpu_ms_per_call_second"] = round(total * 10 * wall / held, 2)
+        if cpu and total is not None:
+            result["sim_to_server_cpu"] = round(total / cpu, 3)
         return result
 
 
@@ -403,8 +553,9 @@ def summarize_level(
     idle_rss = idle.rss if idle is not None else None
     share_ok = share_at_most(LAG_TARGET_S, lag)
     lag_ok = share_ok is not None and share_ok >= 0.99
-    sim_lag = window["sim_lag"]
-    sim_cpu = window["sim_cpu"]
+    sim_stats = window["sim_stats"]
+    sim_by_process: dict[str, float] = window["sim_cpu"]
+    sim_cpu = sim_by_process.get("total")
     reasons = Counter(o.reason for o in outcomes if not o.ok)
     result = {
         "concurrency": n,
@@ -432,11 +583,14 @@ def summarize_level(
         "max_trio_tasks": int(max((s.tasks or 0.0) for s in samples)),
         "max_open_fds": int(max((s.fds or 0.0) for s in samples)),
         "sim": {
+            "generator": opts.generator,
             "cpu_percent": None if sim_cpu is None else round(sim_cpu, 1),
-            "loop_lag_p99_ms": None
-            if not sim_lag
-            else round((percentile(sim_lag, 0.99) or 0.0) * 1000, 1),
+            "cpu_percent_by_process": {k: round(v, 1) for k, v in sim_by_process.items()},
+            # The callers' process: late there means late caller audio.
+            "loop_lag_p99_ms": sim_stats.get("lag_p99_ms"),
             "line_late_resyncs": sum(o.late_resyncs for o in outcomes),
+            "carrier": sim_stats,
+            "threads_ms_per_call_second": window["sim_threads"],
         },
         "meets": {
             "loop_lag_p99_le_20ms": lag_ok,
@@ -452,7 +606,10 @@ def summarize_level(
             "cores": os.cpu_count(),
             "others_percent": round(busy - (cpu or 0.0) - (sim_cpu or 0.0), 1),
         }
-    result["sim_saturated"] = sim_cpu is not None and sim_cpu > SIM_CPU_WARN
+    # One generator process is one core's worth: any of them near it makes late audio.
+    result["sim_saturated"] = any(
+        v > SIM_CPU_WARN for k, v in sim_by_process.items() if k != "total"
+    )
     others = result.get("machine", {}).get("others_percent")
     result["contended"] = others is not None and others > OTHERS_CPU_WARN
     if cpu is not None:
@@ -460,6 +617,11 @@ def summarize_level(
     if sim_cpu is not None:
         # The load generator's own cost (simulators + callers), to tell which side limits.
         result["sim_cpu_ms_per_call_second"] = round(sim_cpu * 10 / n, 2)
+        result["sim_cpu_ms_per_call_second_by_process"] = {
+            k: round(v * 10 / n, 2) for k, v in sim_by_process.items() if k != "total"
+        }
+        if cpu:
+            result["sim_to_server_cpu"] = round(sim_cpu / cpu, 3)
     if t1 > t0:
         messages: dict[str, float] = {}
         for peer in ("carrier", "stt"):
@@ -542,6 +704,36 @@ def per_worker(
     return out
 
 
+def generator_table(levels: list[dict[str, Any]]) -> str:
+    """The load generator's CPU per call-second, by process (and thread: reactor / Trio),
+    against the server's."""
+    head = (
+        "| N | generator | load test | carrier (reactor / Trio) | providers (reactor / Trio) "
+        "| generator total | server | generator / server |"
+    )
+    rows = [head, "|" + "---|" * 8]
+    for lv in levels:
+        by = lv.get("sim_cpu_ms_per_call_second_by_process", {})
+        threads = lv["sim"].get("threads_ms_per_call_second", {})
+        cell = partial(_process_cell, by, threads)
+        rows.append(
+            f"| {lv['concurrency']} | {lv['sim'].get('generator', '-')} "
+            f"| {_fmt(by.get('load test'), 2)} | {cell('carrier')} | {cell('providers')} "
+            f"| {_fmt(lv.get('sim_cpu_ms_per_call_second'), 2)} "
+            f"| {_fmt(lv.get('server_cpu_ms_per_call_second'), 2)} "
+            f"| {_fmt(lv.get('sim_to_server_cpu'), 2)} |"
+        )
+    return "\n".join(rows)
+
+
+def _process_cell(by: dict[str, float], threads: dict[str, dict[str, float]], process: str) -> str:
+    split = threads.get(process)
+    text = _fmt(by.get(process), 2)
+    if split:
+        text += f" ({_fmt(split.get('reactor'), 2)} / {_fmt(split.get('main'), 2)})"
+    return text
+
+
 def worker_table(levels: list[dict[str, Any]]) -> str:
     head = (
         "| N | worker | calls (share) | mean calls held | CPU % | CPU ms/call-s "
@@ -591,10 +783,10 @@ def table(levels: list[dict[str, Any]]) -> str:
     head = (
         "| N | calls ok / failed | v2v p50 / p95 / p99 ms | overhead p50 / p99 ms "
         "| loop lag p99 ms (≤ bucket) | late frames | server CPU % | CPU ms/call-s "
-        "| msgs/call-s | RSS peak MB | RSS/call KB | sim CPU % | sim lag p99 ms "
-        "| others CPU % | left tasks / fds |"
+        "| msgs/call-s | RSS peak MB | RSS/call KB | sim CPU % | sim CPU ms/call-s "
+        "| sim / server CPU | sim lag p99 ms | others CPU % | left tasks / fds |"
     )
-    rows = [head, "|" + "---|" * 15]
+    rows = [head, "|" + "---|" * 17]
     for lv in levels:
         v2v, ovh, lag = lv["voice_to_voice_ms"], lv["server_overhead"], lv["event_loop_lag"]
         lag_text = f"{_fmt(lag['p99_ms'], 1)} (≤ {_fmt(lag['p99_le_ms'])})"
@@ -612,7 +804,10 @@ def table(levels: list[dict[str, Any]]) -> str:
             f"| {_fmt(lv.get('server_cpu_ms_per_call_second'), 2)} "
             f"| {_fmt(lv.get('messages_per_call_second', {}).get('total'), 1)} "
             f"| {_fmt(lv['server_rss_mb_peak'], 1)} | {_fmt(lv['rss_per_call_kb'])} "
-            f"| {_fmt(sim['cpu_percent'])}{flag} | {_fmt(sim['loop_lag_p99_ms'], 1)} "
+            f"| {_fmt(sim['cpu_percent'])}{flag} "
+            f"| {_fmt(lv.get('sim_cpu_ms_per_call_second'), 2)} "
+            f"| {_fmt(lv.get('sim_to_server_cpu'), 2)} "
+            f"| {_fmt(sim['loop_lag_p99_ms'], 1)} "
             f"| {_fmt(lv.get('machine', {}).get('others_percent'))}{busy} "
             f"| {_fmt(left.get('tasks_above_idle'))} / {_fmt(left.get('fds_above_idle'))} |"
         )
@@ -669,25 +864,35 @@ async def run(opts: Options) -> int:
             "max_calls_per_level": opts.max_calls,
             "workers": opts.workers,
             "store": "postgres" if opts.database_url else "sqlite",
+            "generator": opts.generator,
+            "synchronized": opts.synchronized,
+            "sync_margin_s": opts.sync_margin if opts.synchronized else None,
         },
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "variant": opts.variant or None,
     }
     levels: list[dict[str, Any]] = []
+    bursts: list[dict[str, Any]] = []
     server: ServerProcess | None = None
+    generator: Generator | None = None
     try:
         with trio.fail_after(opts.time_limit):
             async with trio.open_nursery() as nursery:
                 port = free_port()
-                lab = await open_bench_lab(
+                generator = await start_generator(
+                    opts.generator,
                     nursery,
-                    ms_per_char=opts.ms_per_char,
-                    llm_ttft=opts.llm_ttft,
-                    tts_ttfb_ms=opts.tts_ttfb,
-                    webhook_url=f"http://127.0.0.1:{port}/webhook/telnyx",
+                    GeneratorOptions(
+                        ms_per_char=opts.ms_per_char,
+                        llm_ttft=opts.llm_ttft,
+                        tts_ttfb_ms=opts.tts_ttfb,
+                        webhook_url=f"http://127.0.0.1:{port}/webhook/telnyx",
+                        log_dir=opts.out,
+                    ),
                 )
+                meta["generator_pids"] = generator.pids()
                 env = server_env(
-                    lab.server_env(),
+                    generator.server_env(),
                     port,
                     opts.out,
                     workers=opts.workers,
@@ -701,10 +906,15 @@ async def run(opts: Options) -> int:
                     env, port, opts.out / "server.log", launcher, workers=opts.workers
                 )
                 await server.start()
-                runner = Runner(opts, lab, server)
-                nursery.start_soon(runner.lag.run)
-                await runner.warm_up()
-                for n in opts.levels:
+                runner = Runner(opts, generator, server)
+                alone = await runner.warm_up()
+                if opts.synchronized:
+                    plan = BurstPlan.from_call(alone, opts.sync_margin)
+                    meta["burst_plan"] = plan.as_json()
+                    for n in opts.levels:
+                        bursts.append(await runner.burst(n, plan))
+                        write_json(opts.out / "results.json", {**meta, "bursts": bursts})
+                for n in [] if opts.synchronized else opts.levels:
                     result = await runner.level(n)
                     levels.append(result)
                     write_json(opts.out / "results.json", {**meta, "levels": levels})
@@ -726,9 +936,10 @@ async def run(opts: Options) -> int:
                         )
                     if result["sim_saturated"]:
                         print(
-                            f"warning: N={n}: this process (simulators + callers) used "
-                            f"{result['sim']['cpu_percent']} % of a core; the level's numbers "
-                            "are limited by the simulators, not only by the server",
+                            f"warning: N={n}: a load generator process used more than "
+                            f"{SIM_CPU_WARN:.0f} % of a core "
+                            f"({result['sim']['cpu_percent_by_process']}); the level's "
+                            "numbers are limited by the generator, not only by the server",
                             file=sys.stderr,
                         )
                 await runner.client.aclose()
@@ -738,12 +949,22 @@ async def run(opts: Options) -> int:
     finally:
         if server is not None:
             server.kill_now()
+        if generator is not None:
+            await generator.aclose()
     meta["server_log_problems"] = server.log_problems() if server else {}
     meta["wall_seconds"] = round(time.time() - started, 1)
+    if opts.synchronized:
+        write_json(opts.out / "results.json", {**meta, "bursts": bursts})
+        print()
+        print(burst_table(bursts))
+        print(f"results: {opts.out / 'results.json'}; server log: {opts.out / 'server.log'}")
+        return 0
     knee = find_knee(levels)
     write_json(opts.out / "results.json", {**meta, "levels": levels, "knee": knee})
     print()
     print(table(levels))
+    print()
+    print(generator_table(levels))
     print()
     print(worker_table(levels))
     print()

@@ -4,6 +4,7 @@ event-loop lag (late here means late caller audio)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,43 @@ class CallOutcome:
     late_resyncs: int
     started_at: float
     ended_at: float
+    call_control_id: str = ""
+    utterance_ends: list[float] = field(default_factory=list)  # trio time, caller's turns
+    missed_plan: int = 0  # synchronized calls: utterances that could not end as planned
+
+    def shifted(self, by: float) -> CallOutcome:
+        """The same outcome with every time moved by ``by`` (to another process's clock)."""
+        return dataclasses.replace(
+            self,
+            turn_starts=[(at + by, ms) for at, ms in self.turn_starts],
+            started_at=self.started_at + by,
+            ended_at=self.ended_at + by,
+            utterance_ends=[at + by for at in self.utterance_ends],
+        )
+
+
+def script_json(steps: list[Any]) -> list[list[Any]]:
+    """A caller's script as JSON (Say, WaitForBot and HangUp steps), for another process."""
+    from voice_trio.sim.caller import HangUp, Say, WaitForBot
+
+    out: list[list[Any]] = []
+    for step in steps:
+        if isinstance(step, Say):
+            out.append(["say", step.text, step.pause_before_ms])
+        elif isinstance(step, WaitForBot):
+            out.append(["wait", step.min_ms_silence, step.timeout_ms])
+        elif isinstance(step, HangUp):
+            out.append(["hangup"])
+        else:
+            raise ValueError(f"cannot send a {type(step).__name__} step to another process")
+    return out
+
+
+def script_from_json(document: list[list[Any]]) -> list[Any]:
+    from voice_trio.sim.caller import HangUp, Say, WaitForBot
+
+    kinds = {"say": Say, "wait": WaitForBot, "hangup": HangUp}
+    return [kinds[kind](*args) for kind, *args in document]
 
 
 async def run_inbound_call(
@@ -106,6 +144,16 @@ async def run_inbound_call(
     )
     call = lab.telnyx.place_inbound_call(number, OUR_NUMBER, caller)
     results = await caller.run()
+    outcome = call_outcome(results, turns, call.line.late_resyncs, started, trio.current_time())
+    outcome.call_control_id = call.call_control_id
+    return outcome
+
+
+def call_outcome(
+    results: Any, turns: int, late_resyncs: int, started_at: float, ended_at: float
+) -> CallOutcome:
+    """A caller's :class:`~voice_trio.sim.caller.CallerResults` judged: ok if every reply was
+    heard and timed and the caller hung up at the end."""
     timed = [(t.started_at, t.latency_ms) for t in results.bot_turns if t.latency_ms is not None]
     reason = ""
     if results.timed_out:
@@ -121,9 +169,10 @@ async def run_inbound_call(
         reason=reason,
         latencies_ms=[ms for _, ms in timed],
         turn_starts=timed,
-        late_resyncs=call.line.late_resyncs,
-        started_at=started,
-        ended_at=trio.current_time(),
+        late_resyncs=late_resyncs,
+        started_at=started_at,
+        ended_at=ended_at,
+        utterance_ends=[u.ended_at for u in results.utterances if u.ended_at is not None],
     )
 
 

@@ -136,6 +136,9 @@ class RecordedRequest:
 class TelnyxSim:
     """The simulated Telnyx account: knobs, calls, recorded requests; also the ASGI app."""
 
+    # What a call leg is (the load generator brings one with a leaner media path).
+    call_class: type[SimCall] = SimCall
+
     def __init__(
         self,
         *,
@@ -261,7 +264,7 @@ class TelnyxSim:
         """Someone dials ``to``: ``call.initiated`` (incoming, parked) goes to the webhook URL."""
         if self._nursery is None:
             raise RuntimeError("the Telnyx simulator is not serving; run serve(sim) first")
-        call = SimCall(
+        call = self.call_class(
             self,
             direction="incoming",
             from_=from_,
@@ -427,7 +430,7 @@ class TelnyxSim:
                 503, "10008", "Service unavailable", "the simulator is not serving"
             )
         to = data["to"][0] if isinstance(data["to"], list) else data["to"]
-        call = SimCall(
+        call = self.call_class(
             self,
             direction="outgoing",
             from_=data["from"],

@@ -501,15 +501,7 @@ class SimCall:
         if not sim.allow_remote and not is_loopback_url(url):
             self._stream_failed(params, "refused: stream_url is not a loopback URL (allow_remote)")
             return
-        stream = MediaStream(
-            params,
-            on_event=self._on_stream_event,
-            on_closed=self._on_stream_closed,
-            out_of_order_share=sim.out_of_order_share,
-            rng=sim.rng,
-            record_audio_bytes=int(sim.record_audio_s * 8000),
-            connect_timeout=sim.stream_connect_timeout_s,
-        )
+        stream = self._new_stream(params)
         self.streams.append(stream)
         try:
             await nursery.start(stream.run)
@@ -520,6 +512,19 @@ class SimCall:
         self._ensure_clock()
         self.emit("streaming.started", {"stream_url": url})
         self.line.party.on_event("stream_started", params.stream_id, trio.current_time())
+
+    def _new_stream(self, params: StreamParams) -> MediaStream:
+        """The carrier's end of a media stream (a subclass may bring a leaner one)."""
+        sim = self.sim
+        return MediaStream(
+            params,
+            on_event=self._on_stream_event,
+            on_closed=self._on_stream_closed,
+            out_of_order_share=sim.out_of_order_share,
+            rng=sim.rng,
+            record_audio_bytes=int(sim.record_audio_s * 8000),
+            connect_timeout=sim.stream_connect_timeout_s,
+        )
 
     def _stream_failed(self, params: StreamParams, reason: str) -> None:
         self.emit(
