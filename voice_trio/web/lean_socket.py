@@ -26,7 +26,7 @@ import trio
 
 from voice_trio.compat.hypercorn import RawWebSocket
 from voice_trio.observability import WIRE
-from voice_trio.web.media_socket import Scope, SocketClosed
+from voice_trio.web.media_socket import Scope, ScopeFacts, SocketClosed
 from voice_trio.web.rfc6455 import (
     CLOSE_ABNORMAL,
     CLOSE_NO_STATUS,
@@ -50,7 +50,7 @@ SEND_TIMEOUT_SECONDS = 10.0
 CLOSE_SECONDS = 1.0
 
 
-class LeanWebSocket:
+class LeanWebSocket(ScopeFacts):
     """One media WebSocket after the 101, on the bytes of its connection.
 
     ``receive`` must not be called by two tasks at once (the call reads from one task at a
@@ -71,26 +71,6 @@ class LeanWebSocket:
         self.close_code: int | None = None  # the peer's: its close code, 1006 if it vanished
         self._close_sent = False
         self._over = False  # nothing more will be read: the connection is being closed
-
-    @property
-    def path(self) -> str:
-        return str(self.scope.get("path", ""))
-
-    @property
-    def query_string(self) -> bytes:
-        return bytes(self.scope.get("query_string", b""))
-
-    @property
-    def client_host(self) -> str:
-        client = self.scope.get("client")
-        return str(client[0]) if client else ""
-
-    def header(self, name: str) -> str | None:
-        key = name.lower().encode()
-        for k, v in self.scope.get("headers", []):
-            if k.lower() == key:
-                return bytes(v).decode("latin-1")
-        return None
 
     async def receive(self) -> str | bytes | None:
         """The next message, or None once the peer has closed (or broke the protocol, or

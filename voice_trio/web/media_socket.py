@@ -24,14 +24,10 @@ class SocketClosed(Exception):
     """The peer is gone; nothing more can be sent."""
 
 
-class AsgiWebSocket:
-    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.scope = scope
-        self._receive = receive
-        self._send = send
-        self._send_lock = trio.Lock()
-        self.closed = False
-        self.close_code: int | None = None
+class ScopeFacts:
+    """What the upgrade request said (its ASGI ``scope``), the same on either socket path."""
+
+    scope: Scope
 
     @property
     def path(self) -> str:
@@ -52,6 +48,16 @@ class AsgiWebSocket:
             if k.lower() == key:
                 return bytes(v).decode("latin-1")
         return None
+
+
+class AsgiWebSocket(ScopeFacts):
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        self._receive = receive
+        self._send = send
+        self._send_lock = trio.Lock()
+        self.closed = False
+        self.close_code: int | None = None
 
     async def accept(self) -> bool:
         """Complete the upgrade (101); False if the client left before it."""
