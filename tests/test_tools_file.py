@@ -145,3 +145,24 @@ def test_settings_read_the_file_and_need_a_secret(tmp_path: Path) -> None:
         bad = write(tmp_path, GOOD.replace("timeout = 2.5", "timeout = -1"), "bad.toml")
         Settings.from_env({**env, "TOOLS_FILE": str(bad), "TOOLS_SECRET": "s" * 32}, None)
     assert Settings.from_env({}, None).http_tools == ()
+
+
+def test_check_config_lists_the_tools(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from voice_trio.cli import check_config
+
+    env = {
+        "TOOLS_FILE": str(write(tmp_path, GOOD)),
+        "TOOLS_SECRET": "s" * 32,
+        "CLINIC_URL": "http://127.0.0.1:8095",
+    }
+    assert check_config(Settings.from_env(env, None)) == 0
+    out = capsys.readouterr().out
+    assert "tools: end_call (built in); 2 from TOOLS_FILE" in out
+    assert (
+        "  book_appointment: POST http://127.0.0.1:8095/tools/book_appointment"
+        " (timeout 2.5 s, not retried)" in out
+    )
+    assert (
+        "  free_slots: POST https://clinic.example/voice/slots (timeout 3 s, retried once)" in out
+    )
+    assert "s" * 32 not in out  # the secret is masked
