@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from voice_trio.conversation.history import DEFAULT_OPENING, Conversation, Turn
 
 
@@ -154,3 +156,14 @@ def test_the_window_never_starts_with_a_result_whose_request_it_cut() -> None:
     ]
     c.add_tool_exchange([USE], [RESULT])
     assert c.window(1) == []  # only a result, whose request is cut off
+
+
+def test_server_overhead_of_a_speculative_reply_starts_when_the_turn_ends() -> None:
+    """A speculation's first sentence may be ready before the caller stopped talking: the
+    wait for the caller is not the server's time (DESIGN §5, t3 from max(t2s, t0))."""
+    from voice_trio.conversation.turn_record import TurnRecord
+
+    plain = TurnRecord("hola", t0=10.0, t1=10.002, t2=10.4, t2s=10.5, t3=10.501, t4=10.6, t5=10.603)
+    assert plain.overhead() == pytest.approx(0.002 + 0.001 + 0.003)
+    early = TurnRecord("hola", t0=10.0, t1=9.6, t2=9.7, t2s=9.75, t3=10.004, t4=10.1, t5=10.102)
+    assert early.overhead() == pytest.approx(0.0 + 0.004 + 0.002)  # not 0.254

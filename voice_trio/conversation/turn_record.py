@@ -38,7 +38,8 @@ class TurnRecord:
         self.llm_output_tokens += output_tokens
 
     def overhead(self) -> float | None:
-        """Time the server itself added: (t1-t0) + (t3-t2s) + (t5-t4).
+        """Time the server itself added: (t1-t0) + (t3-t2s) + (t5-t4), where t1-t0 counts
+        only when positive and t3 is measured from the later of t2s and t0.
 
         DESIGN.md §5 writes (t3-t2); but from the first token to the end of the first
         sentence the server only waits for Claude to write it, so that span is provider
@@ -47,8 +48,10 @@ class TurnRecord:
         t0, t1, t2s, t3, t4, t5 = self.t0, self.t1, self.t2s, self.t3, self.t4, self.t5
         if t0 is None or t1 is None or t2s is None or t3 is None or t4 is None or t5 is None:
             return None
-        # A speculative reply was asked before the turn ended: no wait of ours there.
-        return max(0.0, t1 - t0) + (t3 - t2s) + (t5 - t4)
+        # A speculative reply was asked before the turn ended: no wait of ours there. Its
+        # first sentence may even be complete before then: until t0 it waits for the caller
+        # to finish, not for us, so our part starts at whichever came last.
+        return max(0.0, t1 - t0) + max(0.0, t3 - max(t2s, t0)) + (t5 - t4)
 
     def stages_ms(self) -> dict[str, float]:
         out: dict[str, float] = {}
