@@ -383,29 +383,7 @@ class MediaStream:
         return json.dumps(frame)
 
     def _start_frame(self) -> str:
-        p = self.params
-        return json.dumps(
-            {
-                "event": "start",
-                "sequence_number": str(self._next_seq()),
-                "stream_id": p.stream_id,
-                "start": {
-                    "user_id": p.user_id,
-                    "call_control_id": p.call_control_id,
-                    "call_session_id": p.call_session_id,
-                    "from": p.from_,
-                    "to": p.to,
-                    "tags": list(p.tags),
-                    "client_state": p.client_state,
-                    "custom_parameters": p.custom_parameters,
-                    "media_format": {
-                        "encoding": p.codec,
-                        "sample_rate": STREAM_CODEC_RATES.get(p.codec, 8000),
-                        "channels": 1,
-                    },
-                },
-            }
-        )
+        return start_frame(self.params, self._next_seq())
 
     async def _send_media(self, track: str, frame: bytes | None) -> None:
         self._chunks[track] = chunk = self._chunks[track] + 1
@@ -646,3 +624,29 @@ def _describe(exc: BaseException) -> str:
 
 def _utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def start_frame(p: StreamParams, sequence_number: int) -> str:
+    """The ``start`` frame Telnyx sends first on a media stream (the lean carrier's too)."""
+    return json.dumps(
+        {
+            "event": "start",
+            "sequence_number": str(sequence_number),
+            "stream_id": p.stream_id,
+            "start": {
+                "user_id": p.user_id,
+                "call_control_id": p.call_control_id,
+                "call_session_id": p.call_session_id,
+                "from": p.from_,
+                "to": p.to,
+                "tags": list(p.tags),
+                "client_state": p.client_state,
+                "custom_parameters": p.custom_parameters,
+                "media_format": {
+                    "encoding": p.codec,
+                    "sample_rate": STREAM_CODEC_RATES.get(p.codec, 8000),
+                    "channels": 1,
+                },
+            },
+        }
+    )

@@ -54,10 +54,10 @@ from voice_trio.sim.carrier import (
     MAX_LAG_S,
     MAX_QUEUED_BYTES,
     SILENCE_FRAME,
-    STREAM_CODEC_RATES,
     Line,
     MediaStream,
     StreamParams,
+    start_frame,
 )
 from voice_trio.sim.lean_caller import LeanCaller
 from voice_trio.sim.reactor import Reactor, Timer
@@ -137,29 +137,7 @@ class StreamFrames:
         return json.dumps(frame, separators=(",", ":")).encode()
 
     def start(self) -> bytes:
-        p = self.params
-        return json.dumps(
-            {
-                "event": "start",
-                "sequence_number": str(self.next_seq()),
-                "stream_id": p.stream_id,
-                "start": {
-                    "user_id": p.user_id,
-                    "call_control_id": p.call_control_id,
-                    "call_session_id": p.call_session_id,
-                    "from": p.from_,
-                    "to": p.to,
-                    "tags": list(p.tags),
-                    "client_state": p.client_state,
-                    "custom_parameters": p.custom_parameters,
-                    "media_format": {
-                        "encoding": p.codec,
-                        "sample_rate": STREAM_CODEC_RATES.get(p.codec, 8000),
-                        "channels": 1,
-                    },
-                },
-            }
-        ).encode()
+        return start_frame(self.params, self.next_seq()).encode()
 
     def media(self, payload: bytes) -> bytes:
         """The next ``inbound`` media frame carrying ``payload`` (base64 of 20 ms)."""
