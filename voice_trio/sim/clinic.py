@@ -52,7 +52,7 @@ from zoneinfo import ZoneInfo
 
 import trio
 
-from voice_trio.sim._serve import answer_lifespan, serve_asgi
+from voice_trio.sim._serve import answer_lifespan, read_body, serve_asgi
 
 TIMEZONE = ZoneInfo("America/Bogota")
 DOCTORS = {"dr-rojas": "Dra. Rojas", "dr-perez": "Dr. Pérez"}
@@ -216,16 +216,11 @@ class ClinicSim:
             return
         if scope["type"] != "http":
             return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
+        if body is None:
+            return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        record = ClinicRequest(scope["method"], scope["path"], headers, bytes(body), False)
+        record = ClinicRequest(scope["method"], scope["path"], headers, body, False)
         self.requests.append(record)
         status, answer, delay = self._answer(record)
         record.status, record.answer = status, answer

@@ -97,7 +97,7 @@ from urllib.parse import unquote
 import httpx
 import trio
 
-from voice_trio.sim._serve import answer_lifespan, serve_asgi
+from voice_trio.sim._serve import answer_lifespan, read_body, serve_asgi
 from voice_trio.sim.carrier import STREAM_CODEC_RATES, AudioPort
 from voice_trio.sim.speech import DEFAULT_MS_PER_CHAR, encode_speech, silence
 from voice_trio.sim.telnyx_calls import COMMAND_ID_WINDOW_S, Callee, SimCall
@@ -330,16 +330,11 @@ class TelnyxSim:
         if scope["type"] != "http":
             await send({"type": "websocket.close", "code": 1003})
             return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
+        if body is None:
+            return
         status, document, extra = self.handle(
-            scope["method"], scope["path"], scope["headers"], bytes(body)
+            scope["method"], scope["path"], scope["headers"], body
         )
         raw = json.dumps(document).encode()
         headers = [
