@@ -51,8 +51,6 @@ class Replies:
         self.voice = voice
         self.controls = controls
         self.speculator = speculator
-        self.nombre = caller.nombre
-        self.contexto = caller.contexto
         self.caller = caller
         self.end_requested = False  # a reply asked to end the call (CallAct.END)
         # Tool requests a cut turn left running: their results go with the next turn.
@@ -102,8 +100,8 @@ class Replies:
             self.conversation,
             sentence_send,
             record,
-            nombre=self.nombre,
-            contexto=self.contexto,
+            nombre=self.caller.nombre,
+            contexto=self.caller.contexto,
             can_transfer=bool(self.settings.transfer_number),
             messages=messages,
             tools=tools,
