@@ -20,12 +20,45 @@ from voice_trio.sim.lean_deepgram import LeanDeepgram
 from voice_trio.sim.lean_telnyx import LeanTelnyxSim
 from voice_trio.sim.lean_telnyx import serve as serve_lean
 from voice_trio.sim.reactor import Reactor
+from voice_trio.web import lean_socket
 
 ROOT = Path(__file__).resolve().parents[1]
 TURNS = 2
 
 
-async def test_lean_calls_complete_with_the_expected_turns(nursery, lab) -> None:
+def sample(metrics: str, name: str) -> float:
+    """The value of one sample of a /metrics text (its whole name with labels)."""
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+@pytest.fixture
+def gaps(monkeypatch: pytest.MonkeyPatch) -> list[list[float]]:
+    """Each media socket's read gaps, in the order the call set them (changes only)."""
+    traced: list[list[float]] = []
+
+    class TracedLean(lean_socket.LeanWebSocket):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            self.gaps: list[float] = []
+            traced.append(self.gaps)
+            super().__init__(*args, **kwargs)
+
+        @property  # type: ignore[override]
+        def read_gap(self) -> float:
+            return self.gaps[-1] if self.gaps else 0.0
+
+        @read_gap.setter
+        def read_gap(self, value: float) -> None:
+            if not self.gaps or self.gaps[-1] != value:
+                self.gaps.append(value)
+
+    monkeypatch.setattr(lean_socket, "LeanWebSocket", TracedLean)
+    return traced
+
+
+async def test_lean_calls_complete_with_the_expected_turns(nursery, lab, gaps) -> None:
     telnyx = LeanTelnyxSim(api_key=TELNYX_KEY)
     telnyx_url = await nursery.start(serve_lean, telnyx)
     dg = LeanDeepgram(api_key=DEEPGRAM_KEY, ms_per_char=FAST_SPEECH_MS, tts_ttfb_ms=20)
@@ -41,6 +74,9 @@ async def test_lean_calls_complete_with_the_expected_turns(nursery, lab) -> None
             "API_TOKEN": API_TOKEN,
         }
         server = await start_server(nursery, env)
+        metrics = (await server.client.get("/metrics")).text
+        reads_before = sample(metrics, "voice_media_reads_total")
+        frames_before = sample(metrics, 'voice_ws_messages_total{direction="in",peer="carrier"}')
         telnyx.default_webhook_url = server.app.center.settings.webhook_url
         callers = [
             LeanCaller(call_script(TURNS), ms_per_char=FAST_SPEECH_MS, timeout_s=40)
@@ -70,6 +106,19 @@ async def test_lean_calls_complete_with_the_expected_turns(nursery, lab) -> None
             assert call.streams[0].close_reason == "stopped"
             assert call.events[-2:] == ["streaming.stopped", "call.hangup"]
         assert dg.stt_streams == 3 and dg.tts_requests > 0
+        # Reads were gathered while the caller was quiet and not while they spoke: each
+        # turn took the gap away and gave it back (the turns above were still on time).
+        assert len(gaps) == 3
+        for gap in gaps:
+            assert gap[:2] == [0.0, 0.1], gap
+            assert gap.count(0.0) >= TURNS + 1 and gap.count(0.1) >= TURNS, gap
+        # /metrics counts the reads: fewer wake-ups than frames (the process-wide counts,
+        # read as a difference from before these calls).
+        metrics = (await server.client.get("/metrics")).text
+        reads = sample(metrics, "voice_media_reads_total") - reads_before
+        frames = sample(metrics, 'voice_ws_messages_total{direction="in",peer="carrier"}')
+        frames -= frames_before
+        assert 0 < reads < 0.8 * frames, (reads, frames)
         assert telnyx.engine.late_resyncs == 0
     finally:
         reactor.stop()

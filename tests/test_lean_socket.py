@@ -496,3 +496,77 @@ async def test_many_sockets_leave_no_task_behind(echo: EchoServer) -> None:
         while len(echo.ended) < 20 or task_names() != before:  # noqa: ASYNC110
             await trio.sleep(0.02)
     assert echo.ended.count(1000) == 10
+
+
+async def test_a_read_gap_gathers_frames_into_one_read(nursery: trio.Nursery) -> None:
+    """With ``read_gap`` set, the socket reads at most once per gap: frames sent meanwhile
+    are handed out together after it, each saying since when its bytes were arriving; a
+    control frame waits for that read too, and with the gap back at 0 reads are at once."""
+    seen: list[tuple[str, float | None, float]] = []
+    reads: list[float] = []
+
+    async def gathering(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await answer_lifespan(receive, send)
+            return
+        handover = websocket_handover(scope)
+        assert handover is not None
+        raw = await handover.accept()
+        assert raw is not None
+        socket = LeanWebSocket(raw, scope)
+        io = socket._io
+
+        class CountedIO:
+            async def receive(self, max_bytes: int, *, likely_ready: bool = False) -> bytes:
+                data = await io.receive(max_bytes, likely_ready=likely_ready)
+                reads.append(trio.current_time())
+                return data
+
+            send = io.send
+
+        socket._io = CountedIO()  # type: ignore[assignment]
+        try:
+            while (message := await socket.receive()) is not None:
+                assert isinstance(message, str)
+                seen.append((message, socket.gathered_since, trio.current_time()))
+                socket.read_gap = 0.3 if message == "gather" else socket.read_gap
+                if message == "at once":
+                    socket.read_gap = 0.0
+                await socket.send_text(message)
+        finally:
+            raw.release()
+
+    compat.apply()
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    stop = trio.Event()
+    binds = await nursery.start(partial(serve, gathering, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
+    port = int(binds[0].rsplit(":", 1)[1])
+    client = await RawClient.connect(port)
+    await client.send(client_frame(OP_TEXT, b"gather"))
+    assert await client.frame() == (OP_TEXT, b"gather")
+    first_read = reads[-1]
+    for i in range(5):
+        await client.send(client_frame(OP_TEXT, f"frame {i}".encode()))
+        await trio.sleep(0.02)
+    await client.send(client_frame(OP_PING, b"p"))
+    await client.send(client_frame(OP_TEXT, b"at once"))
+    with trio.fail_after(5):
+        replies = [await client.frame() for _ in range(7)]
+    assert (OP_PONG, b"p") in replies
+    gathered = [s for s in seen if s[0].startswith("frame")] + [seen[-1]]
+    assert [s[0] for s in gathered] == [f"frame {i}" for i in range(5)] + ["at once"]
+    # One read, 0.3 s after the one before it, brought all six and the ping.
+    since = {s[1] for s in gathered}
+    assert len(since) == 1 and since.pop() == pytest.approx(first_read, abs=0.01)
+    assert min(s[2] for s in gathered) >= first_read + 0.3
+    assert len([t for t in reads if t > first_read]) == 1
+    # With the gap back at 0, the next frame is read as it comes and says so.
+    sent = trio.current_time()
+    await client.send(client_frame(OP_TEXT, b"late"))
+    assert await client.frame() == (OP_TEXT, b"late")
+    assert seen[-1][0] == "late" and seen[-1][1] is None
+    assert seen[-1][2] - sent < 0.25
+    await client.stream.aclose()
+    stop.set()

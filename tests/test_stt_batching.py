@@ -240,3 +240,25 @@ def test_the_replay_ring_gives_memory_back_once_released() -> None:
     assert ring.start == 398 * FRAME and ring.end == 400 * FRAME
     assert ring.read(ring.start, 10_000) == b"\xff" * 2 * FRAME
     assert ring._data.__sizeof__() < 4_096
+
+
+async def test_a_gathered_read_counts_its_batch_wait_from_when_the_audio_arrived(
+    fake: FakeStream, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The carrier socket read 80 ms of audio at once, 80 ms after it began to arrive: the
+    batch does not wait another 100 ms for its fifth frame, it leaves when the oldest
+    byte has waited 100 ms in all."""
+    async with open_stt_link("ws://x", "k", SttOptions(), open_stream=opener(fake)) as link:
+        t0 = await warm(link, fake)
+        await trio.sleep(0.08)
+        for _ in range(4):
+            await link.send_audio(b"\xff" * FRAME, arrived=t0)
+        await trio.sleep(0.5)
+        # An arrival "later" than now is read as now: it never delays a batch.
+        t1 = trio.current_time()
+        await link.send_audio(b"\xff" * FRAME, arrived=t1 + 5)
+        await trio.sleep(0.5)
+    assert [(round(t - t0, 3), n) for t, n in fake.audio()] == [
+        (0.1, 4 * FRAME),
+        (round(t1 - t0 + 0.1, 3), FRAME),
+    ]

@@ -180,9 +180,10 @@ class WireCounts:
     ``voice_ws_messages_total{peer,direction}``. Process-wide, like the process metrics.
     """
 
-    __slots__ = ("carrier_in", "carrier_out", "stt_in", "stt_out")
+    __slots__ = ("carrier_in", "carrier_out", "carrier_reads", "stt_in", "stt_out")
 
     def __init__(self) -> None:
+        self.carrier_reads = 0  # reads of the media socket (``voice_media_reads_total``)
         self.carrier_in = 0
         self.carrier_out = 0
         self.stt_in = 0
@@ -208,6 +209,11 @@ class _WireCollector:
         for key in WIRE_KEYS:
             family.add_metric(list(key), WIRE.get(key))
         yield family
+        yield CounterMetricFamily(
+            "voice_media_reads",
+            "Reads of the carrier's media sockets (each a wake-up; several frames when gathered)",
+            value=WIRE.carrier_reads,
+        )
 
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
@@ -377,6 +383,14 @@ class Metrics:
         )
         self._wire = {key: wire.labels(worker, *key) for key in WIRE_KEYS}
         self._wire_published = dict.fromkeys(WIRE_KEYS, 0)
+        reads = Counter(
+            "voice_media_reads",
+            "Reads of the carrier's media sockets (each a wake-up; several frames when gathered)",
+            ["worker"],
+            registry=None,
+        )
+        self._reads = reads.labels(worker)
+        self._reads_published = 0
         self.registry = CollectorRegistry()
         self.registry.register(HostCollector())
 
@@ -403,6 +417,8 @@ class Metrics:
             now = WIRE.get(key)
             child.inc(now - self._wire_published[key])
             self._wire_published[key] = now
+        self._reads.inc(WIRE.carrier_reads - self._reads_published)
+        self._reads_published = WIRE.carrier_reads
 
 
 def count_tasks() -> int:

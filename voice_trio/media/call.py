@@ -66,6 +66,11 @@ class MediaSocket(Protocol):
     """What a call needs of the Telnyx media WebSocket (``web`` provides it)."""
 
     closed: bool  # the peer closed, or a send found it gone
+    # At least this many seconds between reads of the socket, when it can (0: as frames
+    # come); and, for what a read so held back handed out, when those bytes began to
+    # arrive (None otherwise).
+    read_gap: float
+    gathered_since: float | None
 
     async def receive(self) -> str | bytes | None: ...
     def done_reading(self) -> None:

@@ -191,8 +191,16 @@ class CallSession:
         reorder = FrameReorderer()
         alaw = self.start.encoding == "PCMA"
         metrics = self.services.metrics
+        socket = self.socket
+        # While nothing in the caller's audio is on its way to a turn end, reads are
+        # gathered: one wake-up every STT batch instead of one per 20 ms frame. The audio
+        # reaches Deepgram no later than batching alone would send it (the batch counts
+        # from when the bytes began to arrive), and the voice that ends the quiet is read
+        # at once from the next read on. Not for a recorded call: its track places caller
+        # audio by when it was read.
+        gather = stt.batch_seconds if self.recording is None else 0.0
         while True:
-            raw = await self.socket.receive()
+            raw = await socket.receive()
             if raw is None:
                 # Mid-transfer the socket closing is the leg leaving us, not a lost stream.
                 # Telnyx sends ``stop`` when the call ends: without one the call may well be
@@ -212,10 +220,13 @@ class CallSession:
                     if self.recording is not None:
                         self.recording.caller_frame(ready.payload, trio.current_time())
                     audio = ready.payload.translate(ALAW_TO_MULAW) if alaw else ready.payload
-                    await stt.send_audio(audio)
+                    await stt.send_audio(audio, socket.gathered_since)
                     edge = self.speech_end.feed(audio)
                     if edge is not None:
                         await self.on_silence(stt, edge)
+                if gather:
+                    quiet = self.speech_end.settled and not stt.speaking
+                    socket.read_gap = gather if quiet else 0.0
             elif isinstance(frame, Mark):
                 self.playback.on_mark(frame.name)
             elif isinstance(frame, Stop):

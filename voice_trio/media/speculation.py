@@ -106,6 +106,12 @@ class SpeechEndWatch:
         """The caller spoke and has been silent for at least ``quiet_s`` since."""
         return self._spoke and 0 < self._quiet <= self.position - self._voiced_until
 
+    @property
+    def settled(self) -> bool:
+        """No voice yet, or silence since it for the endpointing time: nothing in the
+        caller's audio is on its way to a turn end (no edge is due)."""
+        return not self._spoke or self.position - self._voiced_until >= self._endpoint
+
     def feed(self, audio: bytes) -> str | None:
         before = self.position - self._voiced_until
         self.position += len(audio)

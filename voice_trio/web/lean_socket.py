@@ -40,6 +40,7 @@ from voice_trio.web.rfc6455 import (
     frame,
     text_frame,
 )
+from voice_trio.wire.fastio import FastIO
 
 # A media frame is ~400 bytes on the wire; a larger message just takes more reads.
 READ_CHUNK = 16 * 1024
@@ -64,6 +65,7 @@ class LeanWebSocket(ScopeFacts):
         self._kept: trio.Event | None = None  # set once that reading has ended
         self._raw = raw
         self._stream = raw.stream
+        self._io = FastIO(raw.stream)
         self._send_lock = raw.send_lock
         self._reader = FrameReader(raw.max_message_size)
         self._reader.feed(raw.buffered)
@@ -71,6 +73,13 @@ class LeanWebSocket(ScopeFacts):
         self.close_code: int | None = None  # the peer's: its close code, 1006 if it vanished
         self._close_sent = False
         self._over = False  # nothing more will be read: the connection is being closed
+        # Reads are at least this far apart (seconds): the call sets it while nothing in
+        # the caller's audio is time-critical, so one wake-up reads several frames.
+        self.read_gap = 0.0
+        self._last_read = trio.current_time()
+        # After a read held back by ``read_gap``: when its bytes began to arrive (the read
+        # before it); None when they were read as they came.
+        self.gathered_since: float | None = None
 
     async def receive(self) -> str | bytes | None:
         """The next message, or None once the peer has closed (or broke the protocol, or
@@ -102,6 +111,7 @@ class LeanWebSocket(ScopeFacts):
         still sends, answering its ping or close at once, in the keeper's task."""
         if self._keeper is None or self._kept is not None or self._over:
             return
+        self.read_gap = 0.0  # the peer's close is answered at once
         self._kept = trio.Event()
         self._keeper.start_soon(self._keep_reading, self._kept)
 
@@ -152,14 +162,24 @@ class LeanWebSocket(ScopeFacts):
 
     async def _read(self) -> None:
         raw = self._raw
+        likely_ready = False
+        self.gathered_since = None
+        if self.read_gap:
+            due = self._last_read + self.read_gap
+            if due > trio.current_time():
+                await trio.sleep_until(due)
+                likely_ready = True
+                self.gathered_since = self._last_read
         raw.waiting_since = trio.current_time()  # the watchdog's read timeout runs
         try:
-            data = await self._stream.receive_some(READ_CHUNK)
+            data = await self._io.receive(READ_CHUNK, likely_ready=likely_ready)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""  # the watchdog closed a silent peer's connection, or it broke
         finally:
             raw.waiting_since = math.inf
         if data:
+            WIRE.carrier_reads += 1
+            self._last_read = trio.current_time()
             self._reader.feed(data)
             return
         # The peer vanished, mid-frame or between frames, without a close frame.
@@ -195,8 +215,11 @@ class LeanWebSocket(ScopeFacts):
             await lock.acquire()
         try:
             try:
+                # Usually the kernel takes the frame at once and nothing here waits; when
+                # it does not, the rest is sent shielded: a frame cut half-way cannot be
+                # taken back.
                 with trio.CancelScope(shield=True, relative_deadline=timeout) as sending:
-                    await self._stream.send_all(data)
+                    await self._io.send(data)
             finally:
                 lock.release()
             if sending.cancelled_caught:  # the frame may be cut: the stream is unusable

@@ -58,6 +58,8 @@ class AsgiWebSocket(ScopeFacts):
         self._send_lock = trio.Lock()
         self.closed = False
         self.close_code: int | None = None
+        self.read_gap = 0.0  # not offered here: Hypercorn reads as frames come
+        self.gathered_since: float | None = None
 
     async def accept(self) -> bool:
         """Complete the upgrade (101); False if the client left before it."""

@@ -348,12 +348,25 @@ class SttLink:
         """
         return _EventIterator(self)
 
-    async def send_audio(self, chunk: bytes) -> None:
+    @property
+    def batch_seconds(self) -> float:
+        """How long live audio may wait to go out in a batch (0: never batched)."""
+        return self._batch_wait
+
+    @property
+    def speaking(self) -> bool:
+        """Deepgram hears the caller mid-utterance (live audio goes out unbatched)."""
+        return self._speaking
+
+    async def send_audio(self, chunk: bytes, arrived: float | None = None) -> None:
         """Queue one chunk of caller audio; it never blocks on Deepgram.
 
-        Ignored after ``close_stream()`` or once the link is lost (the call may carry on
-        without transcription). Runs ~50 times a second per call: it appends, and wakes the
-        pump only when a batch is due (or the first byte of one arrived, to start its timer).
+        ``arrived``: the earliest the chunk can have reached us, when it was read later
+        than that (the carrier socket's gathered reads); a batch's wait counts from it, so
+        audio waits no longer in all than ``batch_seconds``. Ignored after
+        ``close_stream()`` or once the link is lost (the call may carry on without
+        transcription). Runs ~50 times a second per call: it appends, and wakes the pump
+        only when a batch is due (or the first byte of one arrived, to start its timer).
         """
         if chunk and not (self._closing or self._finished.is_set()):
             ring = self._ring
@@ -361,7 +374,8 @@ class SttLink:
             conn = self._conn
             pending = ring.end - (conn.cursor if conn is not None else ring.start)
             if pending <= len(chunk):
-                self._unsent_since = trio.current_time()
+                now = trio.current_time()
+                self._unsent_since = now if arrived is None else min(arrived, now)
                 self._wake.set()
             elif pending >= self._batch or self._speaking:
                 self._wake.set()
