@@ -175,9 +175,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument(
         "--variant",
         default="",
-        help="switch one optimisation off in the server, to compare "
+        help="switch optimisations off in the server, to compare; comma-separated "
         "(scripts/bench/variant_serve.py: no-stt-batching, hypercorn-reads,"
-        " asgi-media-socket)",
+        " asgi-media-socket, no-gathered-reads, trio-stream-io)",
     )
     parser.add_argument(
         "--workers",
@@ -634,6 +634,11 @@ def summarize_level(
         if messages:
             messages["total"] = round(sum(messages.values()), 1)
             result["messages_per_call_second"] = messages
+        a, b = after.value("voice_media_reads_total"), before.value("voice_media_reads_total")
+        if a is not None and b is not None:
+            # Wake-ups of the media socket's reader (the lean socket; frames per read > 1
+            # when reads are gathered).
+            result["media_reads_per_call_second"] = round((a - b) / (t1 - t0) / n, 1)
     return result
 
 

@@ -1,6 +1,7 @@
 """``voice_trio.cli`` with one optimisation switched off, for before/after comparisons.
 
     VARIANT=no-stt-batching python -P scripts/bench/variant_serve.py --env-file ... serve
+    VARIANT=no-gathered-reads,trio-stream-io ...   (several, comma-separated)
 
 Used by ``scripts/loadtest.py --variant`` (``server.VARIANT_SERVE``); the variants are
 named in ``VARIANTS``.
@@ -35,16 +36,38 @@ def asgi_media_socket() -> None:
     os.environ["MEDIA_SOCKET"] = "asgi"
 
 
+def no_gathered_reads() -> None:
+    from voice_trio.web.lean_socket import LeanWebSocket
+
+    # Every media read as frames come, whatever the call sets (the class attribute, a
+    # property that ignores sets, takes precedence over the instance's).
+    LeanWebSocket.read_gap = property(lambda self: 0.0, lambda self, value: None)  # type: ignore[assignment]
+
+
+def trio_stream_io() -> None:
+    from voice_trio.wire.fastio import FastIO
+
+    # Reads and writes through the stream's receive_some / send_all, as for TLS.
+    original = FastIO.__init__
+
+    def init(self: FastIO, stream: object) -> None:
+        original(self, stream)  # type: ignore[arg-type]
+        self._socket = None
+
+    FastIO.__init__ = init  # type: ignore[method-assign]
+
+
 VARIANTS = {
     "no-stt-batching": no_stt_batching,
     "hypercorn-reads": hypercorn_reads,
     "asgi-media-socket": asgi_media_socket,
+    "no-gathered-reads": no_gathered_reads,
+    "trio-stream-io": trio_stream_io,
 }
 
 
 def main() -> None:
-    name = os.environ.get("VARIANT", "")
-    if name:
+    for name in filter(None, os.environ.get("VARIANT", "").split(",")):
         VARIANTS[name]()
     from voice_trio.cli import main as cli_main
 
