@@ -177,7 +177,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         default="",
         help="switch optimisations off in the server, to compare; comma-separated "
         "(scripts/bench/variant_serve.py: no-stt-batching, hypercorn-reads,"
-        " asgi-media-socket, no-gathered-reads, trio-stream-io)",
+        " asgi-media-socket, no-gathered-reads, no-speech-batching, trio-stream-io)",
     )
     parser.add_argument(
         "--workers",

@@ -128,22 +128,44 @@ async def test_a_partial_batch_leaves_after_at_most_100_ms(
     assert [(round(t - t0, 3), n) for t, n in fake.audio()] == [(0.1, 2 * FRAME)]
 
 
-async def test_no_batching_while_the_caller_speaks(
+async def test_two_frame_batches_while_the_caller_speaks(
     fake: FakeStream, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with open_stt_link("ws://x", "k", SttOptions(), open_stream=opener(fake)) as link:
         await warm(link, fake)
         await fake._send.send(SpeechStarted(timestamp=0.0))
         await trio.sleep(0.01)
+        t0 = trio.current_time()
         await frames(link, 10)
         await trio.sleep(0.001)
-        assert [n for _, n in fake.audio()] == [FRAME] * 10  # frame by frame, on arrival
+        # Each pair leaves as its second frame arrives: the first waited 20 ms.
+        assert [(round(t - t0, 3), n) for t, n in fake.audio()] == [
+            (round(0.02 + 0.04 * i, 3), 2 * FRAME) for i in range(5)
+        ]
+        fake.sent.clear()
+        await frames(link, 1)  # a lone frame waits 40 ms at most
+        await trio.sleep(0.1)
+        assert [n for _, n in fake.audio()] == [FRAME]
         await fake._send.send(transcript("hola", is_final=True, speech_final=True))
         await trio.sleep(0.01)
         fake.sent.clear()
         await frames(link, 10)
         await trio.sleep(0.2)
-    assert [n for _, n in fake.audio()] == [BATCH, BATCH]  # batching again after the turn
+    assert [n for _, n in fake.audio()] == [BATCH, BATCH]  # 100 ms batches after the turn
+
+
+async def test_speech_batch_seconds_zero_sends_speech_frame_by_frame(
+    fake: FakeStream, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_stt_link(
+        "ws://x", "k", SttOptions(), open_stream=opener(fake), speech_batch_seconds=0
+    ) as link:
+        await warm(link, fake)
+        await fake._send.send(SpeechStarted(timestamp=0.0))
+        await trio.sleep(0.01)
+        await frames(link, 10)
+        await trio.sleep(0.001)
+    assert [n for _, n in fake.audio()] == [FRAME] * 10  # on arrival
 
 
 async def test_words_in_an_interim_start_the_speaking_state_and_flush_the_batch(
@@ -219,6 +241,19 @@ async def test_keepalive_interval_none_sends_none(
         await frames(link, 5)
         await trio.sleep(30)
     assert {kind for _, kind, _ in fake.sent} == {"audio"}
+
+
+async def test_speech_batch_seconds_is_bounded_by_the_batch(fake: FakeStream) -> None:
+    with pytest.raises(ValueError, match="speech_batch_seconds"):
+        async with open_stt_link(
+            "ws://x",
+            "k",
+            SttOptions(),
+            open_stream=opener(fake),
+            batch_seconds=0.05,
+            speech_batch_seconds=0.06,
+        ):
+            pass
 
 
 async def test_batch_seconds_is_bounded(fake: FakeStream) -> None:

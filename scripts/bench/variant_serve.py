@@ -19,6 +19,12 @@ def no_stt_batching() -> None:
     stt_link.BATCH_SECONDS = 0.0  # one WebSocket message per 20 ms carrier frame
 
 
+def no_speech_batching() -> None:
+    from voice_trio.providers.deepgram import link as stt_link
+
+    stt_link.SPEECH_BATCH_SECONDS = 0.0  # while the caller speaks, every frame at once
+
+
 def hypercorn_reads() -> None:
     from hypercorn.trio.tcp_server import TCPServer
 
@@ -62,6 +68,7 @@ VARIANTS = {
     "hypercorn-reads": hypercorn_reads,
     "asgi-media-socket": asgi_media_socket,
     "no-gathered-reads": no_gathered_reads,
+    "no-speech-batching": no_speech_batching,
     "trio-stream-io": trio_stream_io,
 }
 

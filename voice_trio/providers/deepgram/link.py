@@ -17,10 +17,13 @@ It has the surface the session uses on ``SttStream`` (``send_audio``, ``finalize
   (Deepgram closes a stream that got nothing for 10 s, deepgram.md §A4).
 - **Batches.** Live audio goes out in messages of up to ``batch_seconds`` (100 ms: a fifth
   of the messages of 20 ms carrier frames, and each costs a send, a wake-up and framing on
-  both sides). The oldest byte of a batch waits at most ``batch_seconds``. A batch is not
-  held while the caller is speaking (from ``SpeechStarted`` or a transcript with words
-  until ``speech_final`` or ``UtteranceEnd``), so endpointing and turn ends are not
-  delayed; nor before a ``Finalize`` or ``CloseStream``, nor in a replay.
+  both sides). The oldest byte of a batch waits at most ``batch_seconds``. While the
+  caller is speaking (from ``SpeechStarted`` or a transcript with words until
+  ``speech_final`` or ``UtteranceEnd``) batches are ``speech_batch_seconds`` (40 ms: two
+  frames, the first waiting 20 ms for the second), so interim results come at most that
+  much later and half the messages go out; a turn's end is not delayed by it, because a
+  ``Finalize`` sends what is held first. Nothing is held before a ``Finalize`` or
+  ``CloseStream``, nor in a replay.
 - **Reconnect.** When a connection closes abnormally (``SttClosed`` from its events or from
   a send), the link opens a new one with the same options after a short backoff and
   replays the buffer. Deepgram's timestamps restart at 0 on every connection (§A5), so each
@@ -82,6 +85,8 @@ _MAX_FRAME_S = 0.1
 
 # Default live batch (see the module doc); benchmarks set it to 0 to compare.
 BATCH_SECONDS = 0.1
+# Default batch while the caller speaks (at most the live batch); 0: frame by frame.
+SPEECH_BATCH_SECONDS = 0.04
 
 # Idle seconds before the pump sends a KeepAlive (Deepgram: every 3-5 s while not sending
 # audio, deepgram.md §A3).
@@ -264,6 +269,7 @@ class SttLink:
         open_stream: OpenStream,
         stream_kwargs: dict[str, Any],
         batch_seconds: float | None = None,
+        speech_batch_seconds: float | None = None,
         keepalive_interval: float | None = KEEPALIVE_SECONDS,
     ) -> None:
         width = _BYTES_PER_SAMPLE.get(opts.encoding)
@@ -280,6 +286,10 @@ class SttLink:
             batch_seconds = BATCH_SECONDS
         if not 0 <= batch_seconds <= _MAX_FRAME_S:
             raise ValueError(f"batch_seconds must be in [0, {_MAX_FRAME_S}]")
+        if speech_batch_seconds is None:
+            speech_batch_seconds = min(SPEECH_BATCH_SECONDS, batch_seconds)
+        if not 0 <= speech_batch_seconds <= batch_seconds:
+            raise ValueError("speech_batch_seconds must be in [0, batch_seconds]")
         self._base_url = base_url
         self._api_key = api_key
         self._opts = opts
@@ -294,9 +304,11 @@ class SttLink:
         # Live audio waits for a whole batch of this many bytes, or for ``_batch_wait`` s.
         self._batch = min(self._max_frame, int(self._bps * batch_seconds) // frame * frame)
         self._batch_wait = batch_seconds
+        self._speech_batch = int(self._bps * speech_batch_seconds) // frame * frame
+        self._speech_wait = speech_batch_seconds
         self._keepalive = keepalive_interval if keepalive_interval and keepalive_interval > 0 else 0
         self._unsent_since: float | None = None  # when the oldest unsent live byte arrived
-        self._speaking = False  # the caller is mid-utterance: no batching
+        self._speaking = False  # the caller is mid-utterance: speech batches
         self._ring = _AudioRing(max(frame, int(replay_seconds * self._bps)) // frame * frame, frame)
         self._finalized_until = 0  # link position up to which a final covers the audio
         self._lost = 0  # bytes counted in lost_audio_seconds
@@ -377,7 +389,7 @@ class SttLink:
                 now = trio.current_time()
                 self._unsent_since = now if arrived is None else min(arrived, now)
                 self._wake.set()
-            elif pending >= self._batch or self._speaking:
+            elif pending >= (self._speech_batch if self._speaking else self._batch):
                 self._wake.set()
         await trio.lowlevel.checkpoint_if_cancelled()
 
@@ -554,15 +566,19 @@ class SttLink:
         """When the pump sends a KeepAlive if nothing else has gone out by then."""
         return conn.last_send + self._keepalive if self._keepalive else math.inf
 
+    def _batch_due(self) -> float:
+        """When the live batch being gathered must go out, full or not."""
+        assert self._unsent_since is not None
+        return self._unsent_since + (self._speech_wait if self._speaking else self._batch_wait)
+
     def _hold_batch(self, pending: int) -> bool:
         """Whether ``pending`` live bytes should wait for more before going out."""
         return (
-            pending < self._batch
+            pending < (self._speech_batch if self._speaking else self._batch)
             and self._unsent_since is not None
-            and not self._speaking
             and self._finalize_at is None
             and not self._closing
-            and trio.current_time() < self._unsent_since + self._batch_wait
+            and trio.current_time() < self._batch_due()
         )
 
     async def _pump(self, conn: _Connection) -> None:
@@ -589,8 +605,7 @@ class SttLink:
                     # A partial live batch: wait for more audio, for its deadline, or for
                     # something that needs it sent now (speech, Finalize, CloseStream). A
                     # keep-alive falling due first sends it: audio keeps the socket alive.
-                    assert self._unsent_since is not None
-                    batch_due = self._unsent_since + self._batch_wait
+                    batch_due = self._batch_due()
                     with trio.move_on_at(min(batch_due, self._keepalive_due(conn))):
                         await self._wake.wait()
                     if self._wake.is_set():
@@ -635,6 +650,7 @@ async def open_stt_link(
     backoff: tuple[float, float] = (0.1, 1.0),
     open_stream: OpenStream = connect_stt,
     batch_seconds: float | None = None,
+    speech_batch_seconds: float | None = None,
     keepalive_interval: float | None = KEEPALIVE_SECONDS,
     **stream_kwargs: Any,
 ) -> AsyncIterator[SttLink]:
@@ -642,8 +658,9 @@ async def open_stt_link(
 
     ``replay_seconds`` caps the audio kept for replay; ``replay_rate`` (at most 1.25) is how
     much faster than real time a replay is sent; ``batch_seconds`` (at most 0.1, 0 for no
-    batching; default ``BATCH_SECONDS``) is how much live audio is gathered per message;
-    reconnect ``n`` waits ``min(backoff[0] * 2**(n-1), backoff[1])`` s; a KeepAlive goes out
+    batching; default ``BATCH_SECONDS``) is how much live audio is gathered per message,
+    ``speech_batch_seconds`` (at most ``batch_seconds``; default ``SPEECH_BATCH_SECONDS``)
+    how much while the caller speaks; reconnect ``n`` waits ``min(backoff[0] * 2**(n-1), backoff[1])`` s; a KeepAlive goes out
     whenever nothing was sent for ``keepalive_interval`` s (``None``: never). Other keyword
     arguments go to ``open_stream`` (``connect_stt``: ``connect_timeout``, ...).
 
@@ -663,6 +680,7 @@ async def open_stt_link(
         open_stream=open_stream,
         stream_kwargs=stream_kwargs,
         batch_seconds=batch_seconds,
+        speech_batch_seconds=speech_batch_seconds,
         keepalive_interval=keepalive_interval,
     )
     error: BaseException | None = None
