@@ -14,7 +14,6 @@ is a bracketed note ("[la persona marcó 1 2 3]") that Claude reads as a key pre
 from __future__ import annotations
 
 import math
-from collections import deque
 
 STREAM = "stream"
 WEBHOOK = "webhook"
@@ -41,12 +40,14 @@ class PressDeduper:
 
     def __init__(self, window: float = DEDUPE_WINDOW_S) -> None:
         self._window = window
-        self._unpaired: deque[tuple[str, str, float]] = deque()  # (key, source, at)
+        # (key, source, at): a press waits here at most ``window`` s, so a list is enough
+        # (an empty deque is a 600-byte block per call).
+        self._unpaired: list[tuple[str, str, float]] = []
 
     def first_report(self, key: str, source: str, now: float) -> bool:
         """True if this is a new press; False if it is the other path's report of one."""
         while self._unpaired and now - self._unpaired[0][2] > self._window:
-            self._unpaired.popleft()
+            del self._unpaired[0]
         for i, (k, s, _) in enumerate(self._unpaired):
             if k == key and s != source:
                 del self._unpaired[i]
@@ -62,7 +63,7 @@ class KeyCollector:
 
     def __init__(self, gap: float = KEY_GAP_S) -> None:
         self._gap = gap
-        self._unreported: deque[str] = deque()
+        self._unreported: list[str] = []  # at most KEY_QUEUE
         self._group: list[str] = []
         self._closes_at = math.inf
 

@@ -27,7 +27,6 @@ for the bot's current turn to end and is then said as a turn of its own.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from typing import Any
 
 import trio
@@ -55,7 +54,9 @@ class CallControls:
         self.keys = KeyCollector()
         self.pending: str | None = None  # transfer | end_call | voicemail | operator_hangup
         self.transfer_to = ""  # an operator's number for the pending transfer
-        self.notes: deque[str] = deque()  # an operator's texts, said next
+        # An operator's texts, said next (at most MAX_NOTES: a list, not an empty deque's
+        # 600-byte block per call).
+        self.notes: list[str] = []
         self._watch = trio.CancelScope()  # the wait of ``run``: a key press cancels it
 
     async def run(self) -> None:

@@ -268,7 +268,7 @@ class CallSession:
         said = False
         notes = self.controls.notes
         while notes and self.controls.pending is None and not self._time_up.is_set():
-            await self.say(notes.popleft(), kind="note")
+            await self.say(notes.pop(0), kind="note")
             said = True
         return said
 
