@@ -46,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -122,6 +121,8 @@ class _AudioRing:
     Bounded by ``capacity`` bytes: appending past it drops the oldest bytes.
     """
 
+    __slots__ = ("_data", "capacity", "frame", "start")
+
     def __init__(self, capacity: int, frame: int) -> None:
         self.capacity = capacity
         self.frame = frame  # bytes per sample frame: cuts never split one
@@ -160,15 +161,21 @@ class _AudioRing:
 class _Timeline:
     """Maps one connection's stream times (seconds from its first byte) to link times."""
 
+    __slots__ = ("_bps", "_breaks")
+
     def __init__(self, link_start: int, bytes_per_second: int) -> None:
         self._bps = bytes_per_second
-        # (connection byte, link byte) pairs, increasing in both.
-        self._breaks: deque[tuple[int, int]] = deque([(0, link_start)], maxlen=_MAX_TIME_BREAKS)
+        # (connection byte, link byte) pairs, increasing in both; at most _MAX_TIME_BREAKS.
+        # A list: there is rarely more than the first, and a deque is a 600-byte block.
+        self._breaks: list[tuple[int, int]] = [(0, link_start)]
 
     def jump(self, conn_pos: int, link_pos: int) -> None:
-        if self._breaks[-1][0] == conn_pos:
-            self._breaks.pop()
-        self._breaks.append((conn_pos, link_pos))
+        breaks = self._breaks
+        if breaks[-1][0] == conn_pos:
+            breaks.pop()
+        breaks.append((conn_pos, link_pos))
+        if len(breaks) > _MAX_TIME_BREAKS:
+            del breaks[0]
 
     def to_link(self, seconds: float) -> float:
         conn_pos = seconds * self._bps
@@ -188,6 +195,8 @@ class _Pacer:
     ``rate``. Allowance left unused carries over up to ``slack`` seconds, for bursts of late
     carrier frames.
     """
+
+    __slots__ = ("_origin", "_rate", "_sent", "_slack")
 
     def __init__(self, rate: float, slack: float) -> None:
         self._rate = rate
@@ -209,7 +218,7 @@ class _Pacer:
         self._sent += seconds
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class _Connection:
     stream: SttStream
     timeline: _Timeline
@@ -234,6 +243,8 @@ class _Connection:
 
 
 class _EventIterator:
+    __slots__ = ("_link",)
+
     def __init__(self, link: SttLink) -> None:
         self._link = link
 
@@ -255,6 +266,45 @@ class SttLink:
     Obtained from ``open_stt_link``. Sending may happen from any task; events are read by
     a single consumer through ``events()``.
     """
+
+    # One per call, with some thirty attributes: slots instead of a 1.6 KB instance dict.
+    __slots__ = (
+        "_api_key",
+        "_backoff",
+        "_base_url",
+        "_batch",
+        "_batch_wait",
+        "_bps",
+        "_closing",
+        "_closing_requested",
+        "_conn",
+        "_event_recv",
+        "_event_send",
+        "_finalize_at",
+        "_finalized_until",
+        "_finished",
+        "_keepalive",
+        "_lost",
+        "_lost_until",
+        "_max_frame",
+        "_max_reconnects",
+        "_open_stream",
+        "_opts",
+        "_replay_rate",
+        "_ring",
+        "_sent_before",
+        "_speaking",
+        "_speech_batch",
+        "_speech_wait",
+        "_stream_kwargs",
+        "_unsent_since",
+        "_wake",
+        "lost",
+        "metadata",
+        "reconnects",
+        "request_id",
+        "request_ids",
+    )
 
     def __init__(
         self,
