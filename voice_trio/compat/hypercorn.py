@@ -197,6 +197,45 @@ def _add_reason_phrases() -> None:
     replace(hypercorn_h11, "h11", shim)
 
 
+class _AppQueue:
+    """The ASGI app's receive queue (fix 3), which the handover (fix 6) can empty: a
+    connection taken out of Hypercorn never puts to it again, and its app never receives
+    from it, so the channel (~2 KB, holding ``websocket.connect``) need not last the call."""
+
+    __slots__ = ("_receive", "_send")
+
+    def __init__(self, size: int) -> None:
+        self._send: trio.MemorySendChannel[Any] | None
+        self._receive: trio.MemoryReceiveChannel[Any] | None
+        self._send, self._receive = trio.open_memory_channel[Any](size)
+
+    async def put(self, message: Any) -> None:
+        send = self._send
+        if send is None:
+            await trio.lowlevel.checkpoint()
+            return  # handed over: nobody will ever read this message
+        try:
+            await send.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the app has finished: nobody will ever read this message
+
+    async def receive(self) -> Any:
+        receive = self._receive
+        if receive is None:
+            await trio.sleep_forever()  # handed over: Hypercorn sends the app nothing more
+        assert receive is not None
+        return await receive.receive()
+
+    def close_receiving(self) -> None:
+        if self._receive is not None:
+            self._receive.close()
+
+    def release(self) -> None:
+        """The connection was handed over: drop the channel and what it holds."""
+        self.close_receiving()
+        self._send = self._receive = None
+
+
 async def _spawn_app(
     self: TaskGroup,
     app: Any,
@@ -204,7 +243,7 @@ async def _spawn_app(
     scope: Any,
     send: Callable[[Any], Awaitable[None]],
 ) -> Callable[[Any], Awaitable[None]]:
-    app_send, app_receive = trio.open_memory_channel[Any](config.max_app_queue_size)
+    queue = _AppQueue(config.max_app_queue_size)
 
     async def app_finished_or_sending(message: Any) -> None:
         if message is None:
@@ -213,7 +252,7 @@ async def _spawn_app(
             # ``websocket.disconnect`` — in this very task, so a full queue would deadlock
             # it. Closing wakes a put already waiting (BrokenResourceError) and makes every
             # later put fail at once instead of waiting for a reader that is gone.
-            app_receive.close()
+            queue.close_receiving()
         await send(message)
 
     async def run_app() -> None:
@@ -222,23 +261,17 @@ async def _spawn_app(
                 app,
                 config,
                 scope,
-                app_receive.receive,
+                queue.receive,
                 app_finished_or_sending,
                 trio.to_thread.run_sync,
                 trio.from_thread.run,
             )
         finally:
-            app_receive.close()
-
-    async def put(message: Any) -> None:
-        try:
-            await app_send.send(message)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the app has finished: nobody will ever read this message
+            queue.close_receiving()
 
     assert self._nursery is not None
     self._nursery.start_soon(run_app)
-    return put
+    return queue.put
 
 
 async def _read_data(self: TCPServer) -> None:
@@ -382,6 +415,14 @@ class WebSocketHandover:
                 buffered=bytes(early.buffer) if isinstance(early, H11WSConnection) else b"",
                 max_message_size=self._connection.server.config.websocket_max_message_size,
             )
+            # What Hypercorn built to speak WebSocket on this stream (wsproto's connection,
+            # the handshake with an h11 connection of its own, the app's queue) is never
+            # used again: a closed stream ignores every event and message, and the app
+            # reads the socket itself. Dropped here, not held for the whole call.
+            del ws.connection, ws.handshake
+            app_queue = getattr(ws.app_put, "__self__", None)
+            if isinstance(app_queue, _AppQueue):
+                app_queue.release()
             connection.decide(raw)
             return raw
         finally:
