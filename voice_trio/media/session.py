@@ -80,6 +80,52 @@ log = logging.getLogger("voice_trio.calls")
 # that ends this close to the last voiced chunk still covers it.
 COVER_SLACK_S = 0.06
 
+# Caller turns that may wait for ``converse``; one more is dropped (``add_user_turn``).
+USER_TURN_QUEUE = 16
+
+
+class _UserTurns:
+    """Caller turns waiting for ``converse``, its only reader: what a trio memory channel
+    did here (``send_nowait``, ``receive``, ``receive_nowait``) in a list, with an event
+    only while the reader waits. A channel is ~1.8 KB for the life of every call."""
+
+    __slots__ = ("_arrived", "_turns")
+
+    def __init__(self) -> None:
+        self._turns: list[tuple[str, float]] = []
+        self._arrived: trio.Event | None = None  # while ``receive`` waits
+
+    def __len__(self) -> int:
+        return len(self._turns)
+
+    def send_nowait(self, turn: tuple[str, float]) -> None:
+        """Queue ``turn``; ``trio.WouldBlock`` if ``USER_TURN_QUEUE`` are waiting."""
+        if len(self._turns) >= USER_TURN_QUEUE:
+            raise trio.WouldBlock
+        self._turns.append(turn)
+        if self._arrived is not None:
+            self._arrived.set()
+
+    def receive_nowait(self) -> tuple[str, float]:
+        if not self._turns:
+            raise trio.WouldBlock
+        return self._turns.pop(0)
+
+    async def receive(self) -> tuple[str, float]:
+        """The oldest turn, waiting for one; a checkpoint either way (as a channel's)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._turns:
+            turn = self._turns.pop(0)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return turn
+        while not self._turns:
+            arrived = self._arrived = trio.Event()
+            try:
+                await arrived.wait()
+            finally:
+                self._arrived = None
+        return self._turns.pop(0)
+
 
 class CallSession:
     def __init__(self, services: CallServices, socket: Any, start: Start, call: ActiveCall) -> None:
@@ -106,7 +152,7 @@ class CallSession:
             self.playback.recording = self.recording
         self.voice = BotVoice(services, call, self.playback, self.conversation)
         self.records: list[TurnRecord] = self.voice.records  # the same list, for the record
-        self._user_send, self._user_recv = trio.open_memory_channel[tuple[str, float]](16)
+        self._user_turns = _UserTurns()
         self._silence_deadline = trio.current_time() + self.settings.silence_timeout_ms / 1000
         self._time_up = trio.Event()
         self._time_up_reason = EndReason.MAX_DURATION
@@ -248,7 +294,7 @@ class CallSession:
     def add_user_turn(self, text: str, t0: float) -> bool:
         """Queue a caller turn for ``converse``; False (dropped) if too many are waiting."""
         try:
-            self._user_send.send_nowait((text, t0))
+            self._user_turns.send_nowait((text, t0))
         except trio.WouldBlock:
             return False
         return True
@@ -286,7 +332,7 @@ class CallSession:
         no endpoint will come for them."""
         while True:
             try:
-                text, _ = self._user_recv.receive_nowait()
+                text, _ = self._user_turns.receive_nowait()
             except (trio.WouldBlock, trio.ClosedResourceError):
                 self.conversation.add_user(self.turns.pending_text)
                 return self.conversation
@@ -333,7 +379,7 @@ class CallSession:
         else:
             log.info("🎤 Caller: %s", signal.text)
             self.call.note("caller", text=signal.text)
-            self._user_send.send_nowait((signal.text, now))
+            self._user_turns.send_nowait((signal.text, now))
 
     async def on_silence(self, stt: SttLink, edge: str) -> None:
         """The caller's voice stopped ``STT_FINALIZE_SILENCE_MS`` ago (``QUIET``): ask
@@ -362,7 +408,7 @@ class CallSession:
             and not self.voice.speaking
             and self.controls.pending is None
             and not self._time_up.is_set()
-            and not self._user_recv.statistics().current_buffer_used
+            and not self._user_turns
         )
         self.replies.speculate(self.turns.candidate, ready=ready)
 
@@ -431,12 +477,12 @@ class CallSession:
                 self._awaiting_user = True
                 try:
                     self.consider_speculation()  # the caller may have finished already
-                    text, t0 = await self._user_recv.receive()
+                    text, t0 = await self._user_turns.receive()
                 finally:
                     self._awaiting_user = False
                 while True:
                     try:
-                        more, t0 = self._user_recv.receive_nowait()
+                        more, t0 = self._user_turns.receive_nowait()
                     except trio.WouldBlock:
                         return text, t0
                     text = f"{text} {more}"
