@@ -17,7 +17,6 @@ the snapshot and reach the watchers the same way; ``on_publish`` sends this proc
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,9 +43,9 @@ class LiveCallView:
     mode: str = ""
     started_at: float = field(default_factory=time.time)
     state: str = "connecting"
-    transcript: deque[dict[str, Any]] = field(
-        default_factory=lambda: deque(maxlen=TRANSCRIPT_LINES)
-    )
+    # The last TRANSCRIPT_LINES lines. A list: a deque's first block is 760 bytes, more
+    # than a call of a few turns has lines.
+    transcript: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(eq=False, slots=True)
@@ -114,7 +113,10 @@ class CallFeed:
         if kind == "state":
             view.state = str(event.get("state", ""))
         elif kind in TRANSCRIPT_KINDS:
-            view.transcript.append(event)
+            lines = view.transcript
+            lines.append(event)
+            if len(lines) > TRANSCRIPT_LINES:
+                del lines[0]
 
     @contextmanager
     def watch(self) -> Iterator[tuple[trio.MemoryReceiveChannel[dict[str, Any]], _Watcher]]:
