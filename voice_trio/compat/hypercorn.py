@@ -333,13 +333,26 @@ class RawWebSocket:
 class _Connection:
     """One TCP connection's reader, as the handover sees it."""
 
+    __slots__ = ("__weakref__", "_decided", "_stopped", "raw", "reading", "server", "state")
+
     def __init__(self, server: TCPServer) -> None:
         self.server = server
         self.reading: trio.CancelScope | None = None  # the read loop's, while it runs
         self.state = _Reading.READING
-        self.stopped = trio.Event()
-        self.decided = trio.Event()
+        # The two sides of a handover meet on these: made when an app asks for the
+        # connection (``take``), dropped once it is decided. Most connections are never
+        # asked, and a handed-over one need not keep them for the whole call.
+        self._stopped: trio.Event | None = None
+        self._decided: trio.Event | None = None
         self.raw: RawWebSocket | None = None
+
+    async def take(self) -> None:
+        """An app asks for the connection: stop the reader, and wait until it has."""
+        self.state = _Reading.TAKING
+        self._stopped, self._decided = trio.Event(), trio.Event()
+        assert self.reading is not None
+        self.reading.cancel()  # the reader waits for bytes: a no-op to interrupt
+        await self._stopped.wait()
 
     async def reader_stopped(self) -> bool:
         """The reader's loop has ended: True if the connection is now the app's."""
@@ -347,14 +360,21 @@ class _Connection:
             self.state = _Reading.HYPERCORN
             return False
         self.state = _Reading.STOPPED
-        self.stopped.set()
-        await self.decided.wait()
+        assert self._stopped is not None and self._decided is not None
+        self._stopped.set()
+        await self._decided.wait()
+        self._stopped = self._decided = None
         return self.raw is not None
+
+    @property
+    def undecided(self) -> bool:
+        return self.state is _Reading.TAKING or self.state is _Reading.STOPPED
 
     def decide(self, raw: RawWebSocket | None) -> None:
         self.raw = raw
         self.state = _Reading.HANDED_OVER if raw is not None else _Reading.HYPERCORN
-        self.decided.set()
+        assert self._decided is not None
+        self._decided.set()
 
     async def watch(self, timeout: float) -> None:
         """Until the app releases the connection, or waits for bytes longer than
@@ -391,9 +411,7 @@ class WebSocketHandover:
         connection, ws = self._connection, self._stream
         if connection.state is not _Reading.READING or connection.reading is None:
             return None
-        connection.state = _Reading.TAKING
-        connection.reading.cancel()  # the reader waits for bytes: a no-op to interrupt
-        await connection.stopped.wait()
+        await connection.take()
         try:
             if ws.closed or ws.state is not ASGIWebsocketState.HANDSHAKE:
                 return None
@@ -426,7 +444,7 @@ class WebSocketHandover:
             connection.decide(raw)
             return raw
         finally:
-            if not connection.decided.is_set():
+            if connection.undecided:
                 connection.decide(None)
 
 
