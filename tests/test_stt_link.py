@@ -18,9 +18,11 @@ import trio.testing
 from conftest import count_fds, task_names
 
 from voice_trio.providers.deepgram.link import (
+    _EVENT_QUEUE_SIZE,
     SttLink,
     SttLost,
     _AudioRing,
+    _EventQueue,
     _Pacer,
     _Timeline,
     open_stt_link,
@@ -318,3 +320,50 @@ async def test_pacer_holds_a_replay_to_its_rate(autojump_clock: trio.testing.Moc
     for _ in range(50):
         await pacer.ready(0.02)
     assert trio.current_time() - start == pytest.approx(0.98 / 1.2 - 0.25, abs=0.001)
+
+
+async def test_the_event_queue_keeps_order_back_pressure_and_both_ends() -> None:
+    """What the link's queue took over from a trio memory channel: order, a sender that
+    waits while it is full, the receiver's end after the sender's close, both closes."""
+    queue = _EventQueue()
+    got: list[object] = []
+
+    async def consume() -> None:
+        try:
+            while True:
+                got.append(await queue.receive())
+        except trio.EndOfChannel:
+            got.append("end")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(consume)
+        for i in range(3 * _EVENT_QUEUE_SIZE):
+            await queue.send(UtteranceEnd(last_word_end=float(i)))
+        queue.close()
+    assert got[-1] == "end" and len(got) == 3 * _EVENT_QUEUE_SIZE + 1
+    ends = [e.last_word_end for e in got if isinstance(e, UtteranceEnd)]
+    assert ends == [float(i) for i in range(3 * _EVENT_QUEUE_SIZE)]
+
+    full = _EventQueue()
+    for i in range(_EVENT_QUEUE_SIZE):
+        await full.send(UtteranceEnd(last_word_end=float(i)))
+    with trio.move_on_after(0.05) as waited:
+        await full.send(UtteranceEnd(last_word_end=-1.0))
+    assert waited.cancelled_caught  # full: the sender waits, nothing is dropped or added
+    assert (await full.receive()) == UtteranceEnd(last_word_end=0.0)
+
+    async with trio.open_nursery() as nursery:
+        broken = trio.Event()
+
+        async def send_into_full() -> None:
+            await full.send(UtteranceEnd(last_word_end=-2.0))  # fills the freed place
+            with pytest.raises(trio.BrokenResourceError):
+                await full.send(UtteranceEnd(last_word_end=-3.0))
+            broken.set()
+
+        nursery.start_soon(send_into_full)
+        await trio.testing.wait_all_tasks_blocked()
+        full.close_receiving()
+        await broken.wait()
+    with pytest.raises(trio.ClosedResourceError):
+        await full.receive()

@@ -242,6 +242,82 @@ class _Connection:
             self.scope.cancel()
 
 
+class _EventQueue:
+    """Parsed events from the link's task to the single consumer of ``events()``: what a
+    trio memory channel of ``_EVENT_QUEUE_SIZE`` did here, without its ~1.8 KB for the
+    life of every call. A list, and an event only while one side waits: the sender when
+    it is full (back-pressure, events are never dropped), the receiver when it is empty.
+
+    ``close`` is the sender's end (the receiver drains, then gets ``trio.EndOfChannel``);
+    ``close_receiving`` the receiver's (``trio.ClosedResourceError`` to a receive,
+    ``trio.BrokenResourceError`` to a send), as the channel's ends behaved.
+    """
+
+    __slots__ = ("_events", "_gone", "_has_event", "_has_room", "_sender_closed")
+
+    def __init__(self) -> None:
+        self._events: list[SttEvent] = []
+        self._sender_closed = False
+        self._gone = False  # the receiver closed
+        self._has_room: trio.Event | None = None  # while ``send`` waits
+        self._has_event: trio.Event | None = None  # while ``receive`` waits
+
+    async def send(self, event: SttEvent) -> None:
+        """Queue ``event``, waiting while the queue is full; a checkpoint either way."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        while not self._gone and len(self._events) >= _EVENT_QUEUE_SIZE:
+            has_room = self._has_room = trio.Event()
+            try:
+                await has_room.wait()
+            finally:
+                self._has_room = None
+            waited = True
+        if self._gone:
+            raise trio.BrokenResourceError
+        self._events.append(event)
+        if self._has_event is not None:
+            self._has_event.set()
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def close(self) -> None:
+        self._sender_closed = True
+        if self._has_event is not None:
+            self._has_event.set()
+
+    async def receive(self) -> SttEvent:
+        """The oldest event, waiting for one; a checkpoint either way."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        while not self._events:
+            if self._gone:
+                raise trio.ClosedResourceError
+            if self._sender_closed:
+                raise trio.EndOfChannel
+            has_event = self._has_event = trio.Event()
+            try:
+                await has_event.wait()
+            finally:
+                self._has_event = None
+            waited = True
+        if self._gone:
+            raise trio.ClosedResourceError
+        event = self._events.pop(0)  # at most _EVENT_QUEUE_SIZE
+        if self._has_room is not None:
+            self._has_room.set()
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return event
+
+    def close_receiving(self) -> None:
+        self._gone = True
+        self._events.clear()
+        for waiting in (self._has_room, self._has_event):
+            if waiting is not None:
+                waiting.set()
+
+
 class _EventIterator:
     __slots__ = ("_link",)
 
@@ -253,7 +329,7 @@ class _EventIterator:
 
     async def __anext__(self) -> SttEvent:
         try:
-            return await self._link._event_recv.receive()
+            return await self._link._events.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             if self._link.lost is not None:
                 raise self._link.lost from self._link.lost.__cause__
@@ -278,8 +354,7 @@ class SttLink:
         "_closing",
         "_closing_requested",
         "_conn",
-        "_event_recv",
-        "_event_send",
+        "_events",
         "_finalize_at",
         "_finalized_until",
         "_finished",
@@ -368,7 +443,7 @@ class SttLink:
         self._closing = False
         self._closing_requested = trio.Event()
         self._finished = trio.Event()
-        self._event_send, self._event_recv = trio.open_memory_channel[SttEvent](_EVENT_QUEUE_SIZE)
+        self._events = _EventQueue()
         self._conn: _Connection | None = None
         self._sent_before = 0  # bytes sent on connections that are gone
         self.request_id: str | None = None
@@ -482,7 +557,7 @@ class SttLink:
             logger.exception("Deepgram STT link failed")
             self._lose(f"internal error: {exc!r}", exc)
         finally:
-            self._event_send.close()
+            self._events.close()
             self._finished.set()
 
     async def _keep_connected(self, conn: _Connection) -> None:
@@ -579,7 +654,7 @@ class SttLink:
         """Events from one connection, moved onto the link timeline, to the consumer."""
         try:
             async for event in conn.stream.events():
-                await self._event_send.send(self._on_event(conn, event))
+                await self._events.send(self._on_event(conn, event))
         except SttClosed as exc:
             conn.fail(exc)
             return
@@ -747,6 +822,6 @@ async def open_stt_link(
                 error = exc
             finally:
                 nursery.cancel_scope.cancel()
-    link._event_recv.close()
+    link._events.close_receiving()
     if error is not None:
         raise error
