@@ -91,6 +91,10 @@ SPEECH_BATCH_SECONDS = 0.04
 # audio, deepgram.md §A3).
 KEEPALIVE_SECONDS = 4.0
 
+# The longest the pump waits for audio at a stretch before it looks again (see ``_pump``):
+# how long an unused deadline of its may stay in Trio's deadline heap.
+_IDLE_WAIT_S = 0.25
+
 # Unused sending allowance the pacer keeps, so a burst of late carrier frames goes out at
 # once; a fresh connection starts with none, so a replay is paced from its first byte.
 _PACING_SLACK_S = 0.25
@@ -752,11 +756,16 @@ class SttLink:
                     await stream.close_stream(timeout=0)
                     await trio.sleep_forever()
                 else:
-                    with trio.move_on_at(self._keepalive_due(conn)):
+                    # Caught up: live audio usually wakes this within 20 ms. The wait's
+                    # deadline is re-armed every _IDLE_WAIT_S rather than set at the
+                    # keep-alive, 4 s ahead: a deadline left unused stays in Trio's heap
+                    # (with its cancel scope) until it passes, ~40 of them per call.
+                    keepalive_due = self._keepalive_due(conn)
+                    with trio.move_on_at(min(keepalive_due, trio.current_time() + _IDLE_WAIT_S)):
                         await self._wake.wait()
                     if self._wake.is_set():
                         self._wake = trio.Event()
-                    else:
+                    elif trio.current_time() >= keepalive_due:
                         await stream.keep_alive()
                         conn.last_send = trio.current_time()
         except SttClosed as exc:
