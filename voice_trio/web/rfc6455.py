@@ -266,7 +266,7 @@ def masked_frame(opcode: int, payload: bytes, key: bytes) -> bytes:
 
     RFC 6455 §5.3: the key must be fresh for each frame and unpredictable, from a strong
     source of entropy; the caller passes ``os.urandom(4)`` (0.3 µs, a tenth of masking
-    100 ms of mu-law audio; docs/benchmarks.md, "A lean Deepgram client").
+    100 ms of mu-law audio; docs/benchmarks.md, "A lean Deepgram STT client").
     """
     size = len(payload)
     if size < 126:
