@@ -3,8 +3,8 @@
 Idle: the call is connected, the greeting has been said, the caller is silent and no turn
 runs. Counted is every task the call adds to the server's task tree: its media
 connection (Hypercorn's connection handler and the app task under it), the call's own
-tasks, and the Deepgram link with trio-websocket's reader; all of them live under the
-media connection's handler. The simulators run in this process too, so only the server's
+tasks, and the Deepgram link (its task and its pump; the STT socket, read in the link's
+task, has none of its own); all of them live under the media connection's handler. The simulators run in this process too, so only the server's
 subtree is looked at. Other new tasks may only be idle HTTP connections: the webhooks'
 keep-alive connections, pooled by Telnyx's client and shared by every call.
 """
@@ -18,6 +18,18 @@ from voice_trio.sim.caller import ScriptedCaller, Wait, WaitForBot
 from voice_trio.sim.lab import OUR_NUMBER
 
 MAX_TASKS_PER_IDLE_CALL = 10
+
+# What an idle call runs today: 8 tasks, one of each.
+IDLE_CALL_TASKS = {
+    "trio._highlevel_serve_listeners._run_handler",
+    "voice_trio.compat.hypercorn._spawn_app.<locals>.run_app",
+    "voice_trio.media.controls.CallControls.run",
+    "voice_trio.media.session.CallSession.converse",
+    "voice_trio.media.session.CallSession.listen",
+    "voice_trio.media.session.CallSession.read_carrier",
+    "voice_trio.providers.deepgram.link.SttLink._pump",
+    "voice_trio.providers.deepgram.link.SttLink._run",
+}
 
 
 def subtree(task: trio.lowlevel.Task) -> list[trio.lowlevel.Task]:
@@ -84,6 +96,7 @@ async def test_an_idle_call_runs_at_most_ten_tasks(nursery, lab) -> None:
             f"an idle call runs {len(call_tasks)} tasks "
             f"(at most {MAX_TASKS_PER_IDLE_CALL}):\n{listing(call_tasks)}"
         )
+        assert sorted(t.name for t in call_tasks) == sorted(IDLE_CALL_TASKS), listing(call_tasks)
         assert party.line is not None
         party.line.hang_up()
     with trio.fail_after(5):

@@ -1,9 +1,11 @@
-"""``web.rfc6455``: the lean media socket's framing, byte for byte (RFC 6455 §5).
+"""``web.rfc6455``: the framing of the lean media socket and of the lean Deepgram client,
+byte for byte (RFC 6455 §5).
 
 Each rule on its own, then the reader against wsproto (what Hypercorn uses, and the
-client side of trio-websocket) on random and mutated byte streams split at random points:
-it must only ever raise its own ``ProtocolError``, never emit what wsproto would not, and
-fail with wsproto's close code.
+client side of trio-websocket) on random and mutated byte streams split at random points,
+in both roles (a server reading a client's masked frames, a client reading a server's
+unmasked ones): it must only ever raise its own ``ProtocolError``, never emit what wsproto
+would not, and fail with wsproto's close code.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 import wsproto
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from wsproto.events import BytesMessage, CloseConnection, Request, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Request, TextMessage
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from voice_trio.web.rfc6455 import (
@@ -27,7 +29,9 @@ from voice_trio.web.rfc6455 import (
     FrameReader,
     ProtocolError,
     close_frame,
+    close_payload,
     frame,
+    masked_frame,
     parse_close,
     text_frame,
 )
@@ -62,8 +66,10 @@ def client_frame(
     return head + mask + body
 
 
-def events_of(data: bytes, max_size: int = UNLIMITED) -> list[tuple[int, str | bytes]]:
-    reader = FrameReader(max_size)
+def events_of(
+    data: bytes, max_size: int = UNLIMITED, *, masked: bool = True
+) -> list[tuple[int, str | bytes]]:
+    reader = FrameReader(max_size, masked=masked)
     reader.feed(data)
     out = []
     while (event := reader.next_event()) is not None:
@@ -71,9 +77,9 @@ def events_of(data: bytes, max_size: int = UNLIMITED) -> list[tuple[int, str | b
     return out
 
 
-def error_of(data: bytes, max_size: int = UNLIMITED) -> int:
+def error_of(data: bytes, max_size: int = UNLIMITED, *, masked: bool = True) -> int:
     with pytest.raises(ProtocolError) as failed:
-        events_of(data, max_size)
+        events_of(data, max_size, masked=masked)
     return failed.value.code
 
 
@@ -249,10 +255,12 @@ def test_a_close_frame_keeps_its_reason_within_125_bytes_cut_on_a_character() ->
 # --- against wsproto, on random and mutated streams -------------------------------------
 
 
-def wsproto_outcome(data: bytes) -> tuple[list[tuple[int, object]], int | None]:
-    """wsproto's server-side parse of ``data``: its events (messages joined) and the code
-    it failed with, or None if it ran out of bytes (or closed)."""
-    protocol = FrameProtocol(client=False, extensions=[])
+def wsproto_outcome(
+    data: bytes, *, client: bool = False
+) -> tuple[list[tuple[int, object]], int | None]:
+    """wsproto's parse of ``data`` (as a server, or as a ``client``): its events (messages
+    joined) and the code it failed with, or None if it ran out of bytes (or closed)."""
+    protocol = FrameProtocol(client=client, extensions=[])
     protocol.receive_bytes(data)
     events: list[tuple[int, object]] = []
     parts: list[bytes | str] = []
@@ -271,8 +279,10 @@ def wsproto_outcome(data: bytes) -> tuple[list[tuple[int, object]], int | None]:
     return events, None
 
 
-def our_outcome(chunks: list[bytes]) -> tuple[list[tuple[int, object]], int | None]:
-    reader = FrameReader(UNLIMITED)
+def our_outcome(
+    chunks: list[bytes], *, masked: bool = True
+) -> tuple[list[tuple[int, object]], int | None]:
+    reader = FrameReader(UNLIMITED, masked=masked)
     events: list[tuple[int, object]] = []
     try:
         for chunk in chunks:
@@ -290,11 +300,12 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
 
 
-def assert_agrees_with_wsproto(data: bytes, cuts: list[int]) -> None:
-    ours, our_error = our_outcome(split(data, cuts))
-    whole, whole_error = our_outcome([data])
+def assert_agrees_with_wsproto(data: bytes, cuts: list[int], *, client: bool = False) -> None:
+    """As a server (``client=False``: masked frames expected) or as a client."""
+    ours, our_error = our_outcome(split(data, cuts), masked=not client)
+    whole, whole_error = our_outcome([data], masked=not client)
     assert (ours, our_error) == (whole, whole_error), "the outcome depends on how bytes arrive"
-    theirs, their_error = wsproto_outcome(data)
+    theirs, their_error = wsproto_outcome(data, client=client)
     # Never an event wsproto would not have given, in the same order.
     assert ours == theirs[: len(ours)]
     if our_error is not None:
@@ -333,9 +344,22 @@ def build(spec: tuple[int, bool, int, bool, bytes, int | None], mask: bytes) -> 
     specs=st.lists(frame_specs, max_size=8),
     mask=st.binary(min_size=4, max_size=4),
     cuts=st.lists(st.integers(0, 2000), max_size=6),
+    client=st.booleans(),
 )
-def test_frame_sequences_agree_with_wsproto(specs, mask: bytes, cuts: list[int]) -> None:
-    assert_agrees_with_wsproto(b"".join(build(s, mask) for s in specs), cuts)
+def test_frame_sequences_agree_with_wsproto(specs, mask: bytes, cuts: list[int], client) -> None:
+    """Mostly masked frames: as a server, mostly valid; as a client, mostly a 1002."""
+    assert_agrees_with_wsproto(b"".join(build(s, mask) for s in specs), cuts, client=client)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    specs=st.lists(frame_specs, max_size=8),
+    cuts=st.lists(st.integers(0, 2000), max_size=6),
+)
+def test_server_frame_sequences_agree_with_wsproto_as_a_client(specs, cuts: list[int]) -> None:
+    """The same frames unmasked, read by the client: what a server sends, well or badly."""
+    data = b"".join(build((*s[:3], False, *s[4:]), b"") for s in specs)
+    assert_agrees_with_wsproto(data, cuts, client=True)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -352,7 +376,10 @@ def test_frame_sequences_agree_with_wsproto(specs, mask: bytes, cuts: list[int])
     cuts=st.lists(st.integers(0, 2000), max_size=6),
 )
 def test_mutated_streams_agree_with_wsproto(specs, mask: bytes, mutations, cuts) -> None:
-    data = bytearray(b"".join(build(s, mask) for s in specs))
+    client = not specs[0][3]  # the first frame unmasked: read them as a client
+    data = bytearray(
+        b"".join(build(s if not client else (*s[:3], False, *s[4:]), mask) for s in specs)
+    )
     for kind, where, value in mutations:
         at = where % (len(data) + 1)
         if kind == "insert":
@@ -362,10 +389,111 @@ def test_mutated_streams_agree_with_wsproto(specs, mask: bytes, mutations, cuts)
                 data[at] ^= value or 0x80
             else:
                 del data[at]
-    assert_agrees_with_wsproto(bytes(data), cuts)
+    assert_agrees_with_wsproto(bytes(data), cuts, client=client)
 
 
 @settings(max_examples=300, deadline=None)
-@given(data=st.binary(max_size=600), cuts=st.lists(st.integers(0, 600), max_size=8))
-def test_random_bytes_agree_with_wsproto(data: bytes, cuts: list[int]) -> None:
-    assert_agrees_with_wsproto(data, cuts)
+@given(
+    data=st.binary(max_size=600),
+    cuts=st.lists(st.integers(0, 600), max_size=8),
+    client=st.booleans(),
+)
+def test_random_bytes_agree_with_wsproto(data: bytes, cuts: list[int], client: bool) -> None:
+    assert_agrees_with_wsproto(data, cuts, client=client)
+
+
+# --- the client's side: what wsproto's server sends, and what it reads from us -----------
+
+
+def wsproto_pair() -> tuple[wsproto.WSConnection, wsproto.WSConnection]:
+    """A server and a client past their handshake."""
+    client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    server = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+    server.receive_data(client.send(Request(host="x", target="/")))
+    next(server.events())
+    client.receive_data(server.send(wsproto.events.AcceptConnection()))
+    next(client.events())
+    return server, client
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536])
+def test_masked_frames_are_masked_and_read_back_in_wsproto(size: int) -> None:
+    server, _ = wsproto_pair()
+    payload = os.urandom(size)
+    key = os.urandom(4)
+    wire = masked_frame(OP_BINARY, payload, key)
+    assert wire[1] & 0x80, "the mask bit is set"
+    at = 2 + (0 if size < 126 else 2 if size < 0x10000 else 8)
+    assert wire[at : at + 4] == key
+    masked = wire[at + 4 :]
+    assert bytes(b ^ key[i % 4] for i, b in enumerate(masked)) == payload
+    text = "ñ" * (size // 2) + "a" * (size % 2)
+    server.receive_data(wire + masked_frame(OP_TEXT, text.encode(), key[::-1]))
+    events = list(server.events())
+    assert [type(e) for e in events] == [BytesMessage, TextMessage]
+    assert events[0].data == payload and events[1].data == text
+    # And the server-side reader of this module reads them too.
+    assert events_of(wire) == [(OP_BINARY, payload)]
+
+
+def test_a_client_close_frame_reads_back_in_wsproto() -> None:
+    server, _ = wsproto_pair()
+    server.receive_data(masked_frame(OP_CLOSE, close_payload(1000, "adiós"), b"\x01\x02\x03\x04"))
+    [closed] = list(server.events())
+    assert isinstance(closed, CloseConnection) and (closed.code, closed.reason) == (1000, "adiós")
+    assert close_payload(None) == b""
+
+
+def test_the_client_reader_takes_unmasked_frames_and_refuses_masked_ones() -> None:
+    unmasked = client_frame(OP_TEXT, b"hola", mask=None) + client_frame(OP_PING, b"p", mask=None)
+    assert events_of(unmasked, masked=False) == [(OP_TEXT, "hola"), (OP_PING, b"p")]
+    assert error_of(client_frame(OP_TEXT, b"hola"), masked=False) == 1002
+    assert error_of(unmasked) == 1002  # and the server's refuses unmasked ones
+
+
+server_messages = st.lists(
+    st.one_of(
+        st.tuples(st.just("text"), st.text(max_size=300), st.integers(0, 3)),
+        st.tuples(st.just("bytes"), st.binary(max_size=300), st.integers(0, 3)),
+        st.tuples(st.just("ping"), st.binary(max_size=125), st.just(0)),
+        st.tuples(st.just("pong"), st.binary(max_size=125), st.just(0)),
+    ),
+    max_size=10,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    messages=server_messages,
+    close=st.none()
+    | st.tuples(st.integers(1000, 1003) | st.integers(3000, 4999), st.text(max_size=30)),
+    cuts=st.lists(st.integers(0, 5000), max_size=8),
+)
+def test_the_client_reader_parses_whatever_a_wsproto_server_sends(messages, close, cuts) -> None:
+    """Messages (some in fragments), pings and pongs and a close, as wsproto's server frames
+    them: the client's reader gives back each message whole, the control frames in order."""
+    server, _ = wsproto_pair()
+    wire = b""
+    expected: list[tuple[int, object]] = []
+    for kind, data, parts in messages:
+        if kind in ("ping", "pong"):
+            event = Ping(payload=data) if kind == "ping" else wsproto.events.Pong(payload=data)
+            wire += server.send(event)
+            expected.append((OP_PING if kind == "ping" else OP_PONG, data))
+            continue
+        cut = [len(data) * i // (parts + 1) for i in range(1, parts + 1)]
+        pieces = [data[a:b] for a, b in zip([0, *cut], [*cut, len(data)], strict=True)]
+        for i, piece in enumerate(pieces):
+            message: Message[object] = (
+                TextMessage(data=piece, message_finished=i == len(pieces) - 1)  # type: ignore[arg-type]
+                if kind == "text"
+                else BytesMessage(data=piece, message_finished=i == len(pieces) - 1)  # type: ignore[arg-type]
+            )
+            wire += server.send(message)
+        expected.append((OP_TEXT if kind == "text" else OP_BINARY, data))
+    if close is not None:
+        wire += server.send(CloseConnection(code=close[0], reason=close[1]))
+        expected.append((OP_CLOSE, (close[0], close[1])))
+    ours, error = our_outcome(split(wire, cuts), masked=False)
+    assert error is None
+    assert ours == expected

@@ -1,9 +1,12 @@
-"""RFC 6455 framing, server side and without extensions: what the lean media socket speaks.
+"""RFC 6455 framing without extensions: what the lean media socket (server) and the lean
+Deepgram client (``providers/websocket.py``) speak.
 
-Pure code over bytes, no socket: ``FrameReader`` turns the bytes a client sent into whole
-messages and control frames, the ``*_frame`` functions build what the server sends. Nothing
-is negotiated on the socket that uses it (no permessage-deflate, no subprotocol), so a
-reserved bit is always a protocol error.
+Pure code over bytes, no socket: ``FrameReader`` turns the bytes a peer sent into whole
+messages and control frames (a client's, which must be masked, or with ``masked=False`` a
+server's, which must not be), ``frame``/``text_frame``/``close_frame`` build what a server
+sends and ``masked_frame`` what a client sends. Nothing is negotiated on the sockets that
+use it (no permessage-deflate, no subprotocol), so a reserved bit is always a protocol
+error.
 
 Every check is the one wsproto (what Hypercorn uses) makes, in the same order, with the
 same close code; tests/test_rfc6455.py holds the two side by side on random and mutated
@@ -44,7 +47,7 @@ _MAX_CONTROL_PAYLOAD = 125
 
 
 class ProtocolError(Exception):
-    """The client broke RFC 6455: the connection fails with ``code`` (1002, 1007, 1009)."""
+    """The peer broke RFC 6455: the connection fails with ``code`` (1002, 1007, 1009)."""
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
@@ -80,7 +83,7 @@ def parse_close(payload: bytes) -> tuple[int, str]:
 
 
 class FrameReader:
-    """Client frames in, events out: ``(OP_TEXT, str)`` and ``(OP_BINARY, bytes)`` for
+    """A peer's frames in, events out: ``(OP_TEXT, str)`` and ``(OP_BINARY, bytes)`` for
     whole messages (fragments joined), ``(OP_PING | OP_PONG | OP_CLOSE, payload)`` for
     control frames, which may come between the fragments of a message.
 
@@ -88,13 +91,30 @@ class FrameReader:
     ``ProtocolError`` as soon as the bytes so far break the protocol; after a close frame
     it returns None for good (RFC 6455 §5.5.1: nothing follows it). The payload of a close
     frame has been checked; ``close`` holds its code and reason.
+
+    ``masked`` (the default): the frames are a client's, which must be masked (§5.1, what
+    a server reads); ``masked=False``: a server's, which must not be (what a client reads).
+    Either mistake fails with 1002.
     """
 
-    __slots__ = ("_buffer", "_chunks", "_decoder", "_max", "_opcode", "_size", "_texts", "close")
+    __slots__ = (
+        "_buffer",
+        "_chunks",
+        "_decoder",
+        "_key_size",
+        "_mask_bit",
+        "_max",
+        "_opcode",
+        "_size",
+        "_texts",
+        "close",
+    )
 
-    def __init__(self, max_message_size: int) -> None:
+    def __init__(self, max_message_size: int, *, masked: bool = True) -> None:
         self._buffer = bytearray()
         self._max = max_message_size
+        self._mask_bit = 0x80 if masked else 0
+        self._key_size = 4 if masked else 0
         self._opcode = 0  # OP_TEXT or OP_BINARY while a fragmented message is open
         self._texts: list[str] = []  # a fragmented text message so far, decoded
         self._chunks: list[bytes] = []  # a fragmented binary message so far
@@ -143,8 +163,10 @@ class FrameReader:
                 at = 10
             if first & 0x70:
                 raise ProtocolError(CLOSE_PROTOCOL_ERROR, "reserved bit set (nothing negotiated)")
-            if not second & 0x80:
-                raise ProtocolError(CLOSE_PROTOCOL_ERROR, "client frame not masked")
+            if second & 0x80 != self._mask_bit:
+                if self._mask_bit:
+                    raise ProtocolError(CLOSE_PROTOCOL_ERROR, "client frame not masked")
+                raise ProtocolError(CLOSE_PROTOCOL_ERROR, "server frame masked")
             if not opcode & 0x08:
                 if opcode == OP_CONTINUATION:
                     if not self._opcode:
@@ -153,10 +175,14 @@ class FrameReader:
                     raise ProtocolError(CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
                 if self._size + size > self._max:
                     raise ProtocolError(CLOSE_TOO_BIG, f"message over {self._max} bytes")
-            end = at + 4 + size
+            key_end = at + self._key_size
+            end = key_end + size
             if have < end:
                 return None
-            payload = _unmask(buf[at + 4 : end], buf[at : at + 4])
+            if key_end == at:
+                payload = bytes(buf[at:end])
+            else:
+                payload = _unmask(buf[key_end:end], buf[at:key_end])
             del buf[:end]
             fin = first & 0x80
             if opcode == OP_TEXT and fin:
@@ -220,11 +246,33 @@ def text_frame(text: str) -> bytes:
     return frame(OP_TEXT, text.encode("utf-8"))
 
 
-def close_frame(code: int | None, reason: str = "") -> bytes:
-    """A close frame: no payload for ``None`` (the answer to a close without a code), else
-    the code and as much of ``reason`` as fits in 123 bytes, cut on a character."""
+def close_payload(code: int | None, reason: str = "") -> bytes:
+    """A close frame's payload: none for ``None`` (the answer to a close without a code),
+    else the code and as much of ``reason`` as fits in 123 bytes, cut on a character."""
     if code is None:
-        return frame(OP_CLOSE, b"")
+        return b""
     said = reason.encode("utf-8")[: _MAX_CONTROL_PAYLOAD - 2]
     said = said.decode("utf-8", "ignore").encode("utf-8")
-    return frame(OP_CLOSE, code.to_bytes(2, "big") + said)
+    return code.to_bytes(2, "big") + said
+
+
+def close_frame(code: int | None, reason: str = "") -> bytes:
+    """A server's close frame (see ``close_payload``)."""
+    return frame(OP_CLOSE, close_payload(code, reason))
+
+
+def masked_frame(opcode: int, payload: bytes, key: bytes) -> bytes:
+    """One whole client frame (FIN, masked with the 4-byte ``key``), in one object.
+
+    RFC 6455 §5.3: the key must be fresh for each frame and unpredictable, from a strong
+    source of entropy; the caller passes ``os.urandom(4)`` (0.3 µs, a tenth of masking
+    100 ms of mu-law audio; docs/benchmarks.md, "A lean Deepgram STT client").
+    """
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x80 | opcode, 0x80 | size))
+    elif size < 0x10000:
+        head = bytes((0x80 | opcode, 0x80 | 126, size >> 8, size & 0xFF))
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + size.to_bytes(8, "big")
+    return head + key + _unmask(payload, key)  # XOR: masking is unmasking

@@ -1,9 +1,10 @@
-"""Deepgram live speech-to-text (``/v1/listen``) over trio-websocket.
+"""Deepgram live speech-to-text (``/v1/listen``) over the lean WebSocket client
+(``providers/ws_client.py``: no task of its own, one ``send_all`` per frame).
 
 The wire format lives in pure functions (``listen_url``, ``parse_stt_message``); the socket
 code around them is thin. Two ways to hold one Deepgram connection:
 
-- ``open_stt`` serves it with one task of its own (besides trio-websocket's reader): it
+- ``open_stt`` serves it with one task of its own (the socket has none): it
   reads and parses the socket into a queue for ``events()`` and, with a deadline on that
   read, sends a KeepAlive whenever nothing was sent for ``keepalive_interval``. It ends
   with the ``async with`` block.
@@ -26,13 +27,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-import trio_websocket
 
-from voice_trio import compat
-from voice_trio.compat.trio_websocket import close_transport
 from voice_trio.observability import WIRE
-
-compat.apply()
+from voice_trio.providers.ws_client import (
+    ClientWebSocket,
+    HandshakeFailed,
+    HandshakeRejected,
+    WebSocketClosed,
+    connect,
+    header,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,9 @@ _NORMAL_CLOSE_CODES = frozenset({1000, 1005})
 # Parsed events waiting for the consumer. When full, the reader stops reading the socket and
 # TCP back-pressure reaches Deepgram; events are never dropped.
 _EVENT_QUEUE_SIZE = 64
+
+# A server message above this closes the socket with 1009 (a Results is a kilobyte or two).
+MAX_MESSAGE_BYTES = 1 << 20
 
 # Bytes per sample per channel for the raw encodings; compressed ones have no fixed rate.
 _BYTES_PER_SAMPLE = {"mulaw": 1, "alaw": 1, "linear16": 2, "linear32": 4}
@@ -311,7 +318,7 @@ class SttStream:
     any task; events are read by a single consumer through ``events()``.
     """
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection, opts: SttOptions) -> None:
+    def __init__(self, ws: ClientWebSocket, opts: SttOptions) -> None:
         self._ws = ws
         self._opts = opts
         # Set by open_stt, whose task fills it; without it events() reads the socket.
@@ -320,7 +327,7 @@ class SttStream:
         self._closing = False
         self._closed = trio.Event()
         self._close_error: SttClosed | None = None
-        self.request_id: str | None = _header(ws.handshake_headers, b"dg-request-id")
+        self.request_id: str | None = header(ws.headers, "dg-request-id")
         self.audio_bytes_sent = 0
         self.keepalives_sent = 0
         self.dropped_messages = 0
@@ -394,19 +401,19 @@ class SttStream:
 
     async def _send(self, message: str | bytes) -> None:
         try:
-            await self._ws.send_message(message)
-        except trio_websocket.ConnectionClosed as exc:
-            raise _closed_error(exc.reason) from None
+            await self._ws.send(message)
+        except WebSocketClosed as exc:
+            raise SttClosed(exc.code, exc.reason) from None
         WIRE.stt_out += 1
         self._last_send = trio.current_time()
 
     async def _receive(self) -> SttEvent | None:
         """The next event read from the socket; None once it has closed."""
+        ws = self._ws
         while not self._closed.is_set():
-            try:
-                message = await self._ws.get_message()
-            except trio_websocket.ConnectionClosed as exc:
-                self._on_closed(exc.reason)
+            message = await ws.receive()
+            if message is None:
+                self._on_closed(ws.close_code, ws.close_reason)
                 return None
             WIRE.stt_in += 1
             event = self._parse(message)
@@ -429,11 +436,11 @@ class SttStream:
             logger.warning("dropped a malformed Deepgram message: %s", exc)
             return None
 
-    def _on_closed(self, reason: trio_websocket.CloseReason | None) -> None:
-        code = reason.code if reason is not None else 1006
+    def _on_closed(self, code: int | None, reason: str | None) -> None:
+        code = 1006 if code is None else code
         self.close_code = code
         if code not in _NORMAL_CLOSE_CODES:
-            self._close_error = _closed_error(reason)
+            self._close_error = SttClosed(code, reason)
             logger.warning("%s", self._close_error)
         self._closed.set()
 
@@ -473,24 +480,11 @@ class SttStream:
                         interval = None  # the socket is gone: reading will see its close
 
 
-def _closed_error(reason: trio_websocket.CloseReason | None) -> SttClosed:
-    if reason is None:
-        return SttClosed(1006, None)
-    return SttClosed(reason.code, reason.reason)
-
-
-def _header(headers: Any, name: bytes) -> str | None:
-    for key, value in headers or ():
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
-
-
-def _rejection(exc: trio_websocket.ConnectionRejected) -> SttRejected:
-    reason = _header(exc.headers, b"dg-error")
+def _rejection(exc: HandshakeRejected) -> SttRejected:
+    reason = header(exc.headers, "dg-error")
     if reason is None and exc.body:
         reason = exc.body.decode("utf-8", "replace").strip()[:300]
-    return SttRejected(exc.status_code, reason or "")
+    return SttRejected(exc.status, reason or "")
 
 
 @asynccontextmanager
@@ -514,46 +508,26 @@ async def connect_stt(
     close handshake). An exception from the block comes out unchanged.
     """
     url = listen_url(base_url, opts)
-    headers = [(b"authorization", f"Token {api_key}".encode())]
-    ws_opened: trio_websocket.WebSocketConnection | None = None
-    close_timed_out = False
-    body_error: BaseException | None = None
     try:
-        async with trio_websocket.open_websocket_url(
+        ws = await connect(
             url,
-            extra_headers=headers,
-            message_queue_size=_EVENT_QUEUE_SIZE,
+            [("Authorization", f"Token {api_key}")],
             connect_timeout=connect_timeout,
-            disconnect_timeout=disconnect_timeout,
-        ) as ws:
-            ws_opened = ws
-            stream = SttStream(ws, opts)
-            logger.debug("connected to Deepgram STT, request id %s", stream.request_id)
-            try:
-                yield stream
-            except BaseException as exc:
-                body_error = exc
-                raise
-    except trio_websocket.ConnectionRejected as exc:
-        if ws_opened is not None:
-            raise
+            max_message_size=MAX_MESSAGE_BYTES,
+        )
+    except HandshakeRejected as exc:
         raise _rejection(exc) from None
-    except trio_websocket.DisconnectionTimeout:
-        # The server never answered our close frame; the TCP stream is closed regardless,
-        # so this is not worth an error of its own (but must not hide the block's error).
-        logger.debug("Deepgram STT did not complete the close handshake in time")
-        close_timed_out = True
-    except trio_websocket.HandshakeError as exc:
-        if ws_opened is not None:
-            raise
+    except HandshakeFailed as exc:
         cause = exc.__cause__ or exc
         raise SttUnavailable(f"cannot connect to Deepgram STT at {base_url}: {cause!r}") from exc
+    try:
+        stream = SttStream(ws, opts)
+        logger.debug("connected to Deepgram STT, request id %s", stream.request_id)
+        yield stream
     finally:
-        if ws_opened is not None:
-            # trio-websocket leaves the socket open when Deepgram closed first.
-            await close_transport(ws_opened)
-    if close_timed_out and body_error is not None:
-        raise body_error
+        # Shielded and bounded: the socket is closed even when the block was cancelled,
+        # and the block's exception comes out unchanged.
+        await ws.aclose(disconnect_timeout)
 
 
 @asynccontextmanager
