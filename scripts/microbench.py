@@ -45,7 +45,7 @@ from voice_trio.compat.hypercorn import RawWebSocket
 from voice_trio.providers.telnyx.media import build_media, parse_frame
 from voice_trio.web.lean_socket import LeanWebSocket
 from voice_trio.web.media_socket import AsgiWebSocket
-from voice_trio.web.rfc6455 import FrameReader
+from voice_trio.wire.rfc6455 import FrameReader
 
 AUDIO = os.urandom(160)
 FRAME = json.dumps(

@@ -38,7 +38,7 @@ import trio
 import trio_websocket
 
 from voice_trio.providers.deepgram import stt as new_stt
-from voice_trio.providers.ws_client import ClientWebSocket
+from voice_trio.wire.ws_client import ClientWebSocket
 
 CHUNK = b"\x7f" * 1600
 SENDS = 20_000
@@ -51,7 +51,7 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 SERVER = textwrap.dedent(
     """
     import base64, hashlib, sys, trio
-    from voice_trio.web.rfc6455 import OP_CLOSE, FrameReader, close_frame
+    from voice_trio.wire.rfc6455 import OP_CLOSE, FrameReader, close_frame
 
     GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 

@@ -119,3 +119,19 @@ async def test_another_kind_of_stream_goes_through_its_own_methods() -> None:
     assert await peer.receive_some(100) == b"through send_all"
     await peer.send_all(b"back")
     assert await io.receive(100) == b"back"
+
+
+async def test_write_now_takes_what_the_kernel_takes_and_never_waits() -> None:
+    ours, peer = await socket_pair()
+    io = FastIO(ours)
+    assert io.write_now(b"abc") == 3
+    assert await peer.receive_some(10) == b"abc"
+    big = b"x" * (16 * 1024 * 1024)  # more than any socket buffer: a part is taken
+    taken = io.write_now(big)
+    assert 0 < taken < len(big)
+    assert io.write_now(big) == 0  # the buffer is full: nothing, and no wait
+    await ours.aclose()
+    await peer.aclose()
+    # Not a plain socket: nothing is written now, all goes through send_all.
+    memory, _ = trio.testing.memory_stream_pair()
+    assert FastIO(memory).write_now(b"abc") == 0

@@ -26,7 +26,7 @@ from voice_trio import compat
 from voice_trio.compat.hypercorn import websocket_handover
 from voice_trio.sim._serve import answer_lifespan
 from voice_trio.web.lean_socket import LeanWebSocket
-from voice_trio.web.rfc6455 import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
+from voice_trio.wire.rfc6455 import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT
 
 MAX_MESSAGE = 4096
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
@@ -523,6 +523,7 @@ async def test_a_read_gap_gathers_frames_into_one_read(nursery: trio.Nursery) ->
                 return data
 
             send = io.send
+            write_now = io.write_now
 
         socket._io = CountedIO()  # type: ignore[assignment]
         try:

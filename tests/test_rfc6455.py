@@ -1,4 +1,4 @@
-"""``web.rfc6455``: the framing of the lean media socket and of the lean Deepgram client,
+"""``wire.rfc6455``: the framing of the lean media socket and of the lean Deepgram client,
 byte for byte (RFC 6455 §5).
 
 Each rule on its own, then the reader against wsproto (what Hypercorn uses, and the
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Request, TextMessage
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
-from voice_trio.web.rfc6455 import (
+from voice_trio.wire.rfc6455 import (
     OP_BINARY,
     OP_CLOSE,
     OP_PING,

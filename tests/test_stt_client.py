@@ -1,4 +1,4 @@
-"""The lean WebSocket client under Deepgram STT (``providers/ws_client.py``), on the wire.
+"""The lean WebSocket client under Deepgram STT (``wire/ws_client.py``), on the wire.
 
 A raw TCP peer sees the client's bytes exactly and sends what a server may (and may not):
 masking, ping/pong, fragments, the close handshake both ways, refusals, a server that
@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from voice_trio.providers import ws_client
 from voice_trio.providers.deepgram.stt import (
     SpeechStarted,
     SttClosed,
@@ -36,8 +35,8 @@ from voice_trio.providers.deepgram.stt import (
     Transcript,
     connect_stt,
 )
-from voice_trio.providers.ws_client import ClientWebSocket, WebSocketClosed
-from voice_trio.web.rfc6455 import (
+from voice_trio.wire import ws_client
+from voice_trio.wire.rfc6455 import (
     OP_BINARY,
     OP_CLOSE,
     OP_PING,
@@ -48,6 +47,7 @@ from voice_trio.web.rfc6455 import (
     frame,
     text_frame,
 )
+from voice_trio.wire.ws_client import ClientWebSocket, WebSocketClosed
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 RESULTS = (

@@ -27,7 +27,8 @@ import trio
 from voice_trio.compat.hypercorn import RawWebSocket
 from voice_trio.observability import WIRE
 from voice_trio.web.media_socket import Scope, ScopeFacts, SocketClosed
-from voice_trio.web.rfc6455 import (
+from voice_trio.wire.fastio import FastIO
+from voice_trio.wire.rfc6455 import (
     CLOSE_ABNORMAL,
     CLOSE_NO_STATUS,
     OP_BINARY,
@@ -40,7 +41,6 @@ from voice_trio.web.rfc6455 import (
     frame,
     text_frame,
 )
-from voice_trio.wire.fastio import FastIO
 
 # A media frame is ~400 bytes on the wire; a larger message just takes more reads.
 READ_CHUNK = 16 * 1024
@@ -215,15 +215,19 @@ class LeanWebSocket(ScopeFacts):
             await lock.acquire()
         try:
             try:
-                # Usually the kernel takes the frame at once and nothing here waits; when
-                # it does not, the rest is sent shielded: a frame cut half-way cannot be
-                # taken back.
-                with trio.CancelScope(shield=True, relative_deadline=timeout) as sending:
-                    await self._io.send(data)
+                # Usually the kernel takes the frame at once and nothing here waits (nor
+                # is a deadline set: each would stay in Trio's deadline heap for its 10 s);
+                # when it does not, the rest is sent shielded and bounded: a frame cut
+                # half-way cannot be taken back.
+                sent = self._io.write_now(data)
+                if sent < len(data):
+                    rest = memoryview(data)[sent:] if sent else data
+                    with trio.CancelScope(shield=True, relative_deadline=timeout) as sending:
+                        await self._stream.send_all(rest)
+                    if sending.cancelled_caught:  # the frame may be cut: the stream is unusable
+                        raise trio.BrokenResourceError("send timed out")
             finally:
                 lock.release()
-            if sending.cancelled_caught:  # the frame may be cut: the stream is unusable
-                raise trio.BrokenResourceError("send timed out")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.closed = True
             self._finish()

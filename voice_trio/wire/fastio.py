@@ -67,24 +67,28 @@ class FastIO:
             if data is not None:
                 return data
 
+    def write_now(self, data: bytes) -> int:
+        """Hand ``data`` to the kernel now, without waiting: the bytes it took (0 for a
+        stream that is not a plain socket, or a full socket buffer). A synchronous write
+        cannot be cut half-way by a cancellation; the caller sends the rest."""
+        sock = self._socket
+        if sock is None:
+            return 0
+        fd = sock.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the socket was closed")
+        try:
+            return os.write(fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+
     async def send(self, data: bytes) -> None:
         """All of ``data``; what the kernel does not take at once is sent by the stream."""
-        sock = self._socket
-        if sock is not None:
-            fd = sock.fileno()
-            if fd < 0:
-                raise trio.ClosedResourceError("the socket was closed")
-            try:
-                sent = os.write(fd, data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                raise _stream_error(exc) from exc
-            if sent == len(data):
-                return
-            if sent:
-                data = data[sent:]
-        await self._stream.send_all(data)
+        sent = self.write_now(data)
+        if sent < len(data):
+            await self._stream.send_all(memoryview(data)[sent:] if sent else data)
 
 
 def _read(sock: trio.socket.SocketType, max_bytes: int) -> bytes | None:

@@ -37,7 +37,7 @@ It has the surface the session uses on ``SttStream`` (``send_audio``, ``finalize
 **Tasks.** The link's own task holds the connection (and reconnects): it reads the
 socket's events itself, moves them onto the link timeline and queues them for
 ``events()``; the connection's pump runs beside it, and the socket has no task of its own
-(``providers/ws_client.py``): two tasks for one Deepgram stream. Every one lives in the nursery of
+(``wire/ws_client.py``): two tasks for one Deepgram stream. Every one lives in the nursery of
 ``open_stt_link``; leaving the block ends them and closes the socket.
 """
 

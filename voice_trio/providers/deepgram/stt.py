@@ -1,5 +1,5 @@
 """Deepgram live speech-to-text (``/v1/listen``) over the lean WebSocket client
-(``providers/ws_client.py``: no task of its own, one ``send_all`` per frame).
+(``wire/ws_client.py``: no task of its own, one ``send_all`` per frame).
 
 The wire format lives in pure functions (``listen_url``, ``parse_stt_message``); the socket
 code around them is thin. Two ways to hold one Deepgram connection:
@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from voice_trio.observability import WIRE
-from voice_trio.providers.ws_client import (
+from voice_trio.wire.ws_client import (
     ClientWebSocket,
     HandshakeFailed,
     HandshakeRejected,

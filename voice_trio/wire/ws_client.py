@@ -3,7 +3,7 @@
 trio-websocket runs a reader task per connection and frames through wsproto; at 22 audio
 messages a call-second its ``send_message`` was ~6 % of the server's CPU at 40 calls. Here,
 as on the server side (``web.lean_socket``), the socket is read in the task that asks for
-the next message (``receive``), through ``web.rfc6455.FrameReader``, and each frame is
+the next message (``receive``), through ``wire.rfc6455.FrameReader``, and each frame is
 built whole (``rfc6455.masked_frame``, a fresh ``os.urandom(4)`` key) and written in one
 ``send_all``. Nothing is negotiated: no extension is offered (a server that names one
 fails the handshake), no subprotocol.
@@ -40,7 +40,8 @@ from typing import Final
 
 import trio
 
-from voice_trio.web.rfc6455 import (
+from voice_trio.wire.fastio import FastIO
+from voice_trio.wire.rfc6455 import (
     CLOSE_ABNORMAL,
     CLOSE_NO_STATUS,
     OP_BINARY,
@@ -113,7 +114,7 @@ class ClientWebSocket:
     __slots__ = (
         "_close_sent",
         "_ended",
-        "_fd",
+        "_io",
         "_over",
         "_reader",
         "_reading",
@@ -138,10 +139,8 @@ class ClientWebSocket:
         # Under TLS the TCP stream: closing it needs no TLS exchange with a peer that may
         # be gone or silent.
         self._transport: trio.abc.Stream = getattr(stream, "transport_stream", stream)
-        # Plain TCP: the socket's descriptor, for the one-write fast path of ``_send``.
-        self._fd = -1
-        if isinstance(stream, trio.SocketStream) and os.name == "posix":
-            self._fd = stream.socket.fileno()
+        # Plain TCP: one write per frame, and reads that wait before they read.
+        self._io = FastIO(stream)
         self.headers = headers  # the 101's, names in lower case
         self._reader = FrameReader(max_message_size, masked=False)
         if buffered:
@@ -239,7 +238,7 @@ class ClientWebSocket:
 
     async def _read(self) -> None:
         try:
-            data = await self._stream.receive_some(READ_CHUNK)
+            data = await self._io.receive(READ_CHUNK)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""  # the connection broke, or a sender gave it up and closed it
         if data:
@@ -291,14 +290,7 @@ class ClientWebSocket:
             try:
                 if self._over or (message and self.closed):  # it closed while we waited
                     raise self._closed_error()  # a close under way is not broken
-                sent = 0
-                if self._fd >= 0:
-                    try:
-                        sent = os.write(self._fd, data)
-                    except BlockingIOError:
-                        pass
-                    except OSError as exc:  # reset by the peer, broken pipe
-                        raise trio.BrokenResourceError(exc) from exc
+                sent = self._io.write_now(data)
                 if sent < len(data):
                     rest = memoryview(data)[sent:] if sent else data
                     with trio.CancelScope(shield=True, relative_deadline=timeout) as sending:
